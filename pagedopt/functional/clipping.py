@@ -1,0 +1,97 @@
+"""Percentile clipping and trust ratios, batched over parameters and kept on the device.
+
+Percentile clipping (bitsandbytes <= 0.49, Dettmers et al. 2022): each parameter keeps the
+squared L2 norms of its last 100 gradients in ``gnorm_vec`` (filled with the first norm at
+step 1). At step ``t`` the current norm goes to slot ``t % 100``; the clip threshold is
+``sqrt(sorted(gnorm_vec)[percentile])`` and the gradient is scaled by
+``threshold / current`` when the current norm exceeds it. bitsandbytes reads the comparison
+on the host every step; here everything stays a device tensor.
+
+Trust ratio (LAMB/LARS, bitsandbytes' ``max_unorm``): the update is scaled by
+``min(1, max_unorm * ||p|| / ||update||)``. A parameter with ``||p|| == 0`` (a zero-initialised
+bias) gets scale 1 - bitsandbytes would give it 0 and it would never move.
+
+All functions take many parameters at once: a handful of kernel launches per step, not per
+parameter.
+
+Example:
+    >>> import torch
+    >>> from pagedopt.functional.clipping import percentile_clip
+    >>> hist = [torch.zeros(100)]
+    >>> r = percentile_clip([torch.tensor(4.0, dtype=torch.float64)], hist, steps=[1], percentiles=[5])
+    >>> float(r.scales[0]), float(hist[0][0])
+    (1.0, 4.0)
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+HISTORY = 100
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class ClipResult:
+    """Per parameter (same order as the inputs), 0-d float32 device tensors."""
+
+    scales: list[Tensor]
+    norms: list[Tensor]
+    thresholds: list[Tensor]
+
+
+def percentile_clip(
+    norms_sq: Sequence[Tensor],
+    histories: Sequence[Tensor],
+    steps: Sequence[int],
+    percentiles: Sequence[int],
+) -> ClipResult:
+    """Record each gradient's squared norm in its history (in place) and return the scales.
+
+    ``norms_sq``: float64 0-d squared norms (already global under sharding). ``histories``:
+    the float32 ``gnorm_vec`` buffers (100 entries). ``steps`` are 1-based.
+    """
+    n = len(norms_sq)
+    scales: list[Tensor | None] = [None] * n
+    norms: list[Tensor | None] = [None] * n
+    thresholds: list[Tensor | None] = [None] * n
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i in range(n):
+        groups[(histories[i].device, int(steps[i]), int(percentiles[i]))].append(i)
+    for (_, step, pct), idx in groups.items():
+        hist = torch.stack([histories[i] for i in idx])
+        current_sq = torch.stack([norms_sq[i] for i in idx]).float()
+        if step == 1:
+            hist.copy_(current_sq[:, None].expand_as(hist))
+        else:
+            hist[:, step % HISTORY] = current_sq
+        torch._foreach_copy_([histories[i] for i in idx], list(hist.unbind(0)))
+        current = torch.sqrt(current_sq)
+        threshold = torch.sqrt(torch.sort(hist, dim=1).values[:, pct])
+        scale = torch.where(current > threshold, threshold / current, torch.ones_like(current))
+        for j, i in enumerate(idx):
+            scales[i], norms[i], thresholds[i] = scale[j], current[j], threshold[j]
+    return ClipResult(scales, norms, thresholds)  # type: ignore[arg-type]
+
+
+def trust_ratios(
+    unorm_sq: Sequence[Tensor], pnorm_sq: Sequence[Tensor], max_unorms: Sequence[float]
+) -> list[Tensor]:
+    """0-d float32 update scales ``min(1, max_unorm * ||p|| / ||u||)`` (1 where ``||p|| == 0``)."""
+    out: list[Tensor | None] = [None] * len(unorm_sq)
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, u in enumerate(unorm_sq):
+        groups[(u.device, float(max_unorms[i]))].append(i)
+    for (_, max_unorm), idx in groups.items():
+        u = torch.sqrt(torch.stack([unorm_sq[i] for i in idx]))
+        pn = torch.sqrt(torch.stack([pnorm_sq[i] for i in idx]))
+        limit = max_unorm * pn
+        scale = torch.where((u > limit) & (pn > 0), limit / u, torch.ones_like(u)).float()
+        for j, i in enumerate(idx):
+            out[i] = scale[j]
+    return out  # type: ignore[return-value]

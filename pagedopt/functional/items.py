@@ -1,0 +1,80 @@
+"""The unit of work handed to a backend: one parameter's tensors for one step.
+
+Example:
+    >>> import torch
+    >>> from pagedopt.functional.items import UpdateItem
+    >>> from pagedopt.functional.kinds import kind_for
+    >>> from pagedopt.functional.scalars import step_scalars
+    >>> p = torch.zeros(4); g = torch.ones(4)
+    >>> s = step_scalars(kind_for("lion"), {"lr": 0.1, "betas": (0.9, 0.99)}, 1)
+    >>> item = UpdateItem(p, g, torch.zeros(4), None, None, None, s)
+    >>> item.quantized, item.numel
+    (False, 4)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .scalars import StepScalars
+
+
+@dataclass
+class UpdateItem:
+    """One parameter's update inputs.
+
+    ``state1``/``state2`` are float32 (32-bit state) or uint8 codes (8-bit state) shaped like
+    the parameter (AdEMAMix ``state1``: ``(2, *param.shape)``). For 8-bit state,
+    ``absmax1``/``absmax2`` hold one float32 scale per block (``[blocks]``, AdEMAMix
+    ``[2, blocks]``); with ``block_wise=False`` one per tensor (``[1]`` / ``[2, 1]``).
+
+    ``gnorm_scale`` (percentile clipping) and ``update_scale`` (trust ratio) are 0-d float32
+    tensors on the parameter's device, or ``None`` for 1.0: they stay on the device so the
+    step never waits for the host.
+
+    ``new_absmax1``/``new_absmax2`` are only used for tensor-wise (``block_wise=False``)
+    8-bit state: the maxima of the updated states, from the backend's ``prepare`` pass.
+    """
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    state1: torch.Tensor
+    state2: torch.Tensor | None
+    absmax1: torch.Tensor | None
+    absmax2: torch.Tensor | None
+    scalars: StepScalars
+    block_wise: bool = True
+    gnorm_scale: torch.Tensor | None = None
+    update_scale: torch.Tensor | None = None
+    new_absmax1: torch.Tensor | None = None
+    new_absmax2: torch.Tensor | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.state1.dtype == torch.uint8
+
+    @property
+    def numel(self) -> int:
+        return self.param.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.param.device
+
+
+@dataclass
+class PrepareResult:
+    """What a backend's ``prepare`` pass returns for one item (all on the item's device).
+
+    ``max1``/``max2``: float32 max |state| of the updated states (shape ``[moments]``), for
+    tensor-wise 8-bit state (else ``None``). ``unorm_sq`` / ``pnorm_sq``: float64 0-d squared
+    L2 norms of the update direction and of the parameter before the update (``None`` unless
+    asked for; they feed the trust ratio).
+    """
+
+    max1: torch.Tensor | None = None
+    max2: torch.Tensor | None = None
+    unorm_sq: torch.Tensor | None = None
+    pnorm_sq: torch.Tensor | None = None

@@ -1,0 +1,121 @@
+"""Block-wise and tensor-wise 8-bit quantization with the dynamic maps (pure torch).
+
+This module is the reference for the quantization rules every backend implements:
+
+* **Blocks.** The flattened tensor is cut into blocks of ``BLOCK_SIZE`` (256) elements; the
+  last block may be partial. Each block has one float32 ``absmax``. ``block_wise=False``
+  means a single block spanning the whole tensor (one absmax per tensor).
+* **Normalization.** ``x / absmax`` in float32; a block whose absmax is 0 normalizes to 0.
+* **Code search.** ``code = #{thresholds < x}`` over :func:`~pagedopt.functional.qmap.decision_thresholds`.
+* **No collapse, no sign flip.** A nonzero value never gets the zero code and never a code
+  of the opposite sign: a positive value that rounds to 0 (or below) takes the smallest
+  positive code, a negative one the largest negative code. The paper's rule is about first
+  moments; pagedopt applies it to second moments too, because a second moment that collapses
+  to 0 turns ``m / (sqrt(v) + eps)`` into ``m / eps`` - a spike of up to 1e8 x.
+* **Dequantization.** ``qmap[code] * absmax`` in float32.
+
+Example:
+    >>> import torch
+    >>> from pagedopt.functional.quantization import quantize, dequantize
+    >>> x = torch.randn(1000)
+    >>> codes, absmax = quantize(x, signed=True)
+    >>> codes.dtype, absmax.shape
+    (torch.uint8, torch.Size([4]))
+    >>> bool((dequantize(codes, absmax, signed=True) - x).abs().max() < 0.1)
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .qmap import SIGNED_ZERO_CODE, decision_thresholds, dynamic_map
+
+BLOCK_SIZE = 256
+
+
+def num_blocks(numel: int, block_wise: bool = True) -> int:
+    """Number of absmax entries for a tensor of ``numel`` elements (0 elements -> 0 blocks)."""
+    if not block_wise:
+        return 1
+    return (numel + BLOCK_SIZE - 1) // BLOCK_SIZE
+
+
+def _as_blocks(flat: torch.Tensor, block_wise: bool) -> tuple[torch.Tensor, int]:
+    """View ``flat`` as [blocks, block_len] after zero padding; returns (blocks, pad)."""
+    n = flat.numel()
+    if not block_wise:
+        return flat.reshape(1, n), 0
+    pad = (-n) % BLOCK_SIZE
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.reshape(-1, BLOCK_SIZE), pad
+
+
+def block_absmax(x: torch.Tensor, block_wise: bool = True) -> torch.Tensor:
+    """float32 max |x| per block of the flattened ``x`` (exact; order independent)."""
+    flat = x.reshape(-1).float()
+    if flat.numel() == 0:
+        return torch.zeros(num_blocks(0, block_wise), dtype=torch.float32, device=x.device)
+    blocks, _ = _as_blocks(flat.abs(), block_wise)
+    return blocks.amax(dim=1)
+
+
+def expand_absmax(absmax: torch.Tensor, numel: int, block_wise: bool) -> torch.Tensor:
+    """Per-element absmax for a flattened tensor of ``numel`` elements."""
+    if not block_wise:
+        return absmax.reshape(1).expand(numel)
+    return absmax.repeat_interleave(BLOCK_SIZE)[:numel]
+
+
+def codes_for(normalized: torch.Tensor, signed: bool) -> torch.Tensor:
+    """uint8 codes for float32 values already normalized to [-1, 1] (or [0, 1])."""
+    thresholds = decision_thresholds(signed, normalized.device)
+    codes = torch.searchsorted(thresholds, normalized.contiguous(), right=False)
+    if signed:
+        zero = SIGNED_ZERO_CODE
+        codes = torch.where((normalized > 0) & (codes <= zero), zero + 1, codes)
+        codes = torch.where((normalized < 0) & (codes >= zero), zero - 1, codes)
+    else:
+        codes = torch.where((normalized > 0) & (codes == 0), 1, codes)
+    return codes.to(torch.uint8)
+
+
+def quantize_with_absmax(
+    x: torch.Tensor, absmax: torch.Tensor, signed: bool, block_wise: bool = True
+) -> torch.Tensor:
+    """Codes of ``x`` (any shape) under the given per-block absmax; same shape as ``x``."""
+    flat = x.reshape(-1).float()
+    scale = expand_absmax(absmax.float(), flat.numel(), block_wise)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    normalized = torch.where(scale > 0, flat / safe, torch.zeros_like(flat))
+    return codes_for(normalized, signed).reshape(x.shape)
+
+
+def quantize(
+    x: torch.Tensor, signed: bool, block_wise: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` to (uint8 codes shaped like ``x``, float32 absmax per block)."""
+    absmax = block_absmax(x, block_wise)
+    return quantize_with_absmax(x, absmax, signed, block_wise), absmax
+
+
+def dequantize(
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    signed: bool | None = None,
+    block_wise: bool = True,
+    qmap: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """float32 values ``qmap[codes] * absmax``, shaped like ``codes``.
+
+    Pass ``qmap`` to decode with a stored map (e.g. a bitsandbytes state dict); otherwise
+    the canonical map selected by ``signed`` is used.
+    """
+    if qmap is None:
+        if signed is None:
+            raise ValueError("dequantize needs either signed= or qmap=")
+        qmap = dynamic_map(signed, codes.device)
+    flat = qmap.float().to(codes.device)[codes.reshape(-1).long()]
+    scale = expand_absmax(absmax.float().to(codes.device), flat.numel(), block_wise)
+    return (flat * scale).reshape(codes.shape)

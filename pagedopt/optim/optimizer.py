@@ -1,0 +1,687 @@
+"""Optimizer8bit, Optimizer2State and Optimizer1State: the bitsandbytes 0.49 base classes.
+
+These classes validate arguments, resolve each parameter's settings once, create state
+lazily, and run a step as a few batched passes over all parameters:
+
+1. collect the parameters with gradients (checking each gradient) and create missing state;
+2. percentile clipping: gradient norms of all clipped parameters at once, scales on device;
+3. a prepare pass where needed (trust ratio norms, tensor-wise 8-bit maxima);
+4. the fused update, through the backend chosen by the tensors' device.
+
+The math lives in :mod:`pagedopt.functional`; where state lives is up to the
+:class:`~pagedopt.paging.store.StateStore` (unpaged, or a pager for the ``Paged*`` classes).
+
+Settings resolve per parameter with this precedence (highest first): per-parameter overrides
+(:class:`~pagedopt.GlobalOptimManager`), the parameter group's values, the constructor
+arguments (or the ``args`` object, which replaces the constructor's 8-bit settings as in
+bitsandbytes).
+
+Example:
+    >>> import torch, pagedopt
+    >>> model = torch.nn.Linear(128, 64)
+    >>> opt = pagedopt.optim.Optimizer2State("adamw", model.parameters(), lr=1e-3, optim_bits=8,
+    ...                                      min_8bit_size=1024)
+    >>> model(torch.randn(4, 128)).sum().backward()
+    >>> opt.step()
+    >>> opt.state[model.weight]["state1"].dtype, opt.state[model.bias]["state1"].dtype
+    (torch.uint8, torch.float32)
+"""
+
+from __future__ import annotations
+
+import time
+from collections import abc as container_abcs
+from collections import defaultdict
+from copy import deepcopy
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from ..functional import dispatch
+from ..functional.clipping import percentile_clip, trust_ratios
+from ..functional.items import UpdateItem
+from ..functional.kinds import UpdateKind, kind_for
+from ..functional.qmap import dynamic_map, is_canonical_map
+from ..functional.quantization import dequantize, num_blocks, quantize
+from ..functional.scalars import step_scalars
+from ..paging.config import PagingConfig
+from ..paging.store import DeviceStateStore, StateStore
+from ..telemetry.sink import NULL_SINK, ParamStepReport, StatsSink, StepReport
+from . import validation
+from .manager import GlobalOptimManager
+from .memory import MemoryReport, MemoryRow, precision_of
+
+QUANT_STATE_KEY = "__bnb_optimizer_quant_state__"
+# State entries that are not per-parameter-dtype floats: never cast on load.
+NON_CASTABLE_KEYS = frozenset(
+    {"qmap1", "qmap2", "max1", "max2", "new_max1", "new_max2", "state1", "state2",
+     "gnorm_vec", "absmax1", "absmax2", "unorm_vec"}
+)
+STATE_TENSOR_KEYS = ("state1", "state2", "absmax1", "absmax2", "gnorm_vec", "unorm_vec")
+
+
+class MockArgs:
+    """bitsandbytes' ``args`` container: attributes from a dict."""
+
+    def __init__(self, initial_data: Mapping[str, Any]):
+        for key, value in initial_data.items():
+            setattr(self, key, value)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The shard-local tensor of a DTensor; the tensor itself otherwise."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+@dataclass
+class _Work:
+    """One parameter's part of the current step (built fresh every step)."""
+
+    key: torch.Tensor  # the parameter object (state key)
+    param: torch.Tensor  # the tensor the kernels update (shard-local under FSDP2)
+    grad: torch.Tensor
+    group_index: int
+    name: str
+    hp: Mapping[str, Any]
+    cfg: Mapping[str, Any]
+    state: dict[str, Any]
+    gnorm_scale: torch.Tensor | None = None
+    grad_norm: torch.Tensor | None = None
+    clip_threshold: torch.Tensor | None = None
+    update_scale: torch.Tensor | None = None
+    new_absmax1: torch.Tensor | None = None
+    new_absmax2: torch.Tensor | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.state["state1"].dtype == torch.uint8
+
+    @property
+    def needs_prepare(self) -> bool:
+        return self.cfg["max_unorm"] > 0.0 or (self.quantized and not self.cfg["block_wise"])
+
+    def item(self, kind: UpdateKind) -> UpdateItem:
+        s = self.state
+        return UpdateItem(
+            param=self.param,
+            grad=self.grad,
+            state1=s["state1"],
+            state2=s.get("state2"),
+            absmax1=s.get("absmax1"),
+            absmax2=s.get("absmax2"),
+            scalars=step_scalars(kind, self.hp, s["step"], skip_zeros=self.cfg["skip_zeros"]),
+            block_wise=self.cfg["block_wise"],
+            gnorm_scale=self.gnorm_scale,
+            update_scale=self.update_scale,
+            new_absmax1=self.new_absmax1,
+            new_absmax2=self.new_absmax2,
+        )
+
+
+class Optimizer8bit(torch.optim.Optimizer):
+    """Base class of every pagedopt optimizer (bitsandbytes' ``Optimizer8bit``).
+
+    Args:
+        params: parameters or parameter groups (``named_parameters()`` works too and gives
+            :meth:`memory_report` its names).
+        defaults: default hyperparameters of the groups.
+        optim_bits: 8 or 32 bits of optimizer state.
+        is_paged: page the state between device and host memory.
+        paging: a :class:`~pagedopt.PagingConfig` (or a dict of its fields); implies paging.
+
+    Example:
+        >>> import torch, pagedopt
+        >>> p = torch.nn.Parameter(torch.randn(4096))
+        >>> opt = pagedopt.AdamW8bit([p])
+        >>> isinstance(opt, pagedopt.optim.Optimizer8bit)
+        True
+    """
+
+    _FSDP_WRAPPED_QUANT_STATE_KEY = QUANT_STATE_KEY
+    kind: UpdateKind | None = None
+    betas_len: int | None = None
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        optim_bits: int = 32,
+        is_paged: bool = False,
+        *,
+        paging: PagingConfig | Mapping[str, Any] | None = None,
+    ):
+        validation.check_static({"optim_bits": optim_bits})
+        self.optim_bits = optim_bits
+        self.is_paged = bool(is_paged) or paging is not None
+        if paging is not None and not isinstance(paging, PagingConfig):
+            paging = PagingConfig(**dict(paging))
+        self.paging: PagingConfig | None = (paging or PagingConfig()) if self.is_paged else None
+        self.mng = GlobalOptimManager.get_instance()
+        self.non_castable_tensor_keys = set(NON_CASTABLE_KEYS)
+        self.name2qmap: dict[str, torch.Tensor] = {}
+        self.sink: StatsSink = NULL_SINK
+        self.steps_taken = 0
+        self._overrides: dict[torch.Tensor, dict[str, Any]] = {}
+        self._qmaps: dict[tuple[torch.device, bool], torch.Tensor] = {}
+        self.state_store: StateStore = self._make_state_store()
+        super().__init__(params, defaults)
+
+    # -- construction ------------------------------------------------------------------------
+
+    def _make_state_store(self) -> StateStore:
+        """The store for this optimizer's state; the pager replaces this for paged optimizers."""
+        if self.paging is not None:
+            from ..paging import make_state_store
+
+            return make_state_store(self.paging)
+        return DeviceStateStore()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "betas" in param_group:
+            param_group = dict(param_group)
+            param_group["betas"] = validation.parse_betas(param_group["betas"])
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        where = f"param group {len(self.param_groups) - 1}"
+        for p in group["params"]:
+            validation.check_param(p, where)
+        try:
+            validation.check_hyperparameters(group, self.betas_len)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        self._check_group(group)
+
+    def _check_group(self, group: Mapping[str, Any]) -> None:
+        """Optimizer-specific group checks (subclasses)."""
+
+    # -- per-parameter settings --------------------------------------------------------------
+
+    def _overrides_for(self, p: torch.Tensor) -> dict[str, Any]:
+        """Overrides of ``p``, resolved once (when its state is created) and cached."""
+        found = self._overrides.get(p)
+        if found is None:
+            found = dict(self.mng.overrides_for(p))
+            if "betas" in found:
+                found["betas"] = validation.parse_betas(found["betas"])
+            validation.check_hyperparameters(found, self.betas_len)
+            self._overrides[p] = found
+        return found
+
+    def _settings(self, group: Mapping[str, Any], p: torch.Tensor) -> Mapping[str, Any]:
+        overrides = self._overrides_for(p)
+        return {**group, **overrides} if overrides else group
+
+    def get_config(self, gindex: int, pindex: int, group: Mapping[str, Any]) -> dict[str, Any]:
+        """bitsandbytes-compatible view of one parameter's resolved settings."""
+        return dict(self._settings(group, group["params"][pindex]))
+
+    def _param_name(self, group: Mapping[str, Any], gindex: int, pindex: int) -> str:
+        names = group.get("param_names")
+        if names is not None and pindex < len(names):
+            return str(names[pindex])
+        return f"group{gindex}.param{pindex}"
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _qmap(self, signed: bool, device: torch.device) -> torch.Tensor:
+        key = (device, signed)
+        if key not in self._qmaps:
+            self._qmaps[key] = dynamic_map(signed, device)
+            self.name2qmap["dynamic" if signed else "udynamic"] = self._qmaps[key]
+        return self._qmaps[key]
+
+    def _uses_8bit(self, p: torch.Tensor, cfg: Mapping[str, Any]) -> bool:
+        # numel of a DTensor is its global size: precision never depends on the shard.
+        return cfg["optim_bits"] == 8 and p.numel() >= cfg["min_8bit_size"]
+
+    @torch.no_grad()
+    def init_state(self, group: Mapping[str, Any], p: torch.Tensor, gindex: int, pindex: int) -> None:
+        """Create the state of ``p`` (zeros; 8-bit when ``optim_bits == 8`` and the
+        parameter has at least ``min_8bit_size`` elements)."""
+        kind = self.kind
+        assert kind is not None, "Optimizer8bit subclasses must set kind"
+        cfg = self._settings(group, p)
+        local = local_tensor(p)
+        quantized = self._uses_8bit(p, cfg)
+        dtype = torch.uint8 if quantized else torch.float32
+        state = self.state[p]
+        state["step"] = 0
+        for index in range(kind.num_states):
+            key = f"state{index + 1}"
+            moments = kind.state1_moments if index == 0 else 1
+            shape = (moments, *local.shape) if moments > 1 else tuple(local.shape)
+            state[key] = self.state_store.zeros(p, key, shape, dtype)
+            if quantized:
+                signed = kind.state_signed[index]
+                state[f"qmap{index + 1}"] = self._qmap(signed, local.device)
+                blocks = num_blocks(local.numel(), cfg["block_wise"])
+                absmax_shape = (moments, blocks) if moments > 1 else (blocks,)
+                state[f"absmax{index + 1}"] = torch.zeros(absmax_shape, dtype=torch.float32, device=local.device)
+        initial = float(cfg.get("initial_accumulator_value", 0.0) or 0.0)
+        if initial:
+            self._fill_state1(state, initial, cfg)
+        if cfg["percentile_clipping"] < 100:
+            state["gnorm_vec"] = torch.zeros((100,), dtype=torch.float32, device=local.device)
+        if cfg["max_unorm"] > 0.0:
+            state["unorm_vec"] = torch.zeros((1,), dtype=torch.float32, device=local.device)
+
+    def _fill_state1(self, state: dict[str, Any], value: float, cfg: Mapping[str, Any]) -> None:
+        if state["state1"].dtype != torch.uint8:
+            state["state1"].fill_(value)
+            return
+        full = torch.full(state["state1"].shape, value, dtype=torch.float32, device=state["state1"].device)
+        codes, absmax = quantize(full, signed=self.kind.state_signed[0], block_wise=cfg["block_wise"])
+        state["state1"].copy_(codes)
+        state["absmax1"].copy_(absmax.reshape(state["absmax1"].shape))
+
+    # -- the step ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step (``closure`` re-evaluates the model and returns the loss)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        started = time.perf_counter()
+        works = self._collect_work()
+        if works:
+            self._percentile_clipping([w for w in works if w.cfg["percentile_clipping"] < 100])
+            prepared = [w for w in works if w.needs_prepare]
+            if prepared:
+                self.state_store.visit(prepared, self._prepare_chunk)
+                self._apply_trust_ratios([w for w in prepared if w.cfg["max_unorm"] > 0.0])
+            self.state_store.visit(works, self._update_chunk)
+        self.steps_taken += 1
+        if self.sink is not NULL_SINK:
+            self.sink.on_step(self, self._step_report(works, started))
+        return loss
+
+    def _collect_work(self) -> list[_Work]:
+        works = []
+        for gindex, group in enumerate(self.param_groups):
+            for pindex, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                name = self._param_name(group, gindex, pindex)
+                validation.check_grad(p, p.grad, name)
+                state = self.state[p]
+                if len(state) == 0:
+                    self.init_state(group, p, gindex, pindex)
+                state["step"] += 1
+                settings = self._settings(group, p)
+                works.append(
+                    _Work(
+                        key=p,
+                        param=local_tensor(p),
+                        grad=local_tensor(p.grad),
+                        group_index=gindex,
+                        name=name,
+                        hp=settings,
+                        cfg=settings,
+                        state=state,
+                    )
+                )
+        return works
+
+    def _reduce_sums(self, what: str, works: list[_Work], values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Hook for sharded training: turn shard-local sums into global ones (identity here).
+
+        ``what`` is ``"grad_norm_sq"``, ``"update_norm_sq"`` or ``"param_norm_sq"``. Called once
+        per kind of sum per step with every parameter's value, so one collective serves all.
+        """
+        return values
+
+    def _reduce_maxima(self, works: list[_Work], values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Hook for sharded training: tensor-wise absmax over all shards (identity here)."""
+        return values
+
+    def _percentile_clipping(self, works: list[_Work]) -> None:
+        if not works:
+            return
+        norms_sq = dispatch.grad_norm_sq([w.grad for w in works])
+        norms_sq = self._reduce_sums("grad_norm_sq", works, norms_sq)
+        result = percentile_clip(
+            norms_sq,
+            [w.state["gnorm_vec"] for w in works],
+            [w.state["step"] for w in works],
+            [w.cfg["percentile_clipping"] for w in works],
+        )
+        for w, scale, norm, threshold in zip(works, result.scales, result.norms, result.thresholds):
+            w.gnorm_scale, w.grad_norm, w.clip_threshold = scale, norm, threshold
+
+    def _prepare_chunk(self, works: list[_Work]) -> None:
+        want_norms = [w for w in works if w.cfg["max_unorm"] > 0.0]
+        items = [w.item(self.kind) for w in works]
+        results = dispatch.prepare(self.kind, items, want_norms=bool(want_norms))
+        for w, r in zip(works, results):
+            if w.quantized and not w.cfg["block_wise"]:
+                w.new_absmax1, w.new_absmax2 = r.max1, r.max2
+            w._prepared = r  # type: ignore[attr-defined]
+
+    def _apply_trust_ratios(self, works: list[_Work]) -> None:
+        if not works:
+            return
+        unorm = self._reduce_sums("update_norm_sq", works, [w._prepared.unorm_sq for w in works])
+        pnorm = self._reduce_sums("param_norm_sq", works, [w._prepared.pnorm_sq for w in works])
+        scales = trust_ratios(unorm, pnorm, [w.cfg["max_unorm"] for w in works])
+        for w, scale, u in zip(works, scales, unorm):
+            w.update_scale = scale
+            w.state["unorm_vec"].copy_(u.reshape(1), non_blocking=True)
+
+    def _update_chunk(self, works: list[_Work]) -> None:
+        tensorwise = [w for w in works if w.quantized and not w.cfg["block_wise"]]
+        if tensorwise:
+            maxima = self._reduce_maxima(tensorwise, [w.new_absmax1 for w in tensorwise])
+            for w, m in zip(tensorwise, maxima):
+                w.new_absmax1 = m
+        dispatch.update(self.kind, [w.item(self.kind) for w in works])
+
+    def _step_report(self, works: list[_Work], started: float) -> StepReport:
+        report = StepReport(step=self.steps_taken, duration_seconds=time.perf_counter() - started)
+        for w in works:
+            report.params.append(
+                ParamStepReport(
+                    name=w.name,
+                    group=w.group_index,
+                    numel=w.key.numel(),
+                    precision=precision_of(w.state, w.cfg["block_wise"]),
+                    grad_norm=w.grad_norm,
+                    clip_threshold=w.clip_threshold,
+                    clip_scale=w.gnorm_scale,
+                    update_scale=w.update_scale,
+                )
+            )
+        return report
+
+    # -- memory ------------------------------------------------------------------------------
+
+    def memory_report(self) -> MemoryReport:
+        """One row per parameter: name, numel, state precision, state bytes, residency."""
+        rows = []
+        for gindex, group in enumerate(self.param_groups):
+            for pindex, p in enumerate(group["params"]):
+                state = self.state.get(p)
+                if not state:
+                    continue
+                tensors = [state[k] for k in STATE_TENSOR_KEYS if isinstance(state.get(k), torch.Tensor)]
+                rows.append(
+                    MemoryRow(
+                        name=self._param_name(group, gindex, pindex),
+                        numel=p.numel(),
+                        precision=precision_of(state, self._settings(group, p)["block_wise"]),
+                        state_bytes=sum(t.numel() * t.element_size() for t in tensors),
+                        residency=self.state_store.residency(p, state),
+                        state_elements=self.kind.num_states + self.kind.state1_moments - 1,
+                    )
+                )
+        shared = sum(q.numel() * q.element_size() for q in self._qmaps.values())
+        return MemoryReport(rows=rows, shared_bytes=shared)
+
+    # -- state dict --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict with the quantization tensors of each parameter nested under
+        ``"__bnb_optimizer_quant_state__"`` (the bitsandbytes >= 0.49 layout, which FSDP's
+        gathering skips)."""
+        sd = super().state_dict()
+        sd["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in sd["state"].items()}
+        for param_state in sd["state"].values():
+            if not isinstance(param_state, dict):
+                continue
+            quant = {k: param_state.pop(k) for k in list(param_state) if k in self.non_castable_tensor_keys}
+            if quant:
+                param_state[QUANT_STATE_KEY] = quant
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any], move_to_device: bool = True) -> None:
+        """Load a pagedopt or bitsandbytes (nested or flat) state dict; training continues.
+
+        Tensors keep their dtype (fp32 state stays fp32 for fp16/bf16 parameters). 8-bit
+        state stored with a map other than pagedopt's is re-quantized (bitsandbytes' 1-state
+        RMSprop/Adagrad use the signed map for their non-negative state); bitsandbytes'
+        tensor-wise ``max1``/``max2`` become ``absmax1``/``absmax2``.
+        """
+        state_dict = deepcopy(state_dict)
+        groups, saved_groups = self.param_groups, state_dict["param_groups"]
+        if len(groups) != len(saved_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, the optimizer has {len(groups)}"
+            )
+        for i, (g, sg) in enumerate(zip(groups, saved_groups)):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(
+                    f"loaded state dict's parameter group {i} has {len(sg['params'])} parameters, "
+                    f"the optimizer's has {len(g['params'])}"
+                )
+        id_map = dict(
+            zip(chain.from_iterable(g["params"] for g in saved_groups), chain.from_iterable(g["params"] for g in groups))
+        )
+        new_groups = [self._merge_loaded_group(g, sg) for g, sg in zip(groups, saved_groups)]
+        group_of = {p: g for g in new_groups for p in g["params"]}
+        for p in list(self.state):
+            self.state_store.forget(p)
+        self._overrides.clear()
+        new_state: defaultdict = defaultdict(dict)
+        for key, value in state_dict["state"].items():
+            if key not in id_map:
+                new_state[key] = value
+                continue
+            p = id_map[key]
+            new_state[p] = self._import_param_state(p, value, group_of[p], move_to_device)
+        self.__setstate__({"state": new_state, "param_groups": new_groups})
+
+    @staticmethod
+    def _merge_loaded_group(group: Mapping[str, Any], saved: Mapping[str, Any]) -> dict[str, Any]:
+        merged = dict(saved)
+        merged["params"] = group["params"]
+        if "betas" in merged:
+            merged["betas"] = validation.parse_betas(merged["betas"])
+        for k, v in group.items():
+            merged.setdefault(k, v)
+        return merged
+
+    def _import_param_state(
+        self, p: torch.Tensor, value: Any, group: Mapping[str, Any], move_to_device: bool
+    ) -> Any:
+        if not isinstance(value, dict):
+            return value
+        value = dict(value)
+        value.update(value.pop(QUANT_STATE_KEY, {}) or {})
+        for old, new in (("max1", "absmax1"), ("max2", "absmax2")):
+            if old in value and new not in value:
+                value[new] = value.pop(old)
+            value.pop(f"new_{old}", None)
+        if isinstance(value.get("step"), torch.Tensor):
+            value["step"] = int(value["step"].item())
+        self._reencode_8bit_state(value, self._settings(group, p)["block_wise"])
+        device = local_tensor(p).device
+        for k, v in list(value.items()):
+            if not isinstance(v, torch.Tensor):
+                continue
+            if k in ("qmap1", "qmap2"):
+                value[k] = self._qmap(self.kind.state_signed[int(k[-1]) - 1], device)
+            elif k in ("state1", "state2") and move_to_device:
+                value[k] = self.state_store.adopt(p, k, v)
+            elif move_to_device:
+                value[k] = v.to(device)
+        return value
+
+    def _reencode_8bit_state(self, value: dict[str, Any], block_wise: bool) -> None:
+        """Re-encode 8-bit states saved with another quantization map (bitsandbytes' 1-state
+        RMSprop/Adagrad use the signed map for a non-negative state) or another block layout
+        (tensor-wise <-> block-wise) into this optimizer's. The error is at most half a code
+        gap of the new map times the new absmax."""
+        for index in (1, 2):
+            codes, qmap, absmax = value.get(f"state{index}"), value.get(f"qmap{index}"), value.get(f"absmax{index}")
+            if codes is None or absmax is None or codes.dtype != torch.uint8:
+                continue
+            signed = self.kind.state_signed[index - 1]
+            moments = absmax.shape[0] if absmax.dim() == 2 else 1
+            per_moment = codes.reshape(moments, -1)
+            numel = per_moment.shape[1]
+            saved_block_wise = absmax.reshape(moments, -1).shape[1] == num_blocks(numel, True)
+            same_map = qmap is None or is_canonical_map(qmap, signed)
+            if same_map and (saved_block_wise == block_wise or num_blocks(numel, True) == 1):
+                continue
+            new_codes, new_absmax = [], []
+            for c, a in zip(per_moment, absmax.reshape(moments, -1)):
+                values = dequantize(c, a, signed=signed, block_wise=saved_block_wise, qmap=qmap)
+                q, m = quantize(values, signed=signed, block_wise=block_wise)
+                new_codes.append(q)
+                new_absmax.append(m)
+            value[f"state{index}"] = torch.stack(new_codes).reshape(codes.shape)
+            shape = (moments, -1) if absmax.dim() == 2 else (-1,)
+            value[f"absmax{index}"] = torch.stack(new_absmax).reshape(shape)
+
+
+def _static_settings(args: Any, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The six 8-bit settings from bitsandbytes' ``args`` object, falling back to ``given``."""
+    if args is None:
+        return dict(given)
+    if isinstance(args, Mapping):
+        args = MockArgs(args)
+    return {k: getattr(args, k, given[k]) for k in validation.STATIC_KEYS}
+
+
+class Optimizer2State(Optimizer8bit):
+    """Base of the two-state optimizers (Adam, AdamW, LAMB, AdEMAMix) - bitsandbytes'
+    ``Optimizer2State``.
+
+    Args:
+        optimizer_name: ``"adam"`` (L2 weight decay, as ``torch.optim.Adam``), ``"adamw"``,
+            ``"lamb"`` or ``"ademamix"``. (bitsandbytes' ``"adam"`` decays decoupled; pagedopt
+            follows torch - use ``"adamw"`` for decoupled decay.)
+        params: parameters or parameter groups.
+        lr: learning rate.
+        betas: EMA rates (three for AdEMAMix: fast, second moment, slow).
+        eps: added to the denominator.
+        weight_decay: weight decay.
+        optim_bits: 8 or 32 bits of state.
+        args: bitsandbytes-style object (or dict) whose attributes replace ``optim_bits``,
+            ``min_8bit_size``, ``percentile_clipping``, ``block_wise``, ``max_unorm`` and
+            ``skip_zeros``.
+        min_8bit_size: parameters with fewer elements keep 32-bit state.
+        percentile_clipping: clip gradients at this percentile of the last 100 gradient
+            norms (100 disables).
+        block_wise: one absmax per 256 elements (``False``: one per tensor).
+        max_unorm: trust ratio bound ``||update|| <= max_unorm * ||p||`` (0 disables).
+        skip_zeros: leave elements whose gradient is exactly 0 unchanged.
+        is_paged: page the state (see :class:`~pagedopt.PagingConfig`).
+        alpha, t_alpha, t_beta3: AdEMAMix mixing coefficient and warm-up lengths.
+        paging: a :class:`~pagedopt.PagingConfig`; implies ``is_paged``.
+
+    Example:
+        >>> import torch, pagedopt
+        >>> w = torch.nn.Parameter(torch.randn(64, 64))
+        >>> opt = pagedopt.optim.Optimizer2State("adam", [w], optim_bits=8, min_8bit_size=0)
+        >>> w.grad = torch.randn(64, 64); opt.step()
+        >>> opt.state[w]["absmax1"].shape
+        torch.Size([16])
+    """
+
+    betas_len = 2
+
+    def __init__(
+        self,
+        optimizer_name: str,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, ...] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        optim_bits: int = 32,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
+        max_unorm: float = 0.0,
+        skip_zeros: bool = False,
+        is_paged: bool = False,
+        alpha: float = 0.0,
+        t_alpha: int | None = None,
+        t_beta3: int | None = None,
+        *,
+        paging: PagingConfig | Mapping[str, Any] | None = None,
+        _extra_defaults: Mapping[str, Any] | None = None,
+    ):
+        self.kind = kind_for(optimizer_name)
+        if self.kind.num_states != 2:
+            raise ValueError(f"optimizer_name={optimizer_name!r} is a 1-state update; use Optimizer1State")
+        self.optimizer_name = self.kind.name
+        self.betas_len = 3 if self.kind.state1_moments == 2 else 2
+        static = _static_settings(
+            args,
+            dict(optim_bits=optim_bits, min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping,
+                 block_wise=block_wise, max_unorm=max_unorm, skip_zeros=skip_zeros),
+        )
+        self.args = MockArgs(static)
+        defaults = dict(
+            lr=lr, betas=validation.parse_betas(betas), eps=eps, weight_decay=weight_decay,
+            alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3, **static, **(_extra_defaults or {}),
+        )
+        validation.check_hyperparameters(defaults, self.betas_len)
+        super().__init__(params, defaults, static["optim_bits"], is_paged, paging=paging)
+
+
+class Optimizer1State(Optimizer8bit):
+    """Base of the one-state optimizers (SGD, LARS, Lion, RMSprop, Adagrad) - bitsandbytes'
+    ``Optimizer1State``.
+
+    Args:
+        optimizer_name: ``"momentum"`` (SGD), ``"lars"``, ``"lion"``, ``"rmsprop"`` or ``"adagrad"``.
+        betas: ``(momentum, dampening)`` for SGD/LARS, ``(beta1, beta2)`` for Lion,
+            ``(alpha, momentum)`` for RMSprop, unused by Adagrad.
+        (All other arguments as :class:`Optimizer2State`.)
+
+    Example:
+        >>> import torch, pagedopt
+        >>> w = torch.nn.Parameter(torch.ones(8))
+        >>> opt = pagedopt.optim.Optimizer1State("lion", [w], lr=0.1, betas=(0.9, 0.99))
+        >>> w.grad = torch.ones(8); opt.step()
+        >>> w.detach()[:2]
+        tensor([0.9000, 0.9000])
+    """
+
+    betas_len = 2
+
+    def __init__(
+        self,
+        optimizer_name: str,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, ...] = (0.9, 0.0),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        optim_bits: int = 32,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
+        max_unorm: float = 0.0,
+        skip_zeros: bool = False,
+        is_paged: bool = False,
+        *,
+        paging: PagingConfig | Mapping[str, Any] | None = None,
+        _extra_defaults: Mapping[str, Any] | None = None,
+    ):
+        self.kind = kind_for(optimizer_name)
+        if self.kind.num_states != 1:
+            raise ValueError(f"optimizer_name={optimizer_name!r} is a 2-state update; use Optimizer2State")
+        self.optimizer_name = self.kind.name
+        static = _static_settings(
+            args,
+            dict(optim_bits=optim_bits, min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping,
+                 block_wise=block_wise, max_unorm=max_unorm, skip_zeros=skip_zeros),
+        )
+        self.args = MockArgs(static)
+        defaults = dict(
+            lr=lr, betas=validation.parse_betas(betas), eps=eps, weight_decay=weight_decay,
+            **static, **(_extra_defaults or {}),
+        )
+        validation.check_hyperparameters(defaults, self.betas_len)
+        super().__init__(params, defaults, static["optim_bits"], is_paged, paging=paging)
