@@ -1,0 +1,41 @@
+// Dynamic-map quantization rules (pagedopt/functional/quantization.py is the reference):
+//   normalize: x / absmax in float32 (0 when absmax == 0)
+//   code: number of decision thresholds strictly below x (255 thresholds, see qmap.py)
+//   no collapse / no sign flip: a nonzero value never gets the zero code or a code of the
+//   opposite sign (signed map: 126/128 around the zero code 127; unsigned map: code 1)
+//   dequantize: qmap[code] * absmax in float32
+#pragma once
+#include "common.h"
+
+namespace pagedopt {
+
+PO_HD float normalize(float x, float absmax) { return absmax > 0.0f ? x / absmax : 0.0f; }
+
+// Reference code search: binary search for #{t < x} over the 255 sorted thresholds.
+// Kernels may use faster searches (bit-indexed tables) that must return the same code.
+PO_HD int count_below(const float* thresholds, float x) {
+  int lo = 0, hi = 255;  // answer in [lo, hi]
+  while (lo < hi) {
+    int mid = (lo + hi) >> 1;
+    if (thresholds[mid] < x) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+// The no-collapse / no-sign-flip rule applied to a raw nearest code.
+PO_HD int fix_code(int code, float x, bool is_signed) {
+  if (is_signed) {
+    if (x > 0.0f && code <= kSignedZeroCode) return kSignedZeroCode + 1;
+    if (x < 0.0f && code >= kSignedZeroCode) return kSignedZeroCode - 1;
+    return code;
+  }
+  return (x > 0.0f && code == 0) ? 1 : code;
+}
+
+PO_HD uint8_t quantize_value(const float* thresholds, float x, bool is_signed) {
+  return static_cast<uint8_t>(fix_code(count_below(thresholds, x), x, is_signed));
+}
+
+PO_HD float dequantize_value(const float* qmap, uint8_t code, float absmax) { return qmap[code] * absmax; }
+
+}  // namespace pagedopt

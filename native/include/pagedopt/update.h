@@ -1,0 +1,103 @@
+// Per-element optimizer math (pagedopt/functional/reference.py performs the same float32
+// operations in the same order). Each algorithm updates its states in place and returns the
+// update direction d; the caller then applies
+//     if (decay_factor != 1) p = p * decay_factor;   p = p - lr * (d * update_scale)
+// and leaves everything untouched for skipped elements (see prepare_gradient).
+#pragma once
+#include "common.h"
+
+namespace pagedopt {
+
+PO_HD float po_sqrt(float x) {
+#ifdef PO_DEVICE_CODE
+  return __fsqrt_rn(x);
+#else
+  return __builtin_sqrtf(x);
+#endif
+}
+
+PO_HD bool po_isfinite(float x) { return (x - x) == 0.0f; }  // false for NaN and +-Inf
+
+PO_HD float po_sign(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : x); }
+
+PO_HD float ema(float beta, float old, float one_minus_beta, float value) {
+  return beta * old + one_minus_beta * value;
+}
+
+// Skip rule and gradient preprocessing. Returns false when the element must stay unchanged
+// (non-finite gradient, or exactly zero with skip_zeros); otherwise sets g to
+// g * gnorm_scale (+ weight_decay * p for L2 decay).
+PO_HD bool prepare_gradient(float& g, float p, float gnorm_scale, const StepScalars& s) {
+  if (!po_isfinite(g) || (s.skip_zeros && g == 0.0f)) return false;
+  g = g * gnorm_scale;
+  if (s.weight_decay != 0.0f) g = g + s.weight_decay * p;
+  return true;
+}
+
+PO_HD float adam_denominator(float v, const StepScalars& s) {
+  return po_sqrt(v) / s.bias_correction2_sqrt + s.eps;
+}
+
+// state layout per algorithm: s0 = state1 (moment 0), s1 = state1 moment 1 (AdEMAMix slow
+// EMA) or state2, s2 = AdEMAMix state2. Unused slots are ignored.
+template <int ALGO>
+PO_HD float element_update(float g, float& s0, float& s1, float& s2, const StepScalars& s);
+
+template <>
+PO_HD float element_update<ALGO_ADAM>(float g, float& m, float& v, float&, const StepScalars& s) {
+  m = ema(s.beta1, m, s.one_minus_beta1, g);
+  v = ema(s.beta2, v, s.one_minus_beta2, g * g);
+  return (m / s.bias_correction1) / adam_denominator(v, s);
+}
+
+template <>
+PO_HD float element_update<ALGO_ADEMAMIX>(float g, float& m1, float& m2, float& v, const StepScalars& s) {
+  m1 = ema(s.beta1, m1, s.one_minus_beta1, g);
+  m2 = ema(s.beta3, m2, s.one_minus_beta3, g);
+  v = ema(s.beta2, v, s.one_minus_beta2, g * g);
+  return (m1 / s.bias_correction1 + s.alpha * m2) / adam_denominator(v, s);
+}
+
+template <>
+PO_HD float element_update<ALGO_MOMENTUM>(float g, float& m, float&, float&, const StepScalars& s) {
+  m = s.first_step ? g : s.beta1 * m + s.dampening_factor * g;
+  return s.nesterov ? g + s.beta1 * m : m;
+}
+
+template <>
+PO_HD float element_update<ALGO_LION>(float g, float& m, float&, float&, const StepScalars& s) {
+  float d = po_sign(ema(s.beta1, m, s.one_minus_beta1, g));
+  m = ema(s.beta2, m, s.one_minus_beta2, g);
+  return d;
+}
+
+template <>
+PO_HD float element_update<ALGO_RMSPROP>(float g, float& v, float&, float&, const StepScalars& s) {
+  v = ema(s.beta1, v, s.one_minus_beta1, g * g);
+  return g / (po_sqrt(v) + s.eps);
+}
+
+template <>
+PO_HD float element_update<ALGO_ADAGRAD>(float g, float& v, float&, float&, const StepScalars& s) {
+  v = v + g * g;
+  return g / (po_sqrt(v) + s.eps);
+}
+
+PO_HD float apply_direction(float p, float d, float update_scale, const StepScalars& s) {
+  if (s.decay_factor != 1.0f) p = p * s.decay_factor;
+  return p - s.lr * (d * update_scale);
+}
+
+// Number of per-element state values (and which are signed) per algorithm.
+template <int ALGO>
+struct AlgoTraits {
+  static constexpr int num_values = (ALGO == ALGO_ADEMAMIX) ? 3 : ((ALGO == ALGO_ADAM) ? 2 : 1);
+  // value i uses the signed map?
+  static PO_HD bool value_signed(int i) {
+    if (ALGO == ALGO_ADAM) return i == 0;
+    if (ALGO == ALGO_ADEMAMIX) return i < 2;
+    return !(ALGO == ALGO_RMSPROP || ALGO == ALGO_ADAGRAD);
+  }
+};
+
+}  // namespace pagedopt
