@@ -3,8 +3,15 @@
 This module is the reference for the quantization rules every backend implements:
 
 * **Blocks.** The flattened tensor is cut into blocks of ``BLOCK_SIZE`` (256) elements; the
-  last block may be partial. Each block has one float32 ``absmax``. ``block_wise=False``
-  means a single block spanning the whole tensor (one absmax per tensor).
+  last block may be partial. Each block has one float32 scale, ``absmax`` (the bitsandbytes
+  name). ``block_wise=False`` means a single block spanning the whole tensor.
+* **Scale.** Unsigned map: ``absmax = max(x)``. Signed map: the map has no -1.0 (its lowest
+  code is -0.99297), so a block whose largest magnitude is negative would lose 0.7% on that
+  element at *every* requantization - a bias that compounds through the EMA (bitsandbytes has
+  it). pagedopt scales negative values by ``NEGATIVE_WEIGHT = 1 / 0.99297`` when taking the
+  maximum, so the negative extreme lands exactly on the lowest code and the positive extreme
+  on 1.0: ``absmax = max(max(x, 0), max(-x) * NEGATIVE_WEIGHT)``. Dequantization is unchanged
+  (``qmap[code] * absmax``), so state dicts stay compatible with bitsandbytes.
 * **Normalization.** ``x / absmax`` in float32; a block whose absmax is 0 normalizes to 0.
 * **Code search.** ``code = #{thresholds < x}`` over :func:`~pagedopt.functional.qmap.decision_thresholds`.
 * **No collapse, no sign flip.** A nonzero value never gets the zero code and never a code
@@ -30,8 +37,11 @@ from __future__ import annotations
 import torch
 
 from .qmap import SIGNED_ZERO_CODE, decision_thresholds, dynamic_map
+from .scalars import f32
 
 BLOCK_SIZE = 256
+# float32(1 / |lowest signed code|): weight of negative values in the signed block scale.
+NEGATIVE_WEIGHT = f32(1.0 / -float(dynamic_map(True)[0]))
 
 
 def num_blocks(numel: int, block_wise: bool = True) -> int:
@@ -52,12 +62,20 @@ def _as_blocks(flat: torch.Tensor, block_wise: bool) -> tuple[torch.Tensor, int]
     return flat.reshape(-1, BLOCK_SIZE), pad
 
 
-def block_absmax(x: torch.Tensor, block_wise: bool = True) -> torch.Tensor:
-    """float32 max |x| per block of the flattened ``x`` (exact; order independent)."""
-    flat = x.reshape(-1).float()
+def scale_weight(x: torch.Tensor, signed: bool) -> torch.Tensor:
+    """What the block scale is the maximum of: ``x`` (unsigned) or ``x >= 0 ? x : -x * NEGATIVE_WEIGHT``."""
+    x = x.float()
+    if not signed:
+        return x.abs()
+    return torch.where(x >= 0, x, -x * NEGATIVE_WEIGHT)
+
+
+def block_absmax(x: torch.Tensor, signed: bool, block_wise: bool = True) -> torch.Tensor:
+    """float32 scale per block of the flattened ``x`` (a maximum: exact, order independent)."""
+    flat = x.reshape(-1)
     if flat.numel() == 0:
         return torch.zeros(num_blocks(0, block_wise), dtype=torch.float32, device=x.device)
-    blocks, _ = _as_blocks(flat.abs(), block_wise)
+    blocks, _ = _as_blocks(scale_weight(flat, signed), block_wise)
     return blocks.amax(dim=1)
 
 
@@ -96,7 +114,7 @@ def quantize(
     x: torch.Tensor, signed: bool, block_wise: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` to (uint8 codes shaped like ``x``, float32 absmax per block)."""
-    absmax = block_absmax(x, block_wise)
+    absmax = block_absmax(x, signed, block_wise)
     return quantize_with_absmax(x, absmax, signed, block_wise), absmax
 
 

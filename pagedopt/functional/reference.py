@@ -134,10 +134,10 @@ def _load_states(kind: UpdateKind, item: UpdateItem) -> list[Tensor]:
     return out
 
 
-def _new_absmax(values: list[Tensor], given: Tensor | None, block_wise: bool) -> Tensor:
+def _new_absmax(values: list[Tensor], given: Tensor | None, signed: bool, block_wise: bool) -> Tensor:
     if given is not None:
         return given.reshape(len(values), -1).float()
-    return torch.stack([block_absmax(v, block_wise) for v in values])
+    return torch.stack([block_absmax(v, signed, block_wise) for v in values])
 
 
 def _store_states(kind: UpdateKind, item: UpdateItem, values: list[Tensor]) -> None:
@@ -150,7 +150,7 @@ def _store_states(kind: UpdateKind, item: UpdateItem, values: list[Tensor]) -> N
             tensor.copy_(torch.stack(vals).reshape(tensor.shape))
             continue
         signed = kind.state_signed[index]
-        scales = _new_absmax(vals, given, item.block_wise)
+        scales = _new_absmax(vals, given, signed, item.block_wise)
         codes = [quantize_with_absmax(v, a, signed, item.block_wise) for v, a in zip(vals, scales)]
         tensor.copy_(torch.stack(codes).reshape(tensor.shape))
         absmax.copy_(scales.reshape(absmax.shape))
@@ -205,9 +205,9 @@ def prepare_one(kind: UpdateKind, item: UpdateItem, want_norms: bool) -> Prepare
     result = PrepareResult()
     if item.quantized and not item.block_wise:
         k1 = kind.state1_moments
-        result.max1 = _new_absmax(new_states[:k1], None, False).reshape(k1)
+        result.max1 = _new_absmax(new_states[:k1], None, kind.state_signed[0], False).reshape(k1)
         if kind.num_states == 2:
-            result.max2 = _new_absmax(new_states[k1:], None, False).reshape(1)
+            result.max2 = _new_absmax(new_states[k1:], None, kind.state_signed[1], False).reshape(1)
     if want_norms:
         result.unorm_sq = d.double().square().sum()
         result.pnorm_sq = p.double().square().sum()

@@ -1,0 +1,212 @@
+"""Quantization maps and block-wise quantization (pagedopt.functional.qmap / quantization)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from pagedopt.functional.qmap import SIGNED_ZERO_CODE, decision_thresholds, dynamic_map, is_canonical_map
+from pagedopt.functional.quantization import (
+    BLOCK_SIZE,
+    NEGATIVE_WEIGHT,
+    block_absmax,
+    codes_for,
+    dequantize,
+    num_blocks,
+    quantize,
+    quantize_with_absmax,
+)
+
+
+# --- the maps -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_map_structure(signed):
+    q = dynamic_map(signed)
+    assert q.dtype == torch.float32 and q.numel() == 256
+    assert torch.all(q[1:] > q[:-1]), "codes must be strictly increasing"
+    assert q[-1] == 1.0
+    if signed:
+        assert q[SIGNED_ZERO_CODE] == 0.0
+        assert (q < 0).sum() == 127 and (q > 0).sum() == 128
+        assert not torch.any(q == -1.0)
+    else:
+        assert q[0] == 0.0 and torch.all(q >= 0)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_map_values_follow_the_paper(signed):
+    """Level i contributes the midpoints of linspace(0.1, 1, k+1) * 10**(i-6), k = 2**i per sign
+    (signed) or 2**(i+1) (unsigned) - computed here independently in float64."""
+    expected = [0.0, 1.0]
+    for i in range(7):
+        k = 2**i if signed else 2 ** (i + 1)
+        edges = np.linspace(0.1, 1.0, k + 1)
+        mids = (edges[:-1] + edges[1:]) / 2 * 10.0 ** (i - 6)
+        expected += list(mids) + (list(-mids) if signed else [])
+    expected = torch.tensor(sorted(expected), dtype=torch.float64)
+    torch.testing.assert_close(dynamic_map(signed).double(), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_map_equals_bitsandbytes(signed):
+    """So that bitsandbytes state dicts load without re-quantization."""
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    assert torch.equal(dynamic_map(signed), bnb_functional.create_dynamic_map(signed=signed))
+    assert is_canonical_map(bnb_functional.create_dynamic_map(signed=signed), signed)
+
+
+def test_thresholds_are_float32_midpoints():
+    for signed in (True, False):
+        q = dynamic_map(signed).double()
+        t = decision_thresholds(signed)
+        assert t.numel() == 255 and torch.all(t[1:] > t[:-1])
+        assert torch.equal(t, ((q[:-1] + q[1:]) / 2).float())
+
+
+# --- code search ----------------------------------------------------------------------------
+
+
+def brute_force_codes(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """argmin over the map in float64 (the definition of "nearest"), plus a mask of values
+    that sit within one float32 ulp of a midpoint (rounding ties)."""
+    q = dynamic_map(signed).double()
+    xd = x.double().reshape(-1, 1)
+    dist = (xd - q.reshape(1, -1)).abs()
+    codes = dist.argmin(dim=1)
+    best2 = dist.topk(2, largest=False).values
+    ulp = torch.finfo(torch.float32).eps * xd.abs().clamp_min(1e-30).reshape(-1)
+    tie = (best2[:, 1] - best2[:, 0]) <= 2 * ulp
+    return codes, tie
+
+
+floats_in_unit = arrays(
+    np.float32, st.integers(1, 600),
+    elements=st.floats(-1.0, 1.0, width=32, allow_subnormal=True),
+)
+
+
+@given(floats_in_unit)
+def test_signed_codes_equal_brute_force_except_ties(values):
+    x = torch.from_numpy(values)
+    codes = codes_for(x, signed=True).long()
+    brute, tie = brute_force_codes(x, signed=True)
+    q = dynamic_map(True)
+    nonzero = x != 0
+    # The no-collapse/no-sign-flip rule may move a code off the nearest one; everywhere else
+    # the codes are the nearest ones (float32 ties excepted).
+    fixed = nonzero & (torch.sign(q[brute]) != torch.sign(x))
+    differs = (codes != brute) & ~tie & ~fixed
+    assert not torch.any(differs), x[differs][:5]
+
+
+@given(floats_in_unit)
+def test_unsigned_codes_equal_brute_force_except_ties(values):
+    x = torch.from_numpy(np.abs(values))
+    codes = codes_for(x, signed=False).long()
+    brute, tie = brute_force_codes(x, signed=False)
+    fixed = (x > 0) & (brute == 0)
+    differs = (codes != brute) & ~tie & ~fixed
+    assert not torch.any(differs), x[differs][:5]
+
+
+@given(floats_in_unit)
+def test_nonzero_never_flips_sign_or_collapses(values):
+    x = torch.from_numpy(values)
+    q = dynamic_map(True)
+    decoded = q[codes_for(x, signed=True).long()]
+    assert torch.all(torch.sign(decoded) == torch.sign(x))
+    u = x.abs()
+    decoded_u = dynamic_map(False)[codes_for(u, signed=False).long()]
+    assert torch.all((decoded_u > 0) == (u > 0))
+
+
+def test_exact_code_values_round_trip():
+    for signed in (True, False):
+        q = dynamic_map(signed)
+        assert torch.equal(codes_for(q, signed).long(), torch.arange(256))
+
+
+# --- block-wise quantization -----------------------------------------------------------------
+
+
+def half_gap_bound(x: torch.Tensor, absmax_per_elem: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Half the gap between the two codes around each normalized value, times absmax: the
+    worst-case round-to-nearest error. The signed map has no -1.0, so values below its lowest
+    code are off by their distance to it (at most 1 - 0.99297)."""
+    q = dynamic_map(signed).double()
+    raw = x.double() / absmax_per_elem.double().clamp_min(1e-38)
+    xn = raw.clamp(q[0].item(), 1.0)
+    hi = torch.searchsorted(q, xn).clamp(1, 255)
+    gap = q[hi] - q[hi - 1]
+    below_range = (q[0] - raw).clamp_min(0)
+    return torch.maximum(gap / 2, below_range) * absmax_per_elem.double()
+
+
+@given(
+    n=st.integers(0, 3 * BLOCK_SIZE + 7),
+    scale=st.floats(1e-8, 1e4),
+    signed=st.booleans(),
+    block_wise=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_round_trip_error_within_half_a_code_gap(n, scale, signed, block_wise, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * scale
+    if not signed:
+        x = x.abs()
+    codes, absmax = quantize(x, signed=signed, block_wise=block_wise)
+    assert codes.shape == x.shape and codes.dtype == torch.uint8
+    assert absmax.numel() == num_blocks(n, block_wise)
+    if n == 0:
+        return
+    per_elem = absmax.repeat_interleave(BLOCK_SIZE)[:n] if block_wise else absmax.expand(n)
+    err = (dequantize(codes, absmax, signed=signed, block_wise=block_wise).double() - x.double()).abs()
+    # Values below half the smallest code may be pushed up to it (no-collapse rule).
+    smallest = dynamic_map(signed)[SIGNED_ZERO_CODE + 1 if signed else 1].double() * per_elem.double()
+    bound = torch.maximum(half_gap_bound(x, per_elem, signed), smallest) * (1 + 1e-5) + 1e-30
+    assert torch.all(err <= bound), (err - bound).max()
+
+
+def test_absmax_per_block_and_partial_last_block():
+    x = torch.zeros(2 * BLOCK_SIZE + 3)
+    x[5], x[BLOCK_SIZE + 1], x[-1] = 3.0, 2.0, 0.5
+    assert block_absmax(x, signed=True).tolist() == [3.0, 2.0, 0.5]
+    assert block_absmax(x, signed=True, block_wise=False).tolist() == [3.0]
+    assert block_absmax(x, signed=False).tolist() == [3.0, 2.0, 0.5]
+
+
+def test_negative_extreme_is_exact():
+    """The signed map's lowest code is -0.99297, not -1: the block scale is stretched so the
+    most negative value decodes to itself instead of shrinking by 0.7% at every step."""
+    q0 = -float(dynamic_map(True)[0])
+    assert NEGATIVE_WEIGHT == pytest.approx(1 / q0, rel=1e-7)
+    for x in (torch.tensor([-2.0, 1.0, 0.5]), torch.tensor([-3.0e-4]), torch.randn(1000) - 5):
+        codes, absmax = quantize(x, signed=True, block_wise=False)
+        i = int(x.argmin())
+        assert codes[i] == 0
+        decoded = dequantize(codes, absmax, signed=True, block_wise=False)
+        assert float(decoded[i]) == pytest.approx(float(x[i]), rel=2e-7)
+    # a positive extreme still decodes exactly through the code of 1.0
+    codes, absmax = quantize(torch.tensor([0.25, -0.1, 4.0]), signed=True)
+    assert codes[2] == 255 and absmax.item() == 4.0
+
+
+def test_zero_block_quantizes_to_zero_code():
+    codes, absmax = quantize(torch.zeros(300), signed=True)
+    assert torch.all(codes == SIGNED_ZERO_CODE) and torch.all(absmax == 0)
+    assert torch.all(dequantize(codes, absmax, signed=True) == 0)
+    codes_u, _ = quantize(torch.zeros(10), signed=False)
+    assert torch.all(codes_u == 0)
+
+
+def test_quantize_with_given_absmax_clamps_nothing_and_keeps_shape():
+    x = torch.randn(3, 5, 7)
+    codes, absmax = quantize(x, signed=True)
+    again = quantize_with_absmax(x, absmax, signed=True)
+    assert torch.equal(codes, again) and again.shape == (3, 5, 7)
