@@ -271,7 +271,7 @@ def test_closure_is_called_and_its_loss_returned():
         loss.backward()
         return loss
 
-    assert float(opt.step(closure)) == 6.0
+    assert float(opt.step(closure).detach()) == 6.0
     assert not torch.equal(w, torch.ones(3))
 
 
