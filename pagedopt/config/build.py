@@ -243,8 +243,9 @@ def settings_rows(optimizer: Optimizer8bit, resolution: Resolution) -> list[Sett
     """One row per parameter, read back from the built optimizer (so it shows exactly what
     the optimizer resolves, GlobalOptimManager overrides included)."""
     rules_of = {id(e.param): e.rules for e in resolution.params}
+    order = {id(e.param): i for i, e in enumerate(resolution.params)}
     manager = GlobalOptimManager.get_instance()
-    rows = []
+    rows: list[tuple[int, SettingsRow]] = []
     for gindex, group in enumerate(optimizer.param_groups):
         for pindex, p in enumerate(group["params"]):
             cfg = optimizer._settings(group, p)
@@ -256,7 +257,7 @@ def settings_rows(optimizer: Optimizer8bit, resolution: Resolution) -> list[Sett
                 precision = "8bit-blockwise" if cfg["block_wise"] else "8bit-tensorwise"
             else:
                 precision = "32bit"
-            rows.append(SettingsRow(
+            rows.append((order.get(id(p), len(order)), SettingsRow(
                 name=optimizer._param_name(group, gindex, pindex),
                 shape=tuple(p.shape),
                 precision=precision,
@@ -264,8 +265,8 @@ def settings_rows(optimizer: Optimizer8bit, resolution: Resolution) -> list[Sett
                 rules=rules_of.get(id(p), []),
                 changed=changed,
                 from_manager=sorted(set(manager.overrides_for(p)) & set(changed)),
-            ))
-    return rows
+            )))
+    return [row for _, row in sorted(rows, key=lambda item: item[0])]  # model order
 
 
 def _describe_paging(value: Any, base: PagingConfig | None) -> str:

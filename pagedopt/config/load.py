@@ -141,6 +141,9 @@ def _allow_byte_strings(schema: dict[str, Any]) -> None:
             if name in props:
                 prop = props[name]
                 options = prop.pop("anyOf", None) or [{k: prop.pop(k) for k in ("type", "minimum") if k in prop}]
+                for option in options:  # pydantic writes a nested Field(ge=0) as "ge"
+                    if "ge" in option:
+                        option["minimum"] = option.pop("ge")
                 prop["anyOf"] = [*options, size_string]
 
 

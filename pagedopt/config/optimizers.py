@@ -45,6 +45,33 @@ NOT_SETTINGS = frozenset({"self", "params", "args", "paging", "_extra_defaults"}
 # Arguments of the optimizer section that cannot differ per parameter.
 OPTIMIZER_ONLY = frozenset({"is_paged"})
 
+# One-line descriptions of the constructor arguments (JSON Schema hover text in editors).
+ARGUMENT_DOCS = {
+    "lr": "learning rate",
+    "betas": "EMA rates: Adam/AdamW/LAMB (beta1, beta2), AdEMAMix (beta1, beta2, beta3), Lion (beta1, beta2)",
+    "eps": "added to the denominator",
+    "weight_decay": "weight decay (decoupled for AdamW, Lion, AdEMAMix, LAMB; L2 for Adam, SGD, RMSprop, Adagrad)",
+    "amsgrad": "accepted for compatibility; must be false",
+    "optim_bits": "8 or 32 bits of optimizer state (pinned by the 8bit/32bit classes; rules may still set it)",
+    "min_8bit_size": "parameters with fewer elements keep 32-bit state",
+    "percentile_clipping": "clip gradients at this percentile of the last 100 gradient norms (100: off)",
+    "block_wise": "one absmax per 256 elements (false: one per tensor)",
+    "max_unorm": "trust-ratio bound ||update|| <= max_unorm * ||param|| (0: off)",
+    "skip_zeros": "leave elements whose gradient is exactly 0 unchanged",
+    "is_paged": "page the optimizer state (a paging section implies it)",
+    "alpha": "AdEMAMix: weight of the slow EMA; RMSprop: smoothing constant",
+    "t_alpha": "AdEMAMix: warm-up steps of alpha (null: none)",
+    "t_beta3": "AdEMAMix: warm-up steps of beta3 (null: none)",
+    "momentum": "momentum factor (must be > 0 for SGD/LARS; RMSprop: must be 0)",
+    "dampening": "dampening of the momentum",
+    "nesterov": "Nesterov momentum",
+    "centered": "accepted for compatibility; must be false",
+    "lr_decay": "Adagrad: learning-rate decay",
+    "initial_accumulator_value": "Adagrad: initial value of the accumulator",
+    "bias_correction": "LAMB: Adam's bias correction",
+    "adam_w_mode": "LAMB: decoupled weight decay (false: L2)",
+}
+
 # Where each optimizer keeps an argument that it packs into ``betas`` (bitsandbytes' layout),
 # so that an error about ``betas[i]`` names the argument the user wrote.
 _BETA_ARGUMENTS = {"SGD": ("momentum", "dampening"), "LARS": ("momentum", "dampening"), "RMSprop": ("alpha",)}
@@ -173,7 +200,7 @@ class OptimizerArgs(BaseModel):
 
     def given(self) -> dict[str, Any]:
         """The arguments the config sets (the constructor's defaults fill in the rest)."""
-        return {k: getattr(self, k) for k in self.model_fields_set if k != "name"}
+        return {k: getattr(self, k) for k in type(self).model_fields if k != "name" and k in self.model_fields_set}
 
     @property
     def optimizer_class(self) -> type:
@@ -202,10 +229,8 @@ def args_model(name: str) -> type[OptimizerArgs]:
     fields: dict[str, Any] = {"name": (Literal[name], ...)}
     for arg, parameter in constructor_arguments(cls).items():
         default = ... if parameter.default is parameter.empty else parameter.default
-        fields[arg] = (_strict_type(hints[arg]), Field(default=default))
-    doc = (getattr(optim, algorithm).__doc__ or "").strip().split("\n\n")[0]
-    if name != algorithm:
-        doc = f"{name}: {doc}"
+        fields[arg] = (_strict_type(hints[arg]), Field(default=default, description=ARGUMENT_DOCS.get(arg)))
+    doc = f"pagedopt.{name} and its constructor arguments"
     return create_model(f"{name}Args", __base__=OptimizerArgs, __doc__=doc, **fields)
 
 
@@ -255,5 +280,5 @@ def settings_fields() -> dict[str, Any]:
                 kind = Annotated[tuple[StrictFloat, ...], BeforeValidator(_betas_before)]
             else:
                 kind = _strict_type(hints[arg])
-            fields[arg] = (kind, Field(default=None))
+            fields[arg] = (kind, Field(default=None, description=ARGUMENT_DOCS.get(arg)))
     return fields
