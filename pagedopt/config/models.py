@@ -19,10 +19,11 @@ from typing import Any, Optional
 
 from pydantic import (
     BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, ValidationError,
-    ValidationInfo, create_model, field_validator, model_validator,
+    ValidationInfo, create_model, field_validator, model_serializer, model_validator,
 )
 from typing_extensions import Annotated
 
+from ..optim import validation
 from ..paging.config import PagingConfig
 from . import optimizers
 from .optimizers import OptimizerArgs, raise_located
@@ -62,6 +63,18 @@ class TelemetryConfig(BaseModel):
         return value
 
 
+class _OnlyGiven(BaseModel):
+    """A partial model: it serializes only the fields the document gave (a dump loads back
+    as the same partial settings, not as every field set to null)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_serializer(mode="wrap")
+    def _given_only(self, handler: Any) -> Any:
+        data = handler(self)
+        return {k: v for k, v in data.items() if k in self.model_fields_set} if isinstance(data, dict) else data
+
+
 def _paging_shorthand(value: Any) -> Any:
     # ``paging: false`` / ``paging: null`` -> unpaged; ``paging: true`` -> paged, inherited config.
     if value is None or isinstance(value, bool):
@@ -75,17 +88,16 @@ def _paging_override_model() -> type[BaseModel]:
     }
     for name, info in PagingConfig.model_fields.items():
         # Optional, no default, but the field's validators (byte sizes) and bounds kept.
-        kind = Optional[info.annotation]
-        if info.metadata:
-            kind = Annotated[(kind, *info.metadata)]
-        fields[name] = (kind, Field(default=None))
-    model = create_model(
+        # The constraints go inside Optional: Annotated[Optional[int], Ge(1)] would apply
+        # ``>= 1`` to an explicit null and crash instead of failing validation.
+        kind = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        fields[name] = (Optional[kind], Field(default=None))
+    return create_model(
         "PagingOverride",
-        __config__=ConfigDict(extra="forbid", frozen=True),
+        __base__=_OnlyGiven,
         __doc__="Per-parameter paging: fields of PagingConfig that replace the inherited ones.",
         **fields,
     )
-    return model
 
 
 PagingOverride = _paging_override_model()
@@ -104,7 +116,7 @@ def merge_paging(base: PagingConfig | None, override: BaseModel) -> PagingConfig
 class Settings(
     create_model(  # type: ignore[misc]
         "_SettingsFields",
-        __config__=ConfigDict(extra="forbid", frozen=True),
+        __base__=_OnlyGiven,
         **optimizers.settings_fields(),
         paging=(Annotated[Optional[PagingOverride], BeforeValidator(_paging_shorthand)], Field(default=None)),
     )
@@ -240,11 +252,12 @@ class PagedoptConfig(BaseModel):
     @classmethod
     def _settings_fit_optimizer(cls, rules: list[OverrideRule], info: ValidationInfo) -> list[OverrideRule]:
         opt: OptimizerArgs | None = info.data.get("optimizer")
-        if opt is None:
-            return rules  # the optimizer section has its own errors; keys are checked when it is fixed
         errors = []
         for index, rule in enumerate(rules):
-            errors.extend(_rule_errors(index, rule, opt, info.data.get("paging")))
+            if opt is None:  # the optimizer section has errors: check what needs no optimizer
+                errors.extend(_generic_rule_errors(index, rule))
+            else:
+                errors.extend(_rule_errors(index, rule, opt, info.data.get("paging")))
         if errors:
             raise_located("overrides", errors)
         return rules
@@ -301,3 +314,16 @@ def _rule_errors(index: int, rule: OverrideRule, opt: OptimizerArgs, paging: Pag
                 msg = err["msg"].removeprefix("Value error, ")
                 errors.append(((*where, "paging", *err["loc"]), "paging", msg, err.get("input")))
     return errors
+
+
+def _generic_rule_errors(index: int, rule: OverrideRule) -> list:
+    """Value checks that hold for every optimizer (``lr >= 0``, ``optim_bits`` 8 or 32, ...)."""
+    values = {k: v for k, v in rule.set.given().items() if k != "paging"}
+    try:
+        validation.check_hyperparameters({k: v for k, v in values.items() if k != "betas"})
+    except ValueError as e:
+        message = str(e)
+        key = next((k for k in values if f"Invalid {k}:" in message), None)
+        loc = (index, "set", key) if key else (index, "set")
+        return [(loc, "optimizer_argument", message, values.get(key) if key else values)]
+    return []
