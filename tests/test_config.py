@@ -453,12 +453,14 @@ def test_every_problem_is_reported_at_once(tmp_path):
         telemetry: {port: 0}
         overrides:
           - {match: "*", set: {lr: -1.0}}
+          - {match: "*", set: {paging: {device_budget_bytes: 2 GiBs}}}
           - {match: "*", set: {nesterov: true}}
     """)
     with pytest.raises(ConfigError) as excinfo:
         load_config(path)
     paths = [issue.path for issue in excinfo.value.issues]
-    assert paths == ["telemetry.port", "overrides[0].set.lr", "overrides[1].set.nesterov"]
+    assert paths == ["telemetry.port", "overrides[0].set.lr", "overrides[1].set.paging.device_budget_bytes",
+                     "overrides[2].set.nesterov"]
     assert all(issue.file == str(path) for issue in excinfo.value.issues)
 
 

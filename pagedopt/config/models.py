@@ -248,17 +248,33 @@ class PagedoptConfig(BaseModel):
         """The file this config came from (``"<config>"`` when built in Python)."""
         return self._source or "<config>"
 
-    @field_validator("overrides")
+    @field_validator("overrides", mode="wrap")
     @classmethod
-    def _settings_fit_optimizer(cls, rules: list[OverrideRule], info: ValidationInfo) -> list[OverrideRule]:
+    def _settings_fit_optimizer(cls, value: Any, handler: Any, info: ValidationInfo) -> list[OverrideRule]:
+        # Each rule is checked against the optimizer even when another rule is malformed, so
+        # one run reports every problem.
+        errors: list = []
+        try:
+            rules = handler(value)
+        except ValidationError as e:
+            rules = None
+            errors.extend((err["loc"], err["type"], err["msg"], err.get("input")) for err in e.errors(include_url=False))
+            valid = {}
+            for index, raw in enumerate(value if isinstance(value, list) else []):
+                try:
+                    valid[index] = OverrideRule.model_validate(raw)
+                except ValidationError:
+                    continue
+        else:
+            valid = dict(enumerate(rules))
         opt: OptimizerArgs | None = info.data.get("optimizer")
-        errors = []
-        for index, rule in enumerate(rules):
+        for index, rule in valid.items():
             if opt is None:  # the optimizer section has errors: check what needs no optimizer
                 errors.extend(_generic_rule_errors(index, rule))
             else:
                 errors.extend(_rule_errors(index, rule, opt, info.data.get("paging")))
         if errors:
+            errors.sort(key=lambda err: err[0][0] if err[0] and isinstance(err[0][0], int) else -1)
             raise_located("overrides", errors)
         return rules
 
