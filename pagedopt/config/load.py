@@ -23,7 +23,7 @@ from ..paging.config import PagingConfig, parse_bytes
 from . import optimizers
 from .errors import ConfigError, ConfigIssue, issues_from_validation_error
 from .files import read_document
-from .models import OverrideRule, PagedoptConfig, PagingOverride, Settings, TelemetryConfig
+from .models import PagedoptConfig
 
 
 def load_config(path: str | os.PathLike[str]) -> PagedoptConfig:
@@ -147,7 +147,4 @@ def _allow_byte_strings(schema: dict[str, Any]) -> None:
                 prop["anyOf"] = [*options, size_string]
 
 
-__all__ = [
-    "load_config", "validate_document", "as_config", "json_schema",
-    "PagedoptConfig", "OverrideRule", "Settings", "PagingOverride", "TelemetryConfig",
-]
+__all__ = ["load_config", "validate_document", "as_config", "json_schema"]

@@ -15,17 +15,17 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import re
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 from pydantic import (
     BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, ValidationError,
     ValidationInfo, create_model, field_validator, model_serializer, model_validator,
 )
-from typing_extensions import Annotated
 
 from ..optim import validation
 from ..paging.config import PagingConfig
 from . import optimizers
+from .errors import unknown_key_message
 from .optimizers import OptimizerArgs, raise_located
 
 
@@ -308,8 +308,6 @@ def _rule_errors(index: int, rule: OverrideRule, opt: OptimizerArgs, paging: Pag
     given = rule.set.given()
     unknown = [k for k in given if k not in allowed]
     for key in unknown:
-        from .errors import unknown_key_message
-
         hint = unknown_key_message(key, allowed).replace(f"unknown key {key!r}", "")
         errors.append(((*where, key), "unknown_setting",
                        f"{opt.name} has no setting {key!r}{hint}", given[key]))

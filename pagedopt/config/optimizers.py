@@ -25,7 +25,7 @@ import functools
 import inspect
 import re
 import typing
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Annotated, Any, Literal, Mapping, Optional, Union
 
 import torch
 from pydantic import (
@@ -33,7 +33,6 @@ from pydantic import (
     create_model, model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
-from typing_extensions import Annotated
 
 from .. import optim
 from ..optim.validation import parse_betas
