@@ -221,16 +221,16 @@ class Optimizer8bit(torch.optim.Optimizer):
         found = self.mng.overrides_for(p)  # keys and values already checked by the manager
         if found:
             unknown = sorted(set(found) - set(self.defaults) - {"paging"})
-            where = f"GlobalOptimManager override of parameter {self._name_of(p)!r}"
             if unknown:
                 raise ValueError(
-                    f"{where}: {', '.join(map(repr, unknown))} is not a setting of {type(self).__name__} "
+                    f"GlobalOptimManager override of parameter {self._name_of(p)!r}: "
+                    f"{', '.join(map(repr, unknown))} is not a setting of {type(self).__name__} "
                     f"(its settings: {', '.join(sorted(self.defaults))}, paging)"
                 )
             try:
                 validation.check_hyperparameters(found, self.betas_len)
             except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
+                raise ValueError(f"GlobalOptimManager override of parameter {self._name_of(p)!r}: {e}") from None
         return found
 
     def _sync_overrides(self) -> None:
