@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 from . import functional, optim, telemetry
+from .config import ConfigError, PagedoptConfig, build_optimizer, load_config
 from .nn import StableEmbedding
 from .optim import *  # noqa: F401,F403  (the optimizer classes)
 from .optim import OPTIMIZER_NAMES, GlobalOptimManager, Optimizer1State, Optimizer2State, Optimizer8bit
@@ -26,4 +27,5 @@ __version__ = "0.1.0"
 __all__ = [
     "GlobalOptimManager", "Optimizer8bit", "Optimizer2State", "Optimizer1State", "StableEmbedding",
     "PagingConfig", "functional", "optim", *OPTIMIZER_NAMES,
+    "load_config", "build_optimizer", "PagedoptConfig", "ConfigError",
 ]

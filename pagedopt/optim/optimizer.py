@@ -14,7 +14,10 @@ The math lives in :mod:`pagedopt.functional`; where state lives is up to the
 Settings resolve per parameter with this precedence (highest first): per-parameter overrides
 (:class:`~pagedopt.GlobalOptimManager`), the parameter group's values, the constructor
 arguments (or the ``args`` object, which replaces the constructor's 8-bit settings as in
-bitsandbytes).
+bitsandbytes). Overrides are resolved once per parameter and re-resolved only when the
+manager changed; settings that shape the state are fixed once it exists (see
+:mod:`pagedopt.optim.manager`). A ``paging`` group value or override places that parameter's
+state under its own paging config (see :mod:`pagedopt.optim.placement`).
 
 Example:
     >>> import torch, pagedopt
@@ -30,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import time
+import warnings
 from collections import abc as container_abcs
 from collections import defaultdict
 from copy import deepcopy
@@ -50,8 +54,9 @@ from ..paging.config import PagingConfig
 from ..paging.store import DeviceStateStore, StateStore
 from ..telemetry.sink import NULL_SINK, ParamStepReport, StatsSink, StepReport
 from . import validation
-from .manager import GlobalOptimManager
+from .manager import STATE_SHAPING_SETTINGS, GlobalOptimManager, check_paging_value
 from .memory import MemoryReport, MemoryRow, precision_of
+from .placement import BASE, RoutingStateStore
 
 QUANT_STATE_KEY = "__bnb_optimizer_quant_state__"
 # State entries that are not per-parameter-dtype floats: never cast on load.
@@ -165,6 +170,8 @@ class Optimizer8bit(torch.optim.Optimizer):
         self.sink: StatsSink = NULL_SINK
         self.steps_taken = 0
         self._overrides: dict[torch.Tensor, dict[str, Any]] = {}
+        self._overrides_generation = self.mng.generation
+        self._late_override_warned: set[tuple[int, str]] = set()
         self._qmaps: dict[tuple[torch.device, bool], torch.Tensor] = {}
         self.state_store: StateStore = self._make_state_store()
         super().__init__(params, defaults)
@@ -190,6 +197,8 @@ class Optimizer8bit(torch.optim.Optimizer):
             validation.check_param(p, where)
         try:
             validation.check_hyperparameters(group, self.betas_len)
+            if "paging" in group:
+                check_paging_value(group["paging"], where)
         except ValueError:
             self.param_groups.pop()
             raise
@@ -201,15 +210,63 @@ class Optimizer8bit(torch.optim.Optimizer):
     # -- per-parameter settings --------------------------------------------------------------
 
     def _overrides_for(self, p: torch.Tensor) -> dict[str, Any]:
-        """Overrides of ``p``, resolved once (when its state is created) and cached."""
+        """Overrides of ``p``, resolved once and cached (see :meth:`_sync_overrides`)."""
         found = self._overrides.get(p)
         if found is None:
-            found = dict(self.mng.overrides_for(p))
-            if "betas" in found:
-                found["betas"] = validation.parse_betas(found["betas"])
-            validation.check_hyperparameters(found, self.betas_len)
+            found = self._resolve_overrides(p)
             self._overrides[p] = found
         return found
+
+    def _resolve_overrides(self, p: torch.Tensor) -> dict[str, Any]:
+        found = self.mng.overrides_for(p)  # keys and values already checked by the manager
+        if found:
+            unknown = sorted(set(found) - set(self.defaults) - {"paging"})
+            if unknown:
+                raise ValueError(
+                    f"GlobalOptimManager override of parameter {self._name_of(p)!r}: "
+                    f"{', '.join(map(repr, unknown))} is not a setting of {type(self).__name__} "
+                    f"(its settings: {', '.join(sorted(self.defaults))}, paging)"
+                )
+            try:
+                validation.check_hyperparameters(found, self.betas_len)
+            except ValueError as e:
+                raise ValueError(f"GlobalOptimManager override of parameter {self._name_of(p)!r}: {e}") from None
+        return found
+
+    def _sync_overrides(self) -> None:
+        """Re-resolve cached overrides once after the GlobalOptimManager changed. Settings that
+        shape a parameter's existing state keep their values (with a warning)."""
+        if self._overrides_generation == self.mng.generation:
+            return
+        self._overrides_generation = self.mng.generation
+        missing = object()
+        for p, old in list(self._overrides.items()):
+            new = self._resolve_overrides(p)
+            if self.state.get(p):
+                for key in STATE_SHAPING_SETTINGS:
+                    if new.get(key, missing) == old.get(key, missing):
+                        continue
+                    if (id(p), key) not in self._late_override_warned:
+                        self._late_override_warned.add((id(p), key))
+                        warnings.warn(
+                            f"GlobalOptimManager: the override {key}={new.get(key, '<removed>')!r} for parameter "
+                            f"{self._name_of(p)!r} came after {type(self).__name__} created its state, and "
+                            f"{key} shapes the state; the parameter keeps its current state. Set such overrides "
+                            "before the first step() (hyperparameters such as lr apply at the next step).",
+                            stacklevel=4,
+                        )
+                    if key in old:
+                        new[key] = old[key]
+                    else:
+                        new.pop(key, None)
+            self._overrides[p] = new
+
+    def _name_of(self, p: torch.Tensor) -> str:
+        for gindex, group in enumerate(self.param_groups):
+            for pindex, q in enumerate(group["params"]):
+                if q is p:
+                    return self._param_name(group, gindex, pindex)
+        return f"<tensor of shape {tuple(p.shape)}>"
 
     def _settings(self, group: Mapping[str, Any], p: torch.Tensor) -> Mapping[str, Any]:
         overrides = self._overrides_for(p)
@@ -217,6 +274,7 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def get_config(self, gindex: int, pindex: int, group: Mapping[str, Any]) -> dict[str, Any]:
         """bitsandbytes-compatible view of one parameter's resolved settings."""
+        self._sync_overrides()
         return dict(self._settings(group, group["params"][pindex]))
 
     def _param_name(self, group: Mapping[str, Any], gindex: int, pindex: int) -> str:
@@ -234,6 +292,15 @@ class Optimizer8bit(torch.optim.Optimizer):
             self.name2qmap["dynamic" if signed else "udynamic"] = self._qmaps[key]
         return self._qmaps[key]
 
+    def _place_state(self, p: torch.Tensor, cfg: Mapping[str, Any]) -> None:
+        """Per-parameter paging: route ``p``'s state to the store for ``cfg["paging"]``.
+        A no-op until some parameter has a ``paging`` value (see :mod:`pagedopt.optim.placement`)."""
+        if "paging" not in cfg and not isinstance(self.state_store, RoutingStateStore):
+            return
+        if not isinstance(self.state_store, RoutingStateStore):
+            self.state_store = RoutingStateStore(self.state_store, self.paging)
+        self.state_store.place(p, cfg.get("paging", BASE))
+
     def _uses_8bit(self, p: torch.Tensor, cfg: Mapping[str, Any]) -> bool:
         # numel of a DTensor is its global size: precision never depends on the shard.
         return cfg["optim_bits"] == 8 and p.numel() >= cfg["min_8bit_size"]
@@ -245,6 +312,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         kind = self.kind
         assert kind is not None, "Optimizer8bit subclasses must set kind"
         cfg = self._settings(group, p)
+        self._place_state(p, cfg)
         local = local_tensor(p)
         quantized = self._uses_8bit(p, cfg)
         dtype = torch.uint8 if quantized else torch.float32
@@ -302,6 +370,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         return loss
 
     def _collect_work(self) -> list[_Work]:
+        self._sync_overrides()
         works = []
         for gindex, group in enumerate(self.param_groups):
             for pindex, p in enumerate(group["params"]):
@@ -402,6 +471,7 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def memory_report(self) -> MemoryReport:
         """One row per parameter: name, numel, state precision, state bytes, residency."""
+        self._sync_overrides()
         rows = []
         for gindex, group in enumerate(self.param_groups):
             for pindex, p in enumerate(group["params"]):
@@ -498,7 +568,9 @@ class Optimizer8bit(torch.optim.Optimizer):
             value.pop(f"new_{old}", None)
         if isinstance(value.get("step"), torch.Tensor):
             value["step"] = int(value["step"].item())
-        self._reencode_8bit_state(value, self._settings(group, p)["block_wise"])
+        settings = self._settings(group, p)
+        self._place_state(p, settings)
+        self._reencode_8bit_state(value, settings["block_wise"])
         device = local_tensor(p).device
         for k, v in list(value.items()):
             if not isinstance(v, torch.Tensor):
