@@ -23,9 +23,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any
+import warnings
+from typing import Any, Iterator
 
 import torch
 
@@ -34,6 +36,16 @@ _EXTRA_KEY = "extra_json"
 
 def _single_process() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
+@contextlib.contextmanager
+def _quiet_single_process(single: bool) -> Iterator[None]:
+    """DCP warns that it "assumes" a single process when there is no process group; here
+    that is the intent, so the warning is noise."""
+    with warnings.catch_warnings():
+        if single:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 def save_checkpoint(
@@ -56,7 +68,9 @@ def save_checkpoint(
     state: dict[str, Any] = {"model": model_sd, _EXTRA_KEY: extra_json}
     if optimizer is not None:
         state["optim"] = optim_sd
-    dcp.save(state, checkpoint_id=os.fspath(path), no_dist=_single_process())
+    single = _single_process()
+    with _quiet_single_process(single):
+        dcp.save(state, checkpoint_id=os.fspath(path), no_dist=single)
 
 
 def load_checkpoint(
@@ -81,7 +95,9 @@ def load_checkpoint(
     state: dict[str, Any] = {"model": model_sd, _EXTRA_KEY: ""}
     if optimizer is not None:
         state["optim"] = optim_sd
-    dcp.load(state, checkpoint_id=os.fspath(path), no_dist=_single_process())
+    single = _single_process()
+    with _quiet_single_process(single):
+        dcp.load(state, checkpoint_id=os.fspath(path), no_dist=single)
     if optimizer is None:
         set_state_dict(model, (), model_state_dict=state["model"], optim_state_dict={})
     else:

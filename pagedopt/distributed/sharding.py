@@ -453,6 +453,16 @@ def local_state(
     return out
 
 
+def flatten_absmax(value: dict[str, Any], kind: UpdateKind) -> None:
+    """Give block-wise absmax tensors the live layout (``[blocks]``, AdEMAMix ``[2, blocks]``), in
+    place: a gathered FSDP2 state dict (``full_state_dict=True``) holds them as ``[dim0, row / 256]``."""
+    for index in range(1, kind.num_states + 1):
+        absmax = value.get(f"absmax{index}")
+        if isinstance(absmax, torch.Tensor) and not is_sharded(absmax):
+            moments = _moments_of(kind, index)
+            value[f"absmax{index}"] = absmax.reshape(moments, -1) if moments > 1 else absmax.reshape(-1)
+
+
 def requantization_bound(signed: bool) -> float:
     """Largest error of re-quantizing a value, relative to its block's absmax: half the
     widest gap between neighbouring codes of the map (the fallback layout's bound)."""

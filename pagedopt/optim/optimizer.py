@@ -526,9 +526,11 @@ class Optimizer8bit(torch.optim.Optimizer):
             value["step"] = int(value["step"].item())
         if sharding.is_sharded(p):
             settings = self._settings(group, p)
-            value = sharding.local_state(
-                p, value, self.kind, settings["block_wise"], self._uses_8bit(p, settings), f"parameter of shape {tuple(p.shape)}"
-            )
+            quantized = self._uses_8bit(p, settings)
+            name = f"parameter of shape {tuple(p.shape)}"
+            value = sharding.local_state(p, value, self.kind, settings["block_wise"], quantized, name)
+        else:
+            sharding.flatten_absmax(value, self.kind)  # [dim0, row/256] from a gathered FSDP2 state
         self._reencode_8bit_state(value, self._settings(group, p)["block_wise"])
         device = local_tensor(p).device
         for k, v in list(value.items()):
