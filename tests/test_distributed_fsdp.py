@@ -59,12 +59,36 @@ def _run(name: str, kwargs: dict, model: torch.nn.Module) -> dict:
     )
 
 
+# A single-process state dict (bitsandbytes layout: nested quantization state, one flat
+# absmax over the whole tensor) resumed on 2 ranks after IMPORT_AT steps.
+IMPORT_AT = 8
+IMPORTS = {"adamw8bit_rows": EXACT["adamw8bit_rows"], "adamw8bit": QUANTIZED["adamw8bit"][::2]}
+
+
+def _import_single_process_state(name: str, kwargs: dict) -> dict:
+    """Train IMPORT_AT steps in this process alone, then continue sharded from its state dict."""
+    model = make_model()
+    opt = make_optimizer(name, model.parameters(), **kwargs)
+    train_steps(model, opt, 0, IMPORT_AT)
+    model_sd, optim_sd = model.state_dict(), opt.state_dict()
+    assert "__bnb_optimizer_quant_state__" in optim_sd["state"][0]
+    sharded = make_model(seed=123)
+    sharded.load_state_dict(model_sd)
+    sharded = _shard(sharded)
+    opt = make_optimizer(name, sharded.parameters(), **kwargs)
+    opt.load_state_dict(optim_sd)
+    train_steps(sharded, opt, IMPORT_AT, STEPS)
+    return full_params(sharded)
+
+
 def _fsdp_worker(rank: int, world_size: int, workdir: str) -> dict:
     out = {}
     for run, (name, kwargs) in EXACT.items():
         out[run] = _run(name, kwargs, _shard(make_model()))
     for run, (name, _, kwargs) in QUANTIZED.items():
         out[run] = _run(name, kwargs, _shard(make_model()))
+    for run, (name, kwargs) in IMPORTS.items():
+        out[f"import-{run}"] = _import_single_process_state(name, kwargs)
     return out
 
 
@@ -146,3 +170,21 @@ def test_quantized_tier(fsdp_results, run):
     # All ranks hold the same (gathered) parameters.
     for key in fsdp_results[0][run]["params"]:
         assert torch.equal(fsdp_results[0][run]["params"][key], fsdp_results[1][run]["params"][key])
+
+
+@pytest.mark.parametrize("run", sorted(IMPORTS))
+def test_single_process_state_dict_resumes_sharded(fsdp_results, run):
+    """A single-process (bitsandbytes-layout) state dict loads into the sharded optimizer with
+    plain ``load_state_dict``: each rank cuts its part of the full tensors. Rows-of-256 8-bit
+    state keeps its blocks (tier: exact vs the uninterrupted single-process run); l2.weight is
+    re-quantized on the shard's blocks (tier: quantized, as above)."""
+    name, kwargs = IMPORTS[run]
+    ref = _single(name, kwargs)["params"]
+    for rank, result in enumerate(fsdp_results):
+        got = result[f"import-{run}"]
+        if run in EXACT:
+            for key, value in ref.items():
+                assert torch.equal(got[key], value), f"rank {rank}: {key}"
+        else:
+            noise = _total_abs_diff(ref, _single(QUANTIZED[run][1], kwargs)["params"])
+            assert _total_abs_diff(got, ref) <= 1.5 * noise
