@@ -94,7 +94,8 @@ def load_checkpoint(
     model_sd, optim_sd = get_state_dict(model, optimizers)
     state: dict[str, Any] = {"model": model_sd, _EXTRA_KEY: ""}
     if optimizer is not None:
-        state["optim"] = optim_sd
+        metadata = dcp.FileSystemReader(os.fspath(path)).read_metadata()
+        state["optim"] = _match_saved_layout(optim_sd, metadata)
     single = _single_process()
     with _quiet_single_process(single):
         dcp.load(state, checkpoint_id=os.fspath(path), no_dist=single)
@@ -103,3 +104,69 @@ def load_checkpoint(
     else:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return json.loads(state[_EXTRA_KEY] or "{}")
+
+
+def _flat_items(tree: Any, prefix: tuple = ()) -> dict[tuple, Any]:
+    if isinstance(tree, dict):
+        out: dict[tuple, Any] = {}
+        for key, value in tree.items():
+            out.update(_flat_items(value, prefix + (key,)))
+        return out
+    return {prefix: tree}
+
+
+def _same_layout(entry: dict, saved: dict[tuple, Any]) -> bool:
+    """True when a target state entry has exactly the saved keys, shapes and dtypes."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    flat = _flat_items(entry)
+    if flat.keys() != saved.keys():
+        return False
+    for path, meta in saved.items():
+        value = flat[path]
+        if isinstance(meta, TensorStorageMetadata) != isinstance(value, torch.Tensor):
+            return False
+        if isinstance(value, torch.Tensor) and (
+            tuple(value.shape) != tuple(meta.size) or value.dtype != meta.properties.dtype
+        ):
+            return False
+    return True
+
+
+def _entry_from_metadata(saved: dict[tuple, Any]) -> dict:
+    """A target entry shaped like the saved one: full CPU tensors (DCP fills them; the
+    optimizer's ``load_state_dict`` then converts layout, precision and shards)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    entry: dict = {}
+    for path, meta in saved.items():
+        node = entry
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        if isinstance(meta, TensorStorageMetadata):
+            node[path[-1]] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        else:
+            node[path[-1]] = 0  # a saved Python object (e.g. the step count) replaces it
+    return entry
+
+
+def _match_saved_layout(optim_sd: dict, metadata: Any) -> dict:
+    """Make each parameter's optimizer target match the checkpoint's layout.
+
+    Checkpoints saved under the same kind of sharding match already (the layouts do not
+    depend on the world size) and load in place, each rank reading its shards. A checkpoint
+    from another kind of job (FSDP2 -> DDP or one process, or back) keeps the quantization
+    state in another layout (flat DTensor keys vs bitsandbytes' nested keys, rows-of-blocks
+    absmax, dequantized fp32): those entries are read as full tensors and converted by the
+    optimizer's ``load_state_dict``."""
+    mapping = getattr(metadata, "planner_data", None)
+    if not isinstance(mapping, dict):
+        return optim_sd
+    saved: dict[str, dict[tuple, Any]] = {}
+    for key, path in mapping.items():
+        if len(path) >= 4 and path[0] == "optim" and path[1] == "state":
+            saved.setdefault(path[2], {})[tuple(path[3:])] = metadata.state_dict_metadata[key]
+    for fqn, entry in list(optim_sd.get("state", {}).items()):
+        if fqn in saved and isinstance(entry, dict) and not _same_layout(entry, saved[fqn]):
+            optim_sd["state"][fqn] = _entry_from_metadata(saved[fqn])
+    return optim_sd
