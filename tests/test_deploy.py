@@ -145,7 +145,8 @@ def test_sbatch_starts_one_launcher_per_node(tmp_path):
     )
     out = subprocess.run(["bash", str(SBATCH), "--steps", "10"], env=env, capture_output=True, text=True,
                          check=True).stdout.splitlines()
-    assert out[:6] == ["--kill-on-bad-exit=1", "--ntasks-per-node=1", "bash",
+    assert out[0] == "pagedopt: 2 nodes x 8 workers, rendezvous gpu-a17:29500 (run 4242)"
+    assert out[1:7] == ["--kill-on-bad-exit=1", "--ntasks-per-node=1", "bash",
                        f"{ROOT}/deploy/torchrun/launch.sh", "--steps", "10"], out
     for line in ("MASTER_ADDR=gpu-a17", "MASTER_PORT=29500", "NNODES=2", "NPROC_PER_NODE=8",
                  "RUN_ID=4242", "METRICS_PORT=9400", "METRICS_ADDR=0.0.0.0", "DISTRIBUTED=fsdp"):
