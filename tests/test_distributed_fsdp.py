@@ -56,6 +56,7 @@ def _run(name: str, kwargs: dict, model: torch.nn.Module) -> dict:
         scales=[[None if s is None else s.clone() for s in step] for step in scales],
         state_dtypes={n: opt.state[p]["state1"].dtype for n, p in model.named_parameters()},
         state_shapes={n: tuple(opt.state[p]["state1"].shape) for n, p in model.named_parameters()},
+        memory=opt.memory_report(),
     )
 
 
@@ -144,6 +145,19 @@ def test_precision_follows_global_size(fsdp_results):
     for d in dtypes:
         assert d["l1.weight"] == d["l2.weight"] == torch.uint8
         assert d["l1.bias"] == d["l2.bias"] == d["l3.weight"] == torch.float32
+
+
+def test_memory_report_counts_local_shards(fsdp_results):
+    """Each rank reports its shards; over the ranks the element counts and the fp32-equivalent
+    bytes add up to the single-process report, and 32-bit state bytes too."""
+    name, _, kwargs = QUANTIZED["adamw8bit"]
+    single = _single(name, kwargs)["memory"]
+    reports = [r["adamw8bit"]["memory"] for r in fsdp_results]
+    assert sum(r.fp32_equivalent_bytes for r in reports) == single.fp32_equivalent_bytes
+    numel = {row.name: row.numel for row in single.rows}
+    for name_ in numel:
+        assert sum(row.numel for r in reports for row in r.rows if row.name == name_) == numel[name_]
+    assert sum(r.bytes_by_precision["32bit"] for r in reports) == single.bytes_by_precision["32bit"]
 
 
 def _total_abs_diff(a: dict, b: dict) -> float:

@@ -418,7 +418,9 @@ class Optimizer8bit(torch.optim.Optimizer):
     # -- memory ------------------------------------------------------------------------------
 
     def memory_report(self) -> MemoryReport:
-        """One row per parameter: name, numel, state precision, state bytes, residency."""
+        """One row per parameter: name, numel, state precision, state bytes, residency.
+
+        Under FSDP2 each rank reports its own shards (numel and bytes of the local part)."""
         rows = []
         for gindex, group in enumerate(self.param_groups):
             for pindex, p in enumerate(group["params"]):
@@ -429,7 +431,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                 rows.append(
                     MemoryRow(
                         name=self._param_name(group, gindex, pindex),
-                        numel=p.numel(),
+                        numel=local_tensor(p).numel(),  # this rank's shard under FSDP2, like the bytes
                         precision=precision_of(state, self._settings(group, p)["block_wise"]),
                         state_bytes=sum(t.numel() * t.element_size() for t in tensors),
                         residency=self.state_store.residency(p, state),
