@@ -137,7 +137,8 @@ def test_sbatch_starts_one_launcher_per_node(tmp_path):
     """With stand-in scontrol/srun: the rendezvous is on the first node and launch.sh gets the
     allocation's shape."""
     _stub(tmp_path, "scontrol", 'printf "gpu-a17\\ngpu-a18\\n"\n')
-    _stub(tmp_path, "srun", 'printf "%s\\n" "$@"; env | grep -E "^(MASTER_|NNODES|NPROC|RUN_ID|METRICS_|DISTRIBUTED)" | sort\n')
+    settings = "^(MASTER_|NNODES|NPROC|RUN_ID|METRICS_|DISTRIBUTED)"
+    _stub(tmp_path, "srun", f'printf "%s\\n" "$@"; env | grep -E "{settings}" | sort\n')
     env = _clean_env(
         PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu-a[17-18]",
         SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="8", SLURM_JOB_ID="4242", SLURM_CPUS_PER_TASK="64",

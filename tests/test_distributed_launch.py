@@ -38,7 +38,8 @@ def _run(args: list[str], timeout: int = 240) -> str:
     proc = subprocess.run(
         args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
     )
-    assert proc.returncode == 0, f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    command = " ".join(args)
+    assert proc.returncode == 0, f"{command} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
     return proc.stdout
 
 

@@ -160,7 +160,8 @@ def test_round_trip_through_state_dict(world_of_one, shape, exact):
             assert torch.equal(after[f"state{index}"], before[f"state{index}"])
             assert torch.equal(after[f"absmax{index}"], before[f"absmax{index}"])
         else:
-            limit = (requantization_bound(signed) + 1e-6) * after[f"absmax{index}"].repeat_interleave(256)[: old.numel()]
+            block_absmax = after[f"absmax{index}"].repeat_interleave(256)[: old.numel()]
+            limit = (requantization_bound(signed) + 1e-6) * block_absmax
             assert bool(((new - old).abs().reshape(-1) <= limit).all())
 
 
@@ -202,7 +203,7 @@ def test_load_errors_name_the_problem(world_of_one):
     with pytest.raises(ValueError, match="w: saved absmax1 has 3 absmax values per state"):
         local_state(p, {"state1": codes, "absmax1": torch.ones(3), "state2": torch.zeros(8, 40)},
                     kind, True, True, "w")
-    with pytest.raises(ValueError, match=r"w: saved state1 has shape \(4, 40\), expected the global shape \(8, 40\)"):
+    with pytest.raises(ValueError, match=r"w: saved state1 has shape \(4, 40\), expected .* \(8, 40\)"):
         local_state(p, {"state1": torch.zeros(4, 40), "state2": torch.zeros(8, 40)}, kind, True, False, "w")
     with pytest.raises(TypeError, match="w is not a DTensor"):
         ShardLayout(torch.zeros(3), "w")

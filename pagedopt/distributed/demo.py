@@ -63,7 +63,9 @@ def batch(generator: torch.Generator, size: int, device: torch.device) -> tuple[
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pagedopt.distributed.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pagedopt.distributed.demo", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--distributed", choices=("none", "ddp", "fsdp"), default="none")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (cuda:LOCAL_RANK under torchrun)")
     parser.add_argument("--optimizer", default="AdamW8bit", help="any pagedopt optimizer class name")

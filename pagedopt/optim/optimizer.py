@@ -446,7 +446,8 @@ class Optimizer8bit(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict with the quantization tensors of each parameter nested under
         ``"__bnb_optimizer_quant_state__"`` (the bitsandbytes >= 0.49 layout, which FSDP's
-        gathering skips)."""
+        gathering skips). DTensor (FSDP2) parameters instead get flat DTensor entries that
+        DCP can reshard (see :mod:`pagedopt.distributed.sharding`)."""
         sd = super().state_dict()
         sd["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in sd["state"].items()}
         # torch numbers parameters in param_groups order: index -> parameter.
@@ -459,7 +460,9 @@ class Optimizer8bit(torch.optim.Optimizer):
                 # FSDP2: DTensors with the parameter's placements, flat keys (for DCP).
                 p = params[index]
                 block_wise = self._settings(group_of[p], p)["block_wise"]
-                sd["state"][index] = sharding.checkpoint_state(p, param_state, self.kind, block_wise, f"param {index}")
+                sd["state"][index] = sharding.checkpoint_state(
+                    p, param_state, self.kind, block_wise, f"parameter {index}"
+                )
                 continue
             quant = {k: param_state.pop(k) for k in list(param_state) if k in self.non_castable_tensor_keys}
             if quant:
