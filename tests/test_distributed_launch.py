@@ -94,6 +94,8 @@ def test_fsdp_without_torchrun_is_a_world_of_one(capsys):
     with init_distributed("fsdp", device="cpu") as run:
         assert torch.distributed.is_initialized() and run.owns_process_group
         assert (run.world_size, run.backend) == (1, "gloo")
+        store_dir = run.store_dir
+        assert store_dir and os.path.isdir(store_dir)
         model = run.wrap(torch.nn.Sequential(torch.nn.Linear(256, 32), torch.nn.Linear(32, 2)))
         assert all(is_sharded(p) for p in model.parameters())
         opt = pagedopt.AdamW8bit(model.parameters(), min_8bit_size=1024, percentile_clipping=90)
@@ -102,7 +104,7 @@ def test_fsdp_without_torchrun_is_a_world_of_one(capsys):
         assert opt.state[model[0].weight]["state1"].dtype == torch.uint8
         assert not is_sharded(opt.state[model[0].weight]["state1"])  # kernels got local tensors
         run.print("hello from rank 0")
-    assert not torch.distributed.is_initialized()
+    assert not torch.distributed.is_initialized() and not os.path.exists(store_dir)
     captured = capsys.readouterr()
     assert "hello from rank 0" in captured.out and "world of 1" in captured.err
 

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -98,6 +99,7 @@ class DistributedRun:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str | None = None
     owns_process_group: bool = False
+    store_dir: str | None = field(default=None, repr=False)  # the world-of-one file store
 
     @property
     def is_main(self) -> bool:
@@ -196,6 +198,9 @@ class DistributedRun:
             if dist.is_initialized():
                 dist.destroy_process_group()
             self.owns_process_group = False
+        if self.store_dir is not None:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+            self.store_dir = None
 
     def __enter__(self) -> "DistributedRun":
         return self
@@ -256,7 +261,7 @@ def init_distributed(
     if not dist.is_available():
         raise RuntimeError("this PyTorch build has no torch.distributed; use --distributed none")
     backend = backend or _default_backend(dev)
-    owns = False
+    owns, store_dir = False, None
     if not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
@@ -266,8 +271,8 @@ def init_distributed(
             dist.init_process_group(backend, timeout=timeout, **kwargs)
         else:
             # Not under torchrun: a world of one, through a private file store (no port).
-            store_path = os.path.join(tempfile.mkdtemp(prefix="pagedopt-pg-"), "store")
-            store = dist.FileStore(store_path, 1)
+            store_dir = tempfile.mkdtemp(prefix="pagedopt-pg-")
+            store = dist.FileStore(os.path.join(store_dir, "store"), 1)
             dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
             print(
                 f"pagedopt: --distributed {mode} without torchrun: running as a world of 1 process",
@@ -283,4 +288,5 @@ def init_distributed(
         device=dev,
         backend=dist.get_backend(),
         owns_process_group=owns,
+        store_dir=store_dir,
     )
