@@ -43,6 +43,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from ..distributed import sharding
 from ..functional import dispatch
 from ..functional.clipping import percentile_clip, trust_ratios
 from ..functional.items import UpdateItem
@@ -362,6 +363,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             prepared = [w for w in works if w.needs_prepare]
             if prepared:
                 self.state_store.visit(prepared, self._prepare_chunk)
+                self._reduce_tensorwise_maxima(prepared)
                 self._apply_trust_ratios([w for w in prepared if w.cfg["max_unorm"] > 0.0])
             self.state_store.visit(works, self._update_chunk)
         self.steps_taken += 1
@@ -379,6 +381,10 @@ class Optimizer8bit(torch.optim.Optimizer):
                 name = self._param_name(group, gindex, pindex)
                 validation.check_grad(p, p.grad, name)
                 state = self.state[p]
+                if QUANT_STATE_KEY in state:
+                    # Written in the state-dict layout straight into ``self.state`` (torch's
+                    # ZeroRedundancyOptimizer.load_state_dict does this): import it now.
+                    state = self.state[p] = self._import_param_state(p, state, group, True)
                 if len(state) == 0:
                     self.init_state(group, p, gindex, pindex)
                 state["step"] += 1
@@ -398,16 +404,32 @@ class Optimizer8bit(torch.optim.Optimizer):
         return works
 
     def _reduce_sums(self, what: str, works: list[_Work], values: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Hook for sharded training: turn shard-local sums into global ones (identity here).
+        """Turn shard-local sums of DTensor (FSDP2) parameters into global ones.
 
         ``what`` is ``"grad_norm_sq"``, ``"update_norm_sq"`` or ``"param_norm_sq"``. Called once
-        per kind of sum per step with every parameter's value, so one collective serves all.
+        per kind of sum per step with every parameter's value, so one collective per process
+        group serves all; plain (replicated) parameters pass through untouched.
         """
-        return values
+        return sharding.all_reduce_over_shards([w.key for w in works], values, "sum")
 
     def _reduce_maxima(self, works: list[_Work], values: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Hook for sharded training: tensor-wise absmax over all shards (identity here)."""
-        return values
+        """Tensor-wise absmax over all shards of DTensor parameters (batched like the sums)."""
+        return sharding.all_reduce_over_shards([w.key for w in works], values, "max")
+
+    def _reduce_tensorwise_maxima(self, works: list[_Work]) -> None:
+        """Make the prepare pass's tensor-wise maxima (both states) global, in one call for the
+        whole step: outside the store's chunked visits, whose chunking may differ per rank."""
+        pairs = [
+            (w, attr)
+            for attr in ("new_absmax1", "new_absmax2")
+            for w in works
+            if w.quantized and not w.cfg["block_wise"] and getattr(w, attr) is not None
+        ]
+        if not pairs:
+            return
+        maxima = self._reduce_maxima([w for w, _ in pairs], [getattr(w, attr) for w, attr in pairs])
+        for (w, attr), m in zip(pairs, maxima):
+            setattr(w, attr, m)
 
     def _percentile_clipping(self, works: list[_Work]) -> None:
         if not works:
@@ -443,11 +465,6 @@ class Optimizer8bit(torch.optim.Optimizer):
             w.state["unorm_vec"].copy_(u.reshape(1), non_blocking=True)
 
     def _update_chunk(self, works: list[_Work]) -> None:
-        tensorwise = [w for w in works if w.quantized and not w.cfg["block_wise"]]
-        if tensorwise:
-            maxima = self._reduce_maxima(tensorwise, [w.new_absmax1 for w in tensorwise])
-            for w, m in zip(tensorwise, maxima):
-                w.new_absmax1 = m
         dispatch.update(self.kind, [w.item(self.kind) for w in works])
 
     def _step_report(self, works: list[_Work], started: float) -> StepReport:
@@ -470,7 +487,9 @@ class Optimizer8bit(torch.optim.Optimizer):
     # -- memory ------------------------------------------------------------------------------
 
     def memory_report(self) -> MemoryReport:
-        """One row per parameter: name, numel, state precision, state bytes, residency."""
+        """One row per parameter: name, numel, state precision, state bytes, residency.
+
+        Under FSDP2 each rank reports its own shards (numel and bytes of the local part)."""
         self._sync_overrides()
         rows = []
         for gindex, group in enumerate(self.param_groups):
@@ -482,7 +501,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                 rows.append(
                     MemoryRow(
                         name=self._param_name(group, gindex, pindex),
-                        numel=p.numel(),
+                        numel=local_tensor(p).numel(),  # this rank's shard under FSDP2, like the bytes
                         precision=precision_of(state, self._settings(group, p)["block_wise"]),
                         state_bytes=sum(t.numel() * t.element_size() for t in tensors),
                         residency=self.state_store.residency(p, state),
@@ -497,11 +516,23 @@ class Optimizer8bit(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict with the quantization tensors of each parameter nested under
         ``"__bnb_optimizer_quant_state__"`` (the bitsandbytes >= 0.49 layout, which FSDP's
-        gathering skips)."""
+        gathering skips). DTensor (FSDP2) parameters instead get flat DTensor entries that
+        DCP can reshard (see :mod:`pagedopt.distributed.sharding`)."""
         sd = super().state_dict()
         sd["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in sd["state"].items()}
-        for param_state in sd["state"].values():
+        # torch numbers parameters in param_groups order: index -> parameter.
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        group_of = {p: g for g in self.param_groups for p in g["params"]}
+        for index, param_state in sd["state"].items():
             if not isinstance(param_state, dict):
+                continue
+            if isinstance(index, int) and index < len(params) and sharding.is_sharded(params[index]):
+                # FSDP2: DTensors with the parameter's placements, flat keys (for DCP).
+                p = params[index]
+                block_wise = self._settings(group_of[p], p)["block_wise"]
+                sd["state"][index] = sharding.checkpoint_state(
+                    p, param_state, self.kind, block_wise, f"parameter {index}"
+                )
                 continue
             quant = {k: param_state.pop(k) for k in list(param_state) if k in self.non_castable_tensor_keys}
             if quant:
@@ -570,6 +601,12 @@ class Optimizer8bit(torch.optim.Optimizer):
             value["step"] = int(value["step"].item())
         settings = self._settings(group, p)
         self._place_state(p, settings)
+        if sharding.is_sharded(p):
+            quantized = self._uses_8bit(p, settings)
+            name = f"parameter of shape {tuple(p.shape)}"
+            value = sharding.local_state(p, value, self.kind, settings["block_wise"], quantized, name)
+        else:
+            sharding.flatten_absmax(value, self.kind)  # [dim0, row/256] from a gathered FSDP2 state
         self._reencode_8bit_state(value, settings["block_wise"])
         device = local_tensor(p).device
         for k, v in list(value.items()):

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Launch `pagedopt train --distributed fsdp|ddp` with torchrun on one or many nodes.
+#
+# Run the same command on every node of the job (Slurm: deploy/slurm/train.sbatch does it):
+#
+#   NNODES=2 MASTER_ADDR=node0.example MASTER_PORT=29500 RUN_ID=job42 \
+#     deploy/torchrun/launch.sh --steps 2000 --optimizer AdamW8bit
+#
+# Arguments after the script name go to the training command. Settings (environment):
+#   NNODES          number of nodes (default 1; with 1 and no MASTER_ADDR: --standalone)
+#   NPROC_PER_NODE  processes per node (default: number of GPUs, or 1 without GPUs)
+#   MASTER_ADDR     rendezvous host: any node of the job, reachable from all (default 127.0.0.1)
+#   MASTER_PORT     rendezvous port (default 29500)
+#   RUN_ID          rendezvous id, the same on every node (default pagedopt)
+#   MAX_RESTARTS    torchrun restarts of the whole worker group on failure (default 0)
+#   DISTRIBUTED     fsdp or ddp (default fsdp)
+#   METRICS_PORT    Prometheus base port; rank r on a node serves METRICS_PORT + LOCAL_RANK
+#                   (default 9400; empty: no metrics flags)
+#   METRICS_ADDR    address the metrics endpoints bind (default 127.0.0.1; 0.0.0.0 to scrape
+#                   from another host)
+#   TRAIN_MODULE    the python module (and subcommand) to run (default "pagedopt train")
+#   PYTHON          interpreter with torch and pagedopt installed (default python3)
+set -euo pipefail
+
+nnodes="${NNODES:-1}"
+if [[ -z "${NPROC_PER_NODE:-}" ]]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && gpus="$(nvidia-smi --list-gpus 2>/dev/null | wc -l)" && ((gpus > 0)); then
+    NPROC_PER_NODE="$gpus"
+  else
+    NPROC_PER_NODE=1
+  fi
+fi
+distributed="${DISTRIBUTED:-fsdp}"
+case "$distributed" in
+  fsdp | ddp) ;;
+  *) echo "launch.sh: DISTRIBUTED=$distributed (expected fsdp or ddp)" >&2; exit 2 ;;
+esac
+read -r -a train_module <<< "${TRAIN_MODULE:-pagedopt train}"
+
+rendezvous=()
+if [[ "$nnodes" == "1" && -z "${MASTER_ADDR:-}" ]]; then
+  rendezvous=(--standalone)
+else
+  rendezvous=(
+    --rdzv-backend=c10d
+    "--rdzv-endpoint=${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}"
+    "--rdzv-id=${RUN_ID:-pagedopt}"
+  )
+fi
+
+metrics=()
+if [[ -n "${METRICS_PORT-9400}" ]]; then
+  metrics=(--metrics-port "${METRICS_PORT:-9400}" --metrics-addr "${METRICS_ADDR:-127.0.0.1}")
+fi
+
+# One OpenMP thread per worker unless told otherwise: N workers share the node's cores.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+
+exec "${PYTHON:-python3}" -m torch.distributed.run \
+  --nnodes="$nnodes" \
+  --nproc-per-node="$NPROC_PER_NODE" \
+  --max-restarts="${MAX_RESTARTS:-0}" \
+  "${rendezvous[@]}" \
+  -m "${train_module[@]}" --distributed "$distributed" "${metrics[@]}" "$@"

@@ -1,0 +1,317 @@
+"""The launch files in ``deploy/``: torchrun script, Slurm batch script, Kubernetes manifests.
+
+No cluster here, so: shell syntax (``bash -n``) and the scripts' behaviour with stand-ins for
+``python``/``srun``/``scontrol`` (the exact torchrun command they build), one real torchrun
+run of the launch script, and for the manifests a parse, a schema check of the fields we use
+(unknown keys and wrong types fail, so a typo cannot slip through) and the cross-references
+that make the job work (Service <-> pods <-> PodMonitor, ports per local rank, node counts).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+LAUNCH = DEPLOY / "torchrun" / "launch.sh"
+SBATCH = DEPLOY / "slurm" / "train.sbatch"
+K8S = DEPLOY / "kubernetes"
+METRICS_BASE = 9400
+
+
+# --- shell scripts ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", [LAUNCH, SBATCH], ids=lambda p: p.name)
+def test_shell_syntax(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    if shutil.which("shellcheck"):
+        subprocess.run(["shellcheck", "-S", "warning", str(script)], check=True)
+
+
+def _stub(dir_: Path, name: str, body: str) -> Path:
+    path = dir_ / name
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "NNODES", "NPROC"))}
+    for key in ("RUN_ID", "DISTRIBUTED", "METRICS_PORT", "METRICS_ADDR", "TRAIN_MODULE", "PYTHON"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def _launch_argv(tmp_path: Path, *args: str, **env: str) -> list[str]:
+    """The command launch.sh execs, captured by a stand-in interpreter."""
+    python = _stub(tmp_path, "fake-python", 'printf "%s\\n" "$@"\n')
+    proc = subprocess.run(
+        ["bash", str(LAUNCH), *args], env=_clean_env(PYTHON=str(python), **env),
+        capture_output=True, text=True, check=True,
+    )
+    return proc.stdout.splitlines()
+
+
+def test_launch_single_node_defaults(tmp_path):
+    argv = _launch_argv(tmp_path, "--steps", "5", NPROC_PER_NODE="4")
+    assert argv[:2] == ["-m", "torch.distributed.run"]
+    assert "--nnodes=1" in argv and "--nproc-per-node=4" in argv and "--standalone" in argv
+    module = argv.index("-m", 2)
+    assert argv[module + 1:module + 5] == ["pagedopt", "train", "--distributed", "fsdp"]
+    assert argv[-6:] == ["--metrics-port", "9400", "--metrics-addr", "127.0.0.1", "--steps", "5"]
+
+
+def test_launch_multi_node_rendezvous(tmp_path):
+    argv = _launch_argv(
+        tmp_path, NNODES="3", NPROC_PER_NODE="8", MASTER_ADDR="node0", MASTER_PORT="29555",
+        RUN_ID="job7", DISTRIBUTED="ddp", METRICS_PORT="", MAX_RESTARTS="2",
+    )
+    assert "--standalone" not in argv
+    for flag in ("--nnodes=3", "--nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29555",
+                 "--rdzv-id=job7", "--max-restarts=2"):
+        assert flag in argv
+    assert argv[-2:] == ["--distributed", "ddp"]  # METRICS_PORT="" turns the metrics flags off
+
+
+def test_launch_rejects_unknown_mode(tmp_path):
+    python = _stub(tmp_path, "fake-python", "exit 0\n")
+    proc = subprocess.run(["bash", str(LAUNCH)], env=_clean_env(PYTHON=str(python), DISTRIBUTED="zero"),
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "DISTRIBUTED=zero" in proc.stderr
+
+
+@pytest.mark.distributed
+def test_launch_runs_a_real_torchrun_job():
+    """launch.sh itself, with 2 CPU workers running the demo job."""
+    proc = subprocess.run(
+        ["bash", str(LAUNCH), "--device", "cpu", "--steps", "3", "--log-every", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        env=_clean_env(NPROC_PER_NODE="2", METRICS_PORT="", TRAIN_MODULE="pagedopt.distributed.demo",
+                       PYTHON=sys.executable, PYTHONPATH=str(ROOT)),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^done steps=3 loss=[0-9.]+ world_size=2 mode=fsdp", proc.stdout, re.M), proc.stdout
+
+
+SBATCH_OPTIONS = {
+    "job-name": r"\S+", "nodes": r"\d+", "ntasks-per-node": r"\d+", "gpus-per-node": r"\d+",
+    "cpus-per-task": r"\d+", "time": r"(\d+-)?\d{1,2}:\d{2}:\d{2}", "output": r"\S+",
+    "signal": r"(B:)?\w+@\d+",
+}
+
+
+def _sbatch_directives() -> dict[str, str]:
+    found = {}
+    for line in SBATCH.read_text().splitlines():
+        if line.startswith("#SBATCH"):
+            match = re.fullmatch(r"#SBATCH --([a-z-]+)=(\S+)", line.strip())
+            assert match, f"malformed directive: {line!r}"
+            found[match.group(1)] = match.group(2)
+    return found
+
+
+def test_sbatch_directives():
+    directives = _sbatch_directives()
+    for key, value in directives.items():
+        assert key in SBATCH_OPTIONS, f"unexpected #SBATCH option --{key}"
+        assert re.fullmatch(SBATCH_OPTIONS[key], value), f"--{key}={value}"
+    assert directives["ntasks-per-node"] == "1", "one torchrun per node; it starts the GPU workers"
+    # Directives must come before the first command, or Slurm ignores them.
+    lines = SBATCH.read_text().splitlines()
+    last_directive = max(i for i, l in enumerate(lines) if l.startswith("#SBATCH"))
+    first_command = min(i for i, l in enumerate(lines) if l.strip() and not l.startswith("#"))
+    assert last_directive < first_command
+
+
+def test_sbatch_starts_one_launcher_per_node(tmp_path):
+    """With stand-in scontrol/srun: the rendezvous is on the first node and launch.sh gets the
+    allocation's shape."""
+    _stub(tmp_path, "scontrol", 'printf "gpu-a17\\ngpu-a18\\n"\n')
+    settings = "^(MASTER_|NNODES|NPROC|RUN_ID|METRICS_|DISTRIBUTED)"
+    _stub(tmp_path, "srun", f'printf "%s\\n" "$@"; env | grep -E "{settings}" | sort\n')
+    env = _clean_env(
+        PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu-a[17-18]",
+        SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="8", SLURM_JOB_ID="4242", SLURM_CPUS_PER_TASK="64",
+        SLURM_SUBMIT_DIR=str(ROOT),
+    )
+    out = subprocess.run(["bash", str(SBATCH), "--steps", "10"], env=env, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out[0] == "pagedopt: 2 nodes x 8 workers, rendezvous gpu-a17:29500 (run 4242)"
+    assert out[1:7] == ["--kill-on-bad-exit=1", "--ntasks-per-node=1", "bash",
+                       f"{ROOT}/deploy/torchrun/launch.sh", "--steps", "10"], out
+    for line in ("MASTER_ADDR=gpu-a17", "MASTER_PORT=29500", "NNODES=2", "NPROC_PER_NODE=8",
+                 "RUN_ID=4242", "METRICS_PORT=9400", "METRICS_ADDR=0.0.0.0", "DISTRIBUTED=fsdp"):
+        assert line in out, (line, out)
+
+
+# --- Kubernetes manifests --------------------------------------------------------------------------
+
+# A schema of the fields these manifests use (Kubernetes 1.28+ API, Prometheus Operator v1):
+# allowed keys and their types. "*" maps any key (labels); a list holds the item schema.
+STR, INT, BOOL = str, int, bool
+LABELS = {"*": STR}
+METADATA = {"name": STR, "namespace": STR, "labels": LABELS, "annotations": LABELS}
+PORT = {"name": STR, "containerPort": INT, "protocol": STR}
+ENV = {"name": STR, "value": STR}
+MOUNT = {"name": STR, "mountPath": STR, "readOnly": BOOL}
+CONTAINER = {
+    "name": STR, "image": STR, "command": [STR], "args": [STR], "env": [ENV], "ports": [PORT],
+    "resources": {"limits": {"*": (STR, INT)}, "requests": {"*": (STR, INT)}}, "volumeMounts": [MOUNT],
+    "workingDir": STR, "imagePullPolicy": STR,
+}
+VOLUME = {
+    "name": STR, "emptyDir": {"medium": STR, "sizeLimit": STR},
+    "persistentVolumeClaim": {"claimName": STR, "readOnly": BOOL},
+}
+POD_SPEC = {
+    "subdomain": STR, "hostname": STR, "restartPolicy": STR, "containers": [CONTAINER], "volumes": [VOLUME],
+    "nodeSelector": LABELS, "serviceAccountName": STR,
+}
+SCHEMAS = {
+    ("v1", "Service"): {
+        "apiVersion": STR, "kind": STR, "metadata": METADATA,
+        "spec": {
+            "clusterIP": STR, "publishNotReadyAddresses": BOOL, "selector": LABELS,
+            "ports": [{"name": STR, "port": INT, "targetPort": (INT, STR), "protocol": STR}],
+        },
+    },
+    ("batch/v1", "Job"): {
+        "apiVersion": STR, "kind": STR, "metadata": METADATA,
+        "spec": {
+            "completionMode": STR, "completions": INT, "parallelism": INT, "backoffLimit": INT,
+            "backoffLimitPerIndex": INT, "ttlSecondsAfterFinished": INT,
+            "template": {"metadata": METADATA, "spec": POD_SPEC},
+        },
+    },
+    ("monitoring.coreos.com/v1", "PodMonitor"): {
+        "apiVersion": STR, "kind": STR, "metadata": METADATA,
+        "spec": {
+            "selector": {"matchLabels": LABELS},
+            "podMetricsEndpoints": [{
+                "port": STR, "path": STR, "interval": STR, "scrapeTimeout": STR,
+                "relabelings": [{"sourceLabels": [STR], "targetLabel": STR, "replacement": STR,
+                                 "action": STR, "regex": STR, "separator": STR}],
+            }],
+        },
+    },
+    ("kustomize.config.k8s.io/v1beta1", "Kustomization"): {
+        "apiVersion": STR, "kind": STR, "resources": [STR],
+    },
+}
+
+
+def _check(value, schema, where: str) -> list[str]:
+    """Errors of ``value`` against ``schema`` (see SCHEMAS)."""
+    if isinstance(schema, list):
+        if not isinstance(value, list):
+            return [f"{where}: expected a list, got {type(value).__name__}"]
+        return [e for i, item in enumerate(value) for e in _check(item, schema[0], f"{where}[{i}]")]
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            return [f"{where}: expected a mapping, got {type(value).__name__}"]
+        errors = []
+        for key, item in value.items():
+            sub = schema.get(key, schema.get("*"))
+            if sub is None:
+                errors.append(f"{where}.{key}: unknown field")
+            else:
+                errors += _check(item, sub, f"{where}.{key}")
+        return errors
+    types = schema if isinstance(schema, tuple) else (schema,)
+    if isinstance(value, bool) and bool not in types:
+        return [f"{where}: expected {types}, got a boolean"]
+    return [] if isinstance(value, types) else [f"{where}: expected {types}, got {type(value).__name__}"]
+
+
+def _manifests() -> dict[str, dict]:
+    docs = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc is not None:
+                docs[doc["kind"]] = doc
+    return docs
+
+
+def test_manifests_parse_and_match_the_schema():
+    docs = _manifests()
+    assert set(docs) == {"Service", "Job", "PodMonitor", "Kustomization"}
+    for kind, doc in docs.items():
+        schema = SCHEMAS.get((doc["apiVersion"], kind))
+        assert schema is not None, f"{kind}: unexpected apiVersion {doc['apiVersion']}"
+        assert _check(doc, schema, kind) == []
+    listed = set(docs["Kustomization"]["resources"])
+    assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+
+
+def test_schema_check_catches_mistakes():
+    job = _manifests()["Job"]
+    bad = yaml.safe_load(yaml.safe_dump(job).replace("completionMode", "completionMod"))
+    assert any("completionMod: unknown field" in e for e in _check(bad, SCHEMAS[("batch/v1", "Job")], "Job"))
+    bad = yaml.safe_load(yaml.safe_dump(job).replace("containerPort: 9401", "containerPort: '9401'"))
+    assert any("containerPort: expected" in e for e in _check(bad, SCHEMAS[("batch/v1", "Job")], "Job"))
+
+
+def _torchrun_flags(container: dict) -> dict[str, str]:
+    script = " ".join(container["command"] + container["args"])
+    return dict(re.findall(r"--([a-z-]+)[= ]([^\s-][^\s]*)", script))
+
+
+def test_job_service_and_podmonitor_fit_together():
+    docs = _manifests()
+    service, job, monitor = docs["Service"], docs["Job"], docs["PodMonitor"]
+    spec, pod = job["spec"], job["spec"]["template"]
+    pod_labels = pod["metadata"]["labels"]
+    (container,) = pod["spec"]["containers"]
+    flags = _torchrun_flags(container)
+    script = " ".join(container["args"])
+
+    # One pod per node, all started together, each knowing its node rank.
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == int(flags["nnodes"])
+    assert flags["node-rank"] == '"${JOB_COMPLETION_INDEX}"' and container["command"][:2] == ["bash", "-c"]
+    assert pod["spec"]["restartPolicy"] in ("Never", "OnFailure")
+
+    # Rendezvous: pod 0's DNS name through the headless Service.
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert pod["spec"]["subdomain"] == service["metadata"]["name"]
+    assert flags["master-addr"] == f"{job['metadata']['name']}-0.{service['metadata']['name']}"
+    assert set(service["spec"]["selector"].items()) <= set(pod_labels.items())
+    assert int(flags["master-port"]) in {p["port"] for p in service["spec"]["ports"]}
+
+    # The main job, with one metrics endpoint per local rank, reachable from Prometheus.
+    assert "-m pagedopt train" in script and flags["distributed"] in ("fsdp", "ddp")
+    assert flags["metrics-port"] == str(METRICS_BASE) and flags["metrics-addr"] == "0.0.0.0"
+    nproc = int(flags["nproc-per-node"])
+    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == nproc
+    metrics = {p["name"]: p["containerPort"] for p in container["ports"] if p["name"].startswith("metrics-")}
+    assert metrics == {f"metrics-{r}": METRICS_BASE + r for r in range(nproc)}
+
+    # The PodMonitor selects these pods and scrapes exactly those ports.
+    assert set(monitor["spec"]["selector"]["matchLabels"].items()) <= set(pod_labels.items())
+    endpoints = monitor["spec"]["podMetricsEndpoints"]
+    assert sorted(e["port"] for e in endpoints) == sorted(metrics)
+    for endpoint in endpoints:
+        rank = endpoint["port"].split("-")[1]
+        assert {"targetLabel": "local_rank", "replacement": rank, "action": "replace"} in endpoint["relabelings"]
+
+    # Every mounted volume exists.
+    volumes = {v["name"] for v in pod["spec"]["volumes"]}
+    assert {m["name"] for m in container["volumeMounts"]} <= volumes
+
+
+def test_kustomize_builds():
+    if not shutil.which("kubectl"):
+        pytest.skip("kubectl is not installed (the structural checks above still ran)")
+    out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, check=True).stdout
+    kinds = [doc["kind"] for doc in yaml.safe_load_all(out) if doc]
+    assert sorted(kinds) == ["Job", "PodMonitor", "Service"]
