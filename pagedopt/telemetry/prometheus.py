@@ -66,7 +66,8 @@ from .sources import (
 
 log = logging.getLogger("pagedopt.telemetry")
 
-DEFAULT_PORT = 9400
+# Base port (+ LOCAL_RANK). Not 9400: dcgm-exporter, usually on the same GPU nodes, uses it.
+DEFAULT_PORT = 9460
 
 
 def default_run_id() -> str:
