@@ -435,7 +435,10 @@ class PrometheusSink(BaseSink):
 
 
 class _RefreshingRegistry(CollectorRegistry):
-    """A registry that lets the sink refresh pull values just before each collection."""
+    """A registry that lets the sink refresh pull values just before each collection, and
+    leaves out the ``*_created`` samples prometheus-client adds to counters and histograms
+    (in the text format each becomes one more series per labelled child; Prometheus does not
+    need them to compute rates)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -444,7 +447,10 @@ class _RefreshingRegistry(CollectorRegistry):
     def collect(self):  # type: ignore[override]
         for hook in list(self.before_collect):
             hook()
-        yield from super().collect()
+        for metric in super().collect():
+            if metric.name.startswith("pagedopt_"):
+                metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
+            yield metric
 
 
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
