@@ -27,17 +27,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import pagedopt  # noqa: E402
-from pagedopt.telemetry import start_exporter  # noqa: E402
+from pagedopt.telemetry.training import add_metrics_arguments, metrics_callback  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
-    p.add_argument("--metrics-port", type=int, default=9460,
-                   help="base port of the metrics endpoint; this process serves on port + LOCAL_RANK (0: any free port)")
-    p.add_argument("--metrics-addr", default="127.0.0.1", help="address the metrics endpoint binds (default 127.0.0.1)")
-    p.add_argument("--linger", type=float, default=0.0, help="keep serving metrics this many seconds after training")
-    p.add_argument("--top-k", type=int, default=20, help="parameters with their own per-parameter series")
+    add_metrics_arguments(p)  # --metrics-port, --metrics-addr, --metrics-top-k, --linger
     p.add_argument("--percentile-clipping", type=int, default=95,
                    help="clip gradients at this percentile of the last 100 norms (100 disables; default 95)")
     p.add_argument("--quant-error-every", type=int, default=10, help="sample the quantization error every N steps")
@@ -47,20 +43,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ready-file", type=Path, default=None, help="write JSON status lines here")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
-
-
-class Stop:
-    """Set by SIGTERM/SIGINT: the loop finishes its current step and exits cleanly."""
-
-    requested = False
-
-    @classmethod
-    def install(cls) -> None:
-        def handler(signum, frame):
-            cls.requested = True
-
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
 
 
 def write_status(path: Path | None, **fields) -> None:
@@ -86,42 +68,54 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.optim.Optimi
     return model, opt
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    Stop.install()
-    model, opt = build(args)
-    exporter = start_exporter(opt, model=model, port=args.metrics_port, addr=args.metrics_addr,
-                              top_k=args.top_k, run=args.run, quant_error_every=args.quant_error_every)
-    write_status(args.ready_file, event="serving", url=exporter.url, enabled=exporter.enabled,
-                 run=exporter.sink.run if exporter.sink else None)
+def train(args: argparse.Namespace, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[int, float]:
+    """A plain regression loop; returns (steps done, last loss). Ctrl-C/SIGTERM stop it early."""
     target = torch.nn.Linear(32, 1)
     generator = torch.Generator().manual_seed(args.seed + 1)
-    steps = 0
-    loss = torch.tensor(float("nan"))
+    steps, loss = 0, float("nan")
     try:
         for _ in range(args.steps):
-            if Stop.requested:
-                break
             x = torch.randn(64, 32, generator=generator)
             with torch.no_grad():
                 y = target(x).sin() + 0.05 * torch.randn(64, 1, generator=generator)
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            loss.backward()
+            batch_loss = torch.nn.functional.mse_loss(model(x), y)
+            batch_loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             steps += 1
+            loss = batch_loss.detach()
             if args.step_sleep > 0:
                 time.sleep(args.step_sleep)
-        exporter.finish()
+    except KeyboardInterrupt:
+        print(f"interrupted after {steps} steps", file=sys.stderr)
+    return steps, float(loss)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # SIGTERM behaves like Ctrl-C: training stops, the exporter is closed, the exit code is 0.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    model, opt = build(args)
+    metrics = metrics_callback(args, run=args.run, quant_error_every=args.quant_error_every)
+    exporter = metrics.start(opt, model) if metrics is not None else None
+    write_status(args.ready_file, event="serving", url=exporter.url if exporter else None,
+                 enabled=bool(exporter and exporter.enabled),
+                 run=exporter.sink.run if exporter and exporter.sink else None)
+    try:
+        steps, loss = train(args, model, opt)
         report = opt.memory_report()
-        write_status(args.ready_file, event="finished", steps=steps, loss=float(loss),
+        if exporter is not None:
+            exporter.finish()  # final values before the status line (stop() would do it too)
+        write_status(args.ready_file, event="finished", steps=steps, loss=loss,
                      state_bytes=report.total_bytes - report.shared_bytes)
-        print(f"trained {steps} steps, final loss {float(loss):.4f}, optimizer state {report.total_bytes:,} bytes")
-        deadline = time.monotonic() + args.linger
-        while time.monotonic() < deadline and not Stop.requested:
-            time.sleep(min(0.2, deadline - time.monotonic()))
+        print(f"trained {steps} steps, final loss {loss:.4f}, optimizer state {report.total_bytes:,} bytes")
+        if metrics is not None:
+            metrics.stop()  # lingers --linger seconds, then closes the endpoint
+    except KeyboardInterrupt:
+        pass
     finally:
-        exporter.close()
+        if metrics is not None:
+            metrics.stop()
     return 0
 
 

@@ -10,6 +10,7 @@ The Prometheus tests need the ``prometheus``/``promtool`` binaries (Debian packa
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -451,8 +452,16 @@ def test_real_prometheus_scrapes_a_training_run(tmp_path):
 
         # Every dashboard query returns data.
         dash = dashboard()
-        empty = [(title, expr) for title, expr in dashboard_exprs(dash) if not api.query(substitute(expr, run))]
+        results = {(title, expr): api.query(substitute(expr, run)) for title, expr in dashboard_exprs(dash)}
+        empty = [key for key, result in results.items() if not result]
         assert not empty, "dashboard queries without data:\n" + "\n".join(f"{t}: {e}" for t, e in empty)
+        # ... and finite numbers, except prefetch-latency quantiles while nothing is paged
+        # (no prefetch observed: histogram_quantile of empty buckets is NaN).
+        paged = api.query(f'pagedopt_run_info{{run="{run}", paging_policy!="none"}}')
+        not_finite = [key for key, result in results.items()
+                      if not all(math.isfinite(float(r["value"][1])) for r in result)
+                      and (paged or "prefetch_latency" not in key[1])]
+        assert not not_finite, not_finite
         # Every template variable has values (the run is among them).
         for v in dash["templating"]["list"]:
             if v["type"] != "query":

@@ -9,7 +9,9 @@ Modules: :mod:`~pagedopt.telemetry.sink` (protocol, ``attach``), :mod:`~pagedopt
 :mod:`~pagedopt.telemetry.aggregate` (per-step device reductions),
 :mod:`~pagedopt.telemetry.host_copy` (device values to the host without a sync),
 :mod:`~pagedopt.telemetry.layout` (labels, top-k), :mod:`~pagedopt.telemetry.quant_error`
-(sampled quantization error), :mod:`~pagedopt.telemetry.sources` (pager, kernels, devices).
+(sampled quantization error), :mod:`~pagedopt.telemetry.sources` (pager, kernels, devices),
+:mod:`~pagedopt.telemetry.training` (``--metrics-port``/``--linger`` flags and a training-loop
+callback).
 
 Example:
     >>> import torch, pagedopt
@@ -37,6 +39,9 @@ _LAZY = {
     "PrometheusSink": "prometheus",
     "QuantErrorSampler": "quant_error",
     "METRICS": "metrics",
+    "MetricsCallback": "training",
+    "add_metrics_arguments": "training",
+    "metrics_callback": "training",
 }
 
 
