@@ -244,6 +244,24 @@ def test_pager_and_prefetch_metrics_from_fake_pager(trained):
     assert single(failed, "pagedopt_page_transfers_total", direction="in", reason="prefetch") == pager.totals[("in", "prefetch")][0]
 
 
+def test_values_follow_changes_in_the_parameters_with_gradients():
+    """The per-step layout is cached while the parameters with gradients stay the same and
+    rebuilt when they change (a parameter without gradient, clipping switched per group)."""
+    a, b = torch.nn.Parameter(torch.zeros(5000)), torch.nn.Parameter(torch.zeros(300))
+    opt = pagedopt.AdamW8bit([{"params": [a], "percentile_clipping": 90}, {"params": [b]}])
+    sink = attach(opt, PrometheusSink(opt, run="plan"))
+    for grads in ({a: 3.0, b: 4.0}, {a: 1.0}, {a: 1.0}, {b: 2.0}, {a: 3.0, b: 4.0}):
+        a.grad = torch.full_like(a, grads[a] / math.sqrt(a.numel())) if a in grads else None
+        b.grad = torch.full_like(b, grads[b] / math.sqrt(b.numel())) if b in grads else None
+        opt.step()
+        sink._apply_device_values(wait=True)
+        families = scrape(sink)
+        expected = math.sqrt(sum(v * v for v in grads.values()))
+        assert single(families, "pagedopt_grad_norm") == pytest.approx(expected, rel=1e-5)
+    assert single(families, "pagedopt_clip_evaluations_total", group="0") == 4
+    assert sink.errors == 0
+
+
 def test_pager_stats_formats():
     from pagedopt.telemetry.sources import normalize_pager_stats
 

@@ -28,7 +28,8 @@ Example:
     >>> rec = attach(opt, RecordingSink())
     >>> w.grad = torch.full((4096,), 0.5); opt.step()
     >>> agg = StepAggregator(ParamTable(opt, top_k=1))
-    >>> agg.submit(rec.reports[0])
+    >>> agg.submit(rec.reports[0])   # returns the parameters that went through clipping, per group
+    {}
     >>> [round(v.grad_norm, 3) for v in agg.poll() if v.kind == "step"]
     [32.0]
 """
@@ -110,6 +111,7 @@ class StepAggregator:
         self._meta: dict[tuple[str, int], _Meta] = {}
         self._indices: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._clipped: dict[torch.device, torch.Tensor] = {}  # running clipped counts per group
+        self._plan: _Plan | None = None
 
     # -- device side ---------------------------------------------------------------------------
 
@@ -138,75 +140,92 @@ class StepAggregator:
             acc = self._clipped[device] = grown
         return acc
 
-    def submit(self, report: StepReport) -> None:
-        """Reduce ``report`` on the device(s) and start copying the results to the host."""
-        self._submit_step(report)
+    def submit(self, report: StepReport) -> dict[str, int]:
+        """Reduce ``report`` on the device(s) and start copying the results to the host.
+        Returns how many parameters of each group went through percentile clipping."""
+        plan = self._plan_for(report)
+        self._submit_step(report, plan)
         if report.quant_errors:
             self._submit_quant(report)
+        return plan.clip_evaluations
 
-    def _rows(self, report: StepReport) -> dict[torch.device, "_DeviceRows"]:
-        """Group the report's parameters by device: clipped ones (norm, threshold and scale
-        from clipping) and, if asked, the others (squared norms measured here)."""
-        rows: dict[torch.device, _DeviceRows] = {}
-        unclipped: dict[torch.device, list[tuple[ParamEntry, torch.Tensor]]] = {}
-        for r in report.params:
+    def _plan_for(self, report: StepReport) -> "_Plan":
+        """The step's layout (which rows go where), reused while the parameters with
+        gradients and their clipping stay the same - the usual case, step after step."""
+        params = [r.param for r in report.params]
+        clipped = [r.clip_threshold is not None for r in report.params]
+        plan = self._plan
+        if (plan is None or plan.clipped != clipped or len(plan.params) != len(params)
+                or not all(a is b for a, b in zip(plan.params, params))):
+            plan = self._plan = self._build_plan(report, params, clipped)
+        return plan
+
+    def _build_plan(self, report: StepReport, params: list, clipped: list[bool]) -> "_Plan":
+        plan = _Plan(params, clipped)
+        by_device: dict[torch.device, _DevicePlan] = {}
+        for i, r in enumerate(report.params):
             entry = self.table.entry(r.param, r.name, r.group)
-            if r.grad_norm is not None and r.clip_threshold is not None and r.clip_scale is not None:
-                rows.setdefault(r.grad_norm.device, _DeviceRows()).add_clipped(entry, r)
+            if clipped[i] and r.grad_norm is not None and r.clip_scale is not None:
+                device = r.grad_norm.device
+                target = by_device.setdefault(device, _DevicePlan(device))
+                target.clipped.append(i)
+                target.clipped_entries.append(entry)
+                plan.clip_evaluations[entry.group_label] = plan.clip_evaluations.get(entry.group_label, 0) + 1
             elif self.compute_grad_norms and r.param is not None and r.param.grad is not None:
-                grad = r.param.grad
-                to_local = getattr(grad, "to_local", None)
-                grad = to_local() if callable(to_local) else grad
-                unclipped.setdefault(grad.device, []).append((entry, grad))
-        for device, items in unclipped.items():
-            norms_sq = dispatch.grad_norm_sq([g for _, g in items])
-            target = rows.setdefault(device, _DeviceRows())
-            for (entry, _), nsq in zip(items, norms_sq):
-                target.add_measured(entry, nsq)
-        return rows
+                device = _local(r.param.grad).device
+                target = by_device.setdefault(device, _DevicePlan(device))
+                target.measured.append(i)
+                target.measured_entries.append(entry)
+        for dp in by_device.values():
+            entries = dp.clipped_entries + dp.measured_entries
+            dp.norm_groups = {e.group_index for e in entries}
+            dp.norm_tops = {e.top_slot for e in entries}
+            dp.clip_groups = {e.group_index for e in dp.clipped_entries}
+            dp.clip_tops = {e.top_slot for e in dp.clipped_entries}
+            dp.group_index = self._index(dp.device, [e.group_index for e in entries])
+            dp.top_index = self._index(dp.device, [e.top_slot for e in entries])
+            if dp.clipped:
+                dp.clip_group_index = self._index(dp.device, [e.group_index for e in dp.clipped_entries])
+                dp.clip_top_index = self._index(dp.device, [e.top_slot for e in dp.clipped_entries])
+        plan.devices = list(by_device.values())
+        return plan
 
-    def _submit_step(self, report: StepReport) -> None:
-        rows_by_device = self._rows(report)
-        if not rows_by_device:
+    def _submit_step(self, report: StepReport, plan: "_Plan") -> None:
+        if not plan.devices:
             return
         groups, top = len(self.table.group_labels), len(self.table.top_names)
-        meta = _Meta("step", report.step, groups, top, len(rows_by_device))
-        for device, rows in rows_by_device.items():
-            entries = rows.clipped_entries + rows.measured_entries
-            meta.norm_groups.update(e.group_index for e in entries)
-            meta.norm_tops.update(e.top_slot for e in entries)
-            meta.clip_groups.update(e.group_index for e in rows.clipped_entries)
-            meta.clip_tops.update(e.top_slot for e in rows.clipped_entries)
-            self.copies.submit(("step", report.step, str(device)), self._pack_step(device, rows, groups, top))
+        meta = _Meta("step", report.step, groups, top, len(plan.devices))
+        for dp in plan.devices:
+            meta.norm_groups |= dp.norm_groups
+            meta.norm_tops |= dp.norm_tops
+            meta.clip_groups |= dp.clip_groups
+            meta.clip_tops |= dp.clip_tops
+            self.copies.submit(("step", report.step, str(dp.device)), self._pack_step(report, dp, groups, top))
         self._meta[("step", report.step)] = meta
 
-    def _pack_step(self, device: torch.device, rows: "_DeviceRows", groups: int, top: int) -> torch.Tensor:
-        f64 = dict(dtype=torch.float64, device=device)
+    def _pack_step(self, report: StepReport, dp: "_DevicePlan", groups: int, top: int) -> torch.Tensor:
+        rows = report.params
+        f64 = dict(dtype=torch.float64, device=dp.device)
         squares = []
-        if rows.clipped_entries:
-            squares.append(torch.stack(rows.norms).to(torch.float64).square())
-        if rows.measured_entries:
-            squares.append(torch.stack(rows.norms_sq).to(torch.float64))
+        if dp.clipped:
+            squares.append(torch.stack([rows[i].grad_norm for i in dp.clipped]).to(torch.float64).square())
+        if dp.measured:
+            grads = [_local(rows[i].param.grad) for i in dp.measured]
+            squares.append(torch.stack(dispatch.grad_norm_sq(grads)).to(torch.float64))
         nsq = torch.cat(squares) if len(squares) > 1 else squares[0]
-        entries = rows.clipped_entries + rows.measured_entries
-        gidx = self._index(device, [e.group_index for e in entries])
-        tidx = self._index(device, [e.top_slot for e in entries])
-        group_nsq = torch.zeros(groups, **f64).index_add_(0, gidx, nsq)
-        top_nsq = torch.zeros(top, **f64).index_add_(0, tidx, nsq)
-        acc = self._clipped_counts(device, groups)
-        n_clipped = len(rows.clipped_entries)
-        if n_clipped:
-            cg = self._index(device, [e.group_index for e in rows.clipped_entries])
-            ct = self._index(device, [e.top_slot for e in rows.clipped_entries])
-            c_nsq = nsq[:n_clipped]
-            thr_sq = torch.stack(rows.thresholds).to(torch.float64).square()
-            scale = torch.stack(rows.scales).to(torch.float64)
-            acc.index_add_(0, cg, (scale < 1).to(torch.float64))
+        group_nsq = torch.zeros(groups, **f64).index_add_(0, dp.group_index, nsq)
+        top_nsq = torch.zeros(top, **f64).index_add_(0, dp.top_index, nsq)
+        acc = self._clipped_counts(dp.device, groups)
+        if dp.clipped:
+            c_nsq = nsq[: len(dp.clipped)]
+            thr_sq = torch.stack([rows[i].clip_threshold for i in dp.clipped]).to(torch.float64).square()
+            scale = torch.stack([rows[i].clip_scale for i in dp.clipped]).to(torch.float64)
+            acc.index_add_(0, dp.clip_group_index, (scale < 1).to(torch.float64))
             per_group = torch.zeros(3, groups, **f64)
-            per_group[0].index_add_(0, cg, c_nsq)
-            per_group[1].index_add_(0, cg, scale.square() * c_nsq)
-            per_group[2].index_add_(0, cg, thr_sq)
-            top_thr = torch.zeros(top, **f64).index_add_(0, ct, thr_sq)
+            per_group[0].index_add_(0, dp.clip_group_index, c_nsq)
+            per_group[1].index_add_(0, dp.clip_group_index, scale.square() * c_nsq)
+            per_group[2].index_add_(0, dp.clip_group_index, thr_sq)
+            top_thr = torch.zeros(top, **f64).index_add_(0, dp.clip_top_index, thr_sq)
         else:
             per_group = torch.zeros(3 * groups, **f64)
             top_thr = torch.zeros(top, **f64)
@@ -288,26 +307,36 @@ class StepAggregator:
         return v
 
 
-class _DeviceRows:
-    """One device's parameters of a step, as lists ready for ``torch.stack``."""
+@dataclass
+class _DevicePlan:
+    """One device's rows of a step: positions in ``report.params``, labels, index tensors."""
 
-    def __init__(self) -> None:
-        self.clipped_entries: list[ParamEntry] = []
-        self.norms: list[torch.Tensor] = []
-        self.thresholds: list[torch.Tensor] = []
-        self.scales: list[torch.Tensor] = []
-        self.measured_entries: list[ParamEntry] = []
-        self.norms_sq: list[torch.Tensor] = []
+    device: torch.device
+    clipped: list[int] = field(default_factory=list)
+    measured: list[int] = field(default_factory=list)
+    clipped_entries: list[ParamEntry] = field(default_factory=list)
+    measured_entries: list[ParamEntry] = field(default_factory=list)
+    norm_groups: set[int] = field(default_factory=set)
+    norm_tops: set[int] = field(default_factory=set)
+    clip_groups: set[int] = field(default_factory=set)
+    clip_tops: set[int] = field(default_factory=set)
+    group_index: torch.Tensor | None = None
+    top_index: torch.Tensor | None = None
+    clip_group_index: torch.Tensor | None = None
+    clip_top_index: torch.Tensor | None = None
 
-    def add_clipped(self, entry: ParamEntry, r: Any) -> None:
-        self.clipped_entries.append(entry)
-        self.norms.append(r.grad_norm)
-        self.thresholds.append(r.clip_threshold)
-        self.scales.append(r.clip_scale)
 
-    def add_measured(self, entry: ParamEntry, norm_sq: torch.Tensor) -> None:
-        self.measured_entries.append(entry)
-        self.norms_sq.append(norm_sq)
+@dataclass
+class _Plan:
+    params: list
+    clipped: list[bool]
+    devices: list[_DevicePlan] = field(default_factory=list)
+    clip_evaluations: dict[str, int] = field(default_factory=dict)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
 
 
 def _sqrt(x: float) -> float:

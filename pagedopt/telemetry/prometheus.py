@@ -110,6 +110,7 @@ class _Metrics:
 
     def __init__(self, registry: CollectorRegistry | None, run: str, rank: str):
         self._common = {"run": run, "rank": rank}
+        self._children: dict[tuple, Any] = {}
         self._objects: dict[str, Any] = {}
         for spec in METRICS:
             self._objects[spec.name] = self._make(spec, registry)
@@ -126,7 +127,14 @@ class _Metrics:
         return Gauge(spec.name, spec.help, labels, registry=registry, multiprocess_mode="mostrecent")
 
     def __call__(self, name: str, **labels: Any) -> Any:
-        return self._objects[name].labels(**self._common, **{k: str(v) for k, v in labels.items()})
+        # Children are cached: prometheus-client's labels() validates and sorts on every call,
+        # and the step path sets dozens of series.
+        key = (name, *labels.items())
+        child = self._children.get(key)
+        if child is None:
+            child = self._objects[name].labels(**self._common, **{k: str(v) for k, v in labels.items()})
+            self._children[key] = child
+        return child
 
 
 class _CounterFeed:
@@ -292,14 +300,8 @@ class PrometheusSink(BaseSink):
             self.timer.end(self.device, report.duration_seconds)
             m("pagedopt_steps_total").inc()
             m("pagedopt_last_step_timestamp_seconds").set(time.time())
-            evaluated: dict[str, int] = {}
-            for r in report.params:
-                if r.clip_threshold is not None:
-                    label = self.table.entry(r.param, r.name, r.group).group_label
-                    evaluated[label] = evaluated.get(label, 0) + 1
-            for label, count in evaluated.items():
+            for label, count in self.aggregator.submit(report).items():
                 m("pagedopt_clip_evaluations_total", group=label).inc(count)
-            self.aggregator.submit(report)
             self._apply_device_values()
             now = time.monotonic()
             if self._steps == 1 or now - self._state_at >= self.state_refresh_seconds or (
