@@ -198,6 +198,12 @@ def test_dashboard_and_rules_use_only_exported_metrics():
             "PagedoptTrainingStalled"} <= alerts
 
 
+def test_monitoring_readme_lists_every_metric():
+    from pagedopt.telemetry.metrics import markdown_table
+
+    assert markdown_table() in (MONITORING / "README.md").read_text()
+
+
 def test_grafana_provisioning_matches_the_dashboard_location():
     datasources = yaml.safe_load((MONITORING / "grafana/provisioning/datasources/prometheus.yml").read_text())
     assert datasources["apiVersion"] == 1
