@@ -413,6 +413,36 @@ def test_expected_state_bytes_equal_actual(cls, kwargs):
     assert expected == [actual_state_bytes(opt.state[p]) for p in params]
 
 
+def test_overrides_registered_after_the_exporter_still_apply():
+    """bitsandbytes' usage registers per-parameter overrides after creating the optimizer;
+    an exporter attached in between must not freeze the settings (bit-identical training)."""
+    def train(with_exporter: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 64))
+        manager = pagedopt.GlobalOptimManager.get_instance()
+        manager.register_parameters(model.parameters())
+        opt = pagedopt.Adam8bit(model.parameters())
+        exporter = start_exporter(opt, model=model, port=0) if with_exporter else None
+        manager.override_config(model[0].weight, "optim_bits", 32)
+        for _ in range(2):
+            model(torch.randn(4, 64)).square().mean().backward()
+            opt.step()
+        if exporter is not None:
+            exporter.finish()
+            families = scrape(exporter)
+            exporter.close()
+            assert single(families, "pagedopt_state_bytes", state="state1", precision="32bit",
+                          residency="device") == 4 * (64 * 128 + 128 + 64)
+        manager.clear()
+        return model, opt
+
+    on_model, on_opt = train(True)
+    off_model, off_opt = train(False)
+    assert on_opt.state[on_model[0].weight]["state1"].dtype == torch.float32
+    for a, b in zip(on_model.parameters(), off_model.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_names_come_from_optimizer_then_model_then_position():
     model = small_model()
     named = pagedopt.AdamW8bit(model.named_parameters())

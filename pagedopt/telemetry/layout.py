@@ -55,6 +55,15 @@ def actual_state_bytes(state: Mapping[str, Any]) -> int:
     return sum(t.numel() * t.element_size() for k in STATE_KEYS if isinstance(t := state.get(k), torch.Tensor))
 
 
+def settings_of(optimizer: Any, group: Mapping[str, Any], p: torch.Tensor) -> Mapping[str, Any]:
+    """The group's settings with the parameter's GlobalOptimManager overrides, read without
+    side effects: the optimizer resolves (and caches) overrides when it creates the state, and
+    users may still register overrides after the exporter is attached."""
+    manager = getattr(optimizer, "mng", None)
+    overrides = manager.overrides_for(p) if manager is not None and hasattr(manager, "overrides_for") else {}
+    return {**group, **overrides} if overrides else group
+
+
 def expected_state_bytes(optimizer: Any, gindex: int, pindex: int) -> int:
     """State bytes of a parameter: what it has, or what its first step will create.
 
@@ -69,7 +78,7 @@ def expected_state_bytes(optimizer: Any, gindex: int, pindex: int) -> int:
     if state:
         return actual_state_bytes(state)
     kind = getattr(optimizer, "kind", None)
-    cfg = optimizer.get_config(gindex, pindex, group) if hasattr(optimizer, "get_config") else dict(group)
+    cfg = settings_of(optimizer, group, p)
     numel = _local(p).numel()
     values_per_element = (kind.num_states + kind.state1_moments - 1) if kind is not None else 2
     quantized = cfg.get("optim_bits", 32) == 8 and p.numel() >= cfg.get("min_8bit_size", 4096)
@@ -204,10 +213,9 @@ class ParamTable:
         if cached is not None and cached[0] == dtype:
             return cached[1]
         block_wise = True
-        gindex, pindex = entry.group_index, entry.param_index
         groups = self.optimizer.param_groups
-        if hasattr(self.optimizer, "get_config") and gindex < len(groups) and 0 <= pindex < len(groups[gindex]["params"]):
-            block_wise = bool(self.optimizer.get_config(gindex, pindex, groups[gindex]).get("block_wise", True))
+        if entry.group_index < len(groups):
+            block_wise = bool(settings_of(self.optimizer, groups[entry.group_index], entry.param).get("block_wise", True))
         precision = precision_of(state, block_wise)
         self._precision[entry.param] = (dtype, precision)
         return precision
