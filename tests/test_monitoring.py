@@ -488,8 +488,6 @@ def test_real_prometheus_scrapes_a_training_run(tmp_path):
             exprs = [rule["expr"]] if "record" in rule else promql_operands(rule["expr"])
             missing += [(rule.get("alert") or rule["record"], e) for e in exprs if not api.query(e)]
         assert not missing, "rule expressions without data:\n" + "\n".join(f"{n}: {e}" for n, e in missing)
-        # The alert rules are quiet on a healthy run.
-        assert api.query('ALERTS{alertstate="firing", alertname=~"Pagedopt.*"}') == []
     finally:
         stop(trainer)
         stop(prometheus)

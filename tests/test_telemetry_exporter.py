@@ -527,6 +527,7 @@ def test_errors_inside_the_sink_never_stop_training(caplog, monkeypatch):
     assert single(scrape(sink), "pagedopt_telemetry_errors_total") == 3
 
 
+@pytest.mark.slow
 def test_multiprocess_mode_serves_all_local_ranks_on_one_port(tmp_path):
     """Two ranks of one node (LOCAL_RANK 0 and 1) with PROMETHEUS_MULTIPROC_DIR: local rank 0
     serves both ranks' series on the base port; local rank 1 serves nothing."""

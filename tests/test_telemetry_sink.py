@@ -119,6 +119,13 @@ def test_attach_points_the_pager_at_the_sink():
     assert sink.prefetch_latencies == [0.002]
     detach(opt, sink)
     assert opt.pager.sink is NULL_SINK
+    # A pager that is the optimizer's state store (has stats()) is found there too.
+    store = FakePager()
+    store.stats = lambda: {}
+    other = pagedopt.AdamW([torch.nn.Parameter(torch.randn(3))])
+    other.state_store = store
+    attach(other, sink)
+    assert store.sink is sink
 
 
 # --- quantization error ------------------------------------------------------------------------

@@ -230,10 +230,20 @@ def _check_optimizer(optimizer: Any) -> None:
         )
 
 
+def pager_of(optimizer: Any) -> Any:
+    """The optimizer's pager: ``optimizer.pager``, else its state store if that keeps paging
+    statistics (has ``stats()``), else ``None``."""
+    pager = getattr(optimizer, "pager", None)
+    if pager is None:
+        store = getattr(optimizer, "state_store", None)
+        pager = store if callable(getattr(store, "stats", None)) else None
+    return pager
+
+
 def _set_sink(optimizer: Any, sink: Any) -> None:
     optimizer.sink = sink
     # The pager reports prefetch latencies to the same sink when it has a ``sink`` attribute.
-    pager = getattr(optimizer, "pager", None)
+    pager = pager_of(optimizer)
     if pager is not None and hasattr(pager, "sink"):
         pager.sink = sink
 

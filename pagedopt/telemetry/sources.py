@@ -5,7 +5,8 @@ Everything here is read defensively: the pager (``optimizer.pager``) and the CUD
 (``pagedopt.backends.cuda``) may be absent, older or newer; a missing source yields zeros or
 nothing, never an exception in the training process.
 
-**Pager contract.** ``optimizer.pager.stats()`` returns a mapping (or an object with these
+**Pager contract.** ``optimizer.pager.stats()`` (or ``optimizer.state_store.stats()`` when the
+pager is the optimizer's state store) returns a mapping (or an object with these
 attributes): ``device_bytes``, ``host_bytes``, ``peak_device_bytes``, ``page_in_bytes``,
 ``page_out_bytes``, ``prefetch_stall_seconds`` (cumulative), optionally
 ``device_budget_bytes``, ``device_headroom_bytes``, ``oom_avoidance_actions`` (``{action:
@@ -44,6 +45,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 import torch
+
+from .sink import pager_of
 
 log = logging.getLogger("pagedopt.telemetry")
 
@@ -155,8 +158,7 @@ def normalize_pager_stats(raw: Any) -> PagerStats:
 def read_pager_stats(optimizer: Any) -> PagerStats | None:
     """The optimizer's pager statistics, or ``None`` without a pager (or if ``stats()``
     fails - logged once per failure type)."""
-    pager = getattr(optimizer, "pager", None)
-    stats = getattr(pager, "stats", None)
+    stats = getattr(pager_of(optimizer), "stats", None)
     if not callable(stats):
         return None
     try:
