@@ -525,6 +525,18 @@ def test_errors_inside_the_sink_never_stop_training(caplog, monkeypatch):
     assert sink.errors == 3
     assert sum("error in the metrics sink" in r.message for r in caplog.records) == 1  # logged once
     assert single(scrape(sink), "pagedopt_telemetry_errors_total") == 3
+    # A failing quantization-error probe (it runs inside the update pass) is contained too.
+    from pagedopt.telemetry.quant_error import QuantErrorProbe
+
+    def broken_probe(self, kind, entries, items):
+        raise ValueError("bad shapes")
+
+    monkeypatch.setattr(QuantErrorProbe, "before", broken_probe)
+    sink.sampler.every = 1
+    before = w.detach().clone()
+    w.grad = torch.randn(5000)
+    opt.step()
+    assert sink.errors == 5 and not torch.equal(before, w)  # submit and the probe failed; the step ran
 
 
 @pytest.mark.slow

@@ -277,21 +277,24 @@ class PrometheusSink(BaseSink):
         self._guard(self._on_step, report)
 
     def quant_error_probe(self, optimizer: Any, step: int) -> QuantErrorProbe | None:
-        return self.sampler.probe(step)
+        probe = self.sampler.probe(step)
+        return _GuardedProbe(probe, self._guard) if probe is not None else None
 
     def on_prefetch_latency(self, latency: float | tuple[Any, Any]) -> None:
         self.latencies.add(latency)
 
-    def _guard(self, fn: Callable[..., None], *args: Any) -> None:
+    def _guard(self, fn: Callable[..., None], *args: Any) -> bool:
         """Telemetry must never stop training: an error is logged (first time with its
-        traceback) and counted in ``pagedopt_telemetry_errors_total``."""
+        traceback) and counted in ``pagedopt_telemetry_errors_total``. True if ``fn`` ran."""
         try:
             fn(*args)
+            return True
         except Exception:  # noqa: BLE001 - see the docstring
             self.errors += 1
             self.m("pagedopt_telemetry_errors_total").inc()
             if self.errors == 1:
                 log.exception("pagedopt telemetry: error in the metrics sink (training continues)")
+            return False
 
     def _on_step(self, report: StepReport) -> None:
         m = self.m
@@ -434,6 +437,28 @@ class PrometheusSink(BaseSink):
             self._guard(self._refresh_state)
             self._guard(self._refresh_sources)
             self.m("pagedopt_training_active").set(0)
+
+
+class _GuardedProbe:
+    """A quantization-error probe whose failures are logged and counted, never raised into
+    the optimizer step; a probe that failed measures nothing more."""
+
+    def __init__(self, probe: QuantErrorProbe, guard: Callable[..., bool]):
+        self._probe = probe
+        self._guard = guard
+        self._failed = False
+
+    @property
+    def samples(self) -> list:
+        return [] if self._failed else self._probe.samples
+
+    def before(self, kind: Any, entries: Any, items: Any) -> None:
+        if not self._failed:
+            self._failed = not self._guard(self._probe.before, kind, entries, items)
+
+    def after(self) -> None:
+        if not self._failed:
+            self._failed = not self._guard(self._probe.after)
 
 
 class _RefreshingRegistry(CollectorRegistry):
