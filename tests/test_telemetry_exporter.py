@@ -30,7 +30,7 @@ from pagedopt.paging.config import PagingConfig
 from pagedopt.telemetry import start_exporter
 from pagedopt.telemetry.host_copy import EventLatencies, HostCopies, StepTimer
 from pagedopt.telemetry.layout import OTHER, ParamTable, actual_state_bytes, expected_state_bytes
-from pagedopt.telemetry.metrics import COMMON_LABELS, METRICS, by_name
+from pagedopt.telemetry.metrics import COMMON_LABELS, METRICS
 from pagedopt.telemetry.prometheus import PrometheusSink
 from pagedopt.telemetry.sink import NULL_SINK, RecordingSink, attach
 
@@ -125,7 +125,7 @@ def trained():
     exporter.close()
 
 
-def test_exposition_matches_catalogue(trained, tmp_path):
+def test_exposition_matches_catalogue(trained):
     _, _, exporter, _ = trained
     families = scrape(exporter)
     exposed = {name: f for name, f in families.items() if name.startswith("pagedopt_")}

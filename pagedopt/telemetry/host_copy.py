@@ -49,6 +49,14 @@ class HostCopies:
             :attr:`dropped`.
 
     Thread safety: :meth:`submit` and :meth:`poll` may be called from different threads.
+
+    Example:
+        >>> import torch
+        >>> copies = HostCopies(slots=1)
+        >>> copies.submit("a", torch.ones(2)), copies.submit("b", torch.ones(2))
+        (True, False)
+        >>> copies.dropped, [tag for tag, _ in copies.poll()]
+        (1, ['a'])
     """
 
     def __init__(self, slots: int = 8):
@@ -170,7 +178,15 @@ class StepTimer:
 
 class EventLatencies:
     """Latencies reported as ``(start_event, end_event)`` CUDA pairs or float seconds; read
-    once the end event has completed (for the pager's prefetch latency)."""
+    once the end event has completed (for the pager's prefetch latency).
+
+    Example:
+        >>> from pagedopt.telemetry.host_copy import EventLatencies
+        >>> latencies = EventLatencies()
+        >>> latencies.add(0.002); latencies.add(0.004)
+        >>> latencies.poll()
+        [0.002, 0.004]
+    """
 
     def __init__(self, max_pending: int = 4096):
         self.max_pending = max_pending

@@ -123,6 +123,14 @@ class ParamTable:
         optimizer: a pagedopt optimizer.
         model: optional module whose ``named_parameters()`` name the parameters.
         top_k: how many parameters get their own series (0: none, everything is __other__).
+
+    Example:
+        >>> import torch, pagedopt
+        >>> w, b = torch.nn.Parameter(torch.randn(8192)), torch.nn.Parameter(torch.randn(8))
+        >>> opt = pagedopt.AdamW8bit([{"params": [w], "name": "weights"}, {"params": [b]}])
+        >>> table = ParamTable(opt, top_k=1)
+        >>> table.group_labels, table.top_names, table.entry(b).top_label
+        (['weights', '1'], ['group0.param0', '__other__'], '__other__')
     """
 
     def __init__(self, optimizer: Any, model: torch.nn.Module | None = None, top_k: int = 20):

@@ -32,7 +32,12 @@ COMPILE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 
 
 @dataclass(frozen=True)
 class MetricSpec:
-    """One exported metric (``name`` is the exposed name, counters include ``_total``)."""
+    """One exported metric (``name`` is the exposed name, counters include ``_total``).
+
+    Example:
+        >>> MetricSpec("pagedopt_steps_total", "counter", "Optimizer steps").labels
+        ()
+    """
 
     name: str
     type: str  # "gauge", "counter" or "histogram"

@@ -123,7 +123,20 @@ class StatsSink(Protocol):
 
 
 class BaseSink:
-    """A sink that ignores everything: subclass it and override the hooks you need."""
+    """A sink that ignores everything: subclass it and override the hooks you need.
+
+    Example:
+        >>> import torch, pagedopt
+        >>> from pagedopt.telemetry.sink import BaseSink, attach
+        >>> class StepCounter(BaseSink):
+        ...     steps = 0
+        ...     def on_step(self, optimizer, report):
+        ...         self.steps += 1
+        >>> w = torch.nn.Parameter(torch.ones(3)); opt = pagedopt.Lion([w])
+        >>> counter = attach(opt, StepCounter())
+        >>> w.grad = torch.ones(3); opt.step(); counter.steps
+        1
+    """
 
     def on_step_begin(self, optimizer: Any) -> None:
         return None
@@ -147,6 +160,15 @@ class RecordingSink(BaseSink):
 
     ``quant_error_sampler`` (a :class:`~pagedopt.telemetry.quant_error.QuantErrorSampler`)
     makes the reports carry quantization-error samples.
+
+    Example:
+        >>> import torch, pagedopt
+        >>> from pagedopt.telemetry.sink import RecordingSink, attach
+        >>> w = torch.nn.Parameter(torch.ones(3)); opt = pagedopt.SGD([w], lr=0.1, momentum=0.9)
+        >>> sink = attach(opt, RecordingSink())
+        >>> w.grad = torch.ones(3); opt.step()
+        >>> [(r.step, len(r.params)) for r in sink.reports]
+        [(1, 1)]
     """
 
     def __init__(self, quant_error_sampler: Any = None) -> None:
@@ -190,7 +212,16 @@ class _FanoutProbe:
 
 
 class FanoutSink(BaseSink):
-    """Forwards every hook to several sinks, in order."""
+    """Forwards every hook to several sinks, in order (:func:`attach` builds one when a
+    second sink is attached).
+
+    Example:
+        >>> from pagedopt.telemetry.sink import FanoutSink, RecordingSink
+        >>> a, b = RecordingSink(), RecordingSink()
+        >>> FanoutSink([a, b]).on_prefetch_latency(0.01)
+        >>> a.prefetch_latencies, b.prefetch_latencies
+        ([0.01], [0.01])
+    """
 
     def __init__(self, sinks: Sequence[Any]) -> None:
         self.sinks = list(sinks)

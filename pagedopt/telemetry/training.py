@@ -83,6 +83,16 @@ class MetricsCallback:
         linger: seconds to keep serving after training.
         sink_options: passed to :func:`~pagedopt.telemetry.start_exporter` (``run=``,
             ``quant_error_every=``, ...).
+
+    Example:
+        >>> import types, torch, pagedopt
+        >>> model = torch.nn.Linear(4, 4)
+        >>> run = types.SimpleNamespace(optimizer=pagedopt.AdamW(model.parameters()), model=model)
+        >>> callback = MetricsCallback(port=0)
+        >>> callback.on_train_start(run); callback.exporter.enabled
+        True
+        >>> callback.on_train_end(run, None); callback.exporter is None
+        True
     """
 
     def __init__(self, port: int, addr: str = "127.0.0.1", top_k: int = 20, linger: float = 0.0,
