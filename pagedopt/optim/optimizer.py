@@ -169,6 +169,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         self.non_castable_tensor_keys = set(NON_CASTABLE_KEYS)
         self.name2qmap: dict[str, torch.Tensor] = {}
         self.sink: StatsSink = NULL_SINK
+        self._quant_probe = None  # set by a sink for one step (pagedopt.telemetry.quant_error)
         self.steps_taken = 0
         self._overrides: dict[torch.Tensor, dict[str, Any]] = {}
         self._overrides_generation = self.mng.generation
@@ -357,6 +358,8 @@ class Optimizer8bit(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         started = time.perf_counter()
+        sink = self.sink
+        self._quant_probe = self._telemetry_begin(sink) if sink is not NULL_SINK else None
         works = self._collect_work()
         if works:
             self._percentile_clipping([w for w in works if w.cfg["percentile_clipping"] < 100])
@@ -367,9 +370,19 @@ class Optimizer8bit(torch.optim.Optimizer):
                 self._apply_trust_ratios([w for w in prepared if w.cfg["max_unorm"] > 0.0])
             self.state_store.visit(works, self._update_chunk)
         self.steps_taken += 1
-        if self.sink is not NULL_SINK:
-            self.sink.on_step(self, self._step_report(works, started))
+        if sink is not NULL_SINK:
+            sink.on_step(self, self._step_report(works, started))
+        self._quant_probe = None
         return loss
+
+    def _telemetry_begin(self, sink: StatsSink) -> Any:
+        """Optional sink hooks (see :mod:`pagedopt.telemetry.sink`): the step starts, and the
+        sink may return a probe that watches this step's update for quantization error."""
+        begin = getattr(sink, "on_step_begin", None)
+        if begin is not None:
+            begin(self)
+        ask = getattr(sink, "quant_error_probe", None)
+        return ask(self, self.steps_taken + 1) if ask is not None else None
 
     def _collect_work(self) -> list[_Work]:
         self._sync_overrides()
@@ -465,10 +478,19 @@ class Optimizer8bit(torch.optim.Optimizer):
             w.state["unorm_vec"].copy_(u.reshape(1), non_blocking=True)
 
     def _update_chunk(self, works: list[_Work]) -> None:
-        dispatch.update(self.kind, [w.item(self.kind) for w in works])
+        items = [w.item(self.kind) for w in works]
+        probe = getattr(self, "_quant_probe", None)
+        if probe is not None:
+            probe.before(self.kind, [(w.name, w.group_index, w.key) for w in works], items)
+        dispatch.update(self.kind, items)
+        if probe is not None:
+            probe.after()
 
     def _step_report(self, works: list[_Work], started: float) -> StepReport:
         report = StepReport(step=self.steps_taken, duration_seconds=time.perf_counter() - started)
+        probe = getattr(self, "_quant_probe", None)
+        if probe is not None:
+            report.quant_errors = list(probe.samples)
         for w in works:
             report.params.append(
                 ParamStepReport(
@@ -480,6 +502,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                     clip_threshold=w.clip_threshold,
                     clip_scale=w.gnorm_scale,
                     update_scale=w.update_scale,
+                    param=w.key,
                 )
             )
         return report
