@@ -150,6 +150,7 @@ class Pager:
         self._unpaged_bytes = 0
         self._observers: list[Callable[["Pager", str], None]] = []
         self._warned: set[str] = set()
+        self.last_moved: tuple[torch.Tensor, str] | None = None  # (param, key) of the latest move
 
     # -- StateStore protocol -----------------------------------------------------------------
 
@@ -256,6 +257,14 @@ class Pager:
         """Where ``param``'s ``key`` state is (``None`` when not paged)."""
         buf = self._buffers.get(param, {}).get(key)
         return None if buf is None else buf.location
+
+    def resident(self) -> list[tuple[torch.Tensor, str, int]]:
+        """``(param, key, nbytes)`` of every paged buffer on a device, least recently used first."""
+        return [(b.param, b.key, b.nbytes) for m in self._device_movers() for b in m.resident.values()]
+
+    def paged_buffers(self) -> list[tuple[torch.Tensor, str, int]]:
+        """``(param, key, nbytes)`` of every paged buffer, wherever it is."""
+        return [(b.param, b.key, b.nbytes) for bufs in self._buffers.values() for b in bufs.values()]
 
     def prefetch(self, params: Iterable[torch.Tensor] | None = None) -> None:
         """Page in the state of ``params`` (all by default) as far as budget and room allow."""
@@ -378,6 +387,8 @@ class Pager:
                 where, tensor = "host", None
                 try:
                     tensor = mover.allocate(shape, dtype, "host", source)
+                    self._stats.allocation_fallbacks_total += 1
+                    self._warn("alloc-host", f"device allocation of {nbytes} bytes for {key} failed ({exc}); it starts in host memory")
                 except AllocationError:
                     pass
             else:
@@ -563,6 +574,7 @@ class Pager:
         self._move(buf, new, "device")
         mover.resident[buf.serial] = buf
         self._stats.count_transfer("in", reason, buf.nbytes)
+        self.last_moved = (buf.param, buf.key)
         self._notify("in")
         return True
 
@@ -577,6 +589,7 @@ class Pager:
         mover.resident.pop(buf.serial, None)
         self._move(buf, new, "host")
         self._stats.count_transfer("out", reason, buf.nbytes)
+        self.last_moved = (buf.param, buf.key)
         self._notify("out")
         return True
 
