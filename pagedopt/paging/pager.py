@@ -123,13 +123,15 @@ class Pager:
     Example:
         >>> import torch
         >>> from pagedopt.paging import Pager, PagingConfig
+        >>> from types import SimpleNamespace
         >>> pager = Pager(PagingConfig(backend="simulated", min_paged_numel=1))
         >>> p = torch.zeros(1000)
         >>> state = {"state1": pager.zeros(p, "state1", (1000,), torch.float32)}
+        >>> pager.visit([SimpleNamespace(key=p, state=state)], lambda works: state["state1"].add_(1))
         >>> pager.residency(p, state), pager.stats()["device_bytes"]
         ('device', 4000)
-        >>> pager.evict(); pager.residency(p, state)
-        'host'
+        >>> pager.evict(); pager.residency(p, state), float(state["state1"].sum())
+        ('host', 1000.0)
     """
 
     def __init__(self, config: PagingConfig) -> None:
@@ -159,7 +161,12 @@ class Pager:
         return self._create(param, key, tuple(shape), dtype, source=None)
 
     def adopt(self, param: torch.Tensor, key: str, tensor: torch.Tensor) -> torch.Tensor:
-        """A pager-managed copy of ``tensor`` (loaded state goes back into paged memory)."""
+        """A pager-managed copy of ``tensor`` (loaded state goes back into paged memory).
+
+        Adopted state starts in host memory and the next step pages it in: while
+        ``load_state_dict`` runs, the old state is still alive, and two copies on the
+        device at once could run it out of memory.
+        """
         return self._create(param, key, tuple(tensor.shape), tensor.dtype, source=tensor)
 
     def visit(self, works: Sequence[Any], fn: Callable[[list[Any]], None]) -> None:
@@ -201,18 +208,20 @@ class Pager:
             self._relieve_pressure(mover)
 
     def residency(self, param: torch.Tensor, state: dict[str, Any]) -> str:
-        """``"device"``, ``"host"``, a mix such as ``"state1=device,state2=host"``, or
-        ``"unpaged"`` (small state kept on the parameter's device)."""
-        bufs = self._buffers.get(param)
-        if not bufs:
-            return "unpaged"
+        """``"device"``, ``"host"``, ``"unpaged"`` (small state kept on the parameter's own
+        device, or state whose paged allocation failed), or a mix such as
+        ``"state1=device,state2=host"``."""
+        bufs = self._buffers.get(param, {})
         for key, buf in bufs.items():  # bind, so that manual evict()/prefetch() can move it
             if state.get(key) is buf.tensor:
                 buf.state = state
-        where = {key: bufs[key].location for key in sorted(bufs)}
+        where = {key: buf.location for key, buf in bufs.items()}
+        where.update({key: "unpaged" for key in self._unpaged.get(param, {}) if key not in where})
+        if not where:
+            return "unpaged"
         if len(set(where.values())) == 1:
             return next(iter(where.values()))
-        return ",".join(f"{key}={loc}" for key, loc in where.items())
+        return ",".join(f"{key}={where[key]}" for key in sorted(where))
 
     def forget(self, param: torch.Tensor) -> None:
         """Stop managing ``param``'s state (its tensors are freed when the optimizer drops them)."""
@@ -267,11 +276,25 @@ class Pager:
         return [(b.param, b.key, b.nbytes) for bufs in self._buffers.values() for b in bufs.values()]
 
     def prefetch(self, params: Iterable[torch.Tensor] | None = None) -> None:
-        """Page in the state of ``params`` (all by default) as far as budget and room allow."""
-        for buf in self._select(params):
-            if buf.location == "host" and buf.mover.has_device and buf.movable:
-                if not self._page_in(buf, "prefetch", overdraft=False):
-                    break
+        """Page in the state of ``params`` (all by default, in order) as far as the budget,
+        the watermark and the device allow; stops at the first that does not fit."""
+        keys = list(self._buffers) if params is None else [p for p in params if p in self._buffers]
+        done: list[PagedBuffer] = []
+        try:
+            for p in keys:
+                bufs = [b for b in self._buffers[p].values() if b.mover.has_device and b.movable]
+                missing = [b for b in bufs if b.location == "host"]
+                self._pin(bufs)
+                done.extend(bufs)
+                if not missing:
+                    continue
+                if self._make_room(missing[0].mover, sum(b.nbytes for b in missing)) is not None:
+                    return
+                for b in missing:
+                    if not self._page_in(b, "prefetch", overdraft=False):
+                        return
+        finally:
+            self._unpin(done)
 
     def evict(self, params: Iterable[torch.Tensor] | None = None) -> None:
         """Page out the state of ``params`` (all by default), e.g. before a memory-hungry eval."""
@@ -307,8 +330,6 @@ class Pager:
         for b in bufs:
             if b.nbytes != b.tensor.numel() * b.tensor.element_size():
                 problems.append(f"{b.key} of a {tuple(b.param.shape)} parameter: size changed")
-            if b.state is not None and b.state.get(b.key) is not b.tensor:
-                problems.append(f"{b.key} of a {tuple(b.param.shape)} parameter: state dict holds another tensor")
         if physical:
             if self.simulated_device is not None and self.simulated_device.used_bytes - self.simulated_device.foreign_bytes != on_device:
                 problems.append(
@@ -378,7 +399,7 @@ class Pager:
         if not self._pages(param, mover):
             return self._create_unpaged(param, key, shape, dtype, source)
         nbytes = nbytes_of(shape, dtype)
-        where = self._placement(mover, nbytes)
+        where = self._placement(mover, nbytes) if source is None else "host"
         try:
             tensor = mover.allocate(shape, dtype, where, source)
         except (AllocationError, managed.ManagedMemoryError) as exc:
@@ -415,8 +436,13 @@ class Pager:
         entry[key] = tensor.numel() * tensor.element_size()
 
     def _placement(self, mover: Mover, nbytes: int) -> str:
-        """Where new state goes: the policy's home, if the device has room without evicting."""
-        if not mover.has_device or self.policy.home == "host":
+        """Where new state goes: the policy's home, if the device has room without evicting.
+
+        State of movers that replace tensors starts on the host: until the first visit
+        binds it to its state dict, the pager could not evict it, and state that cannot be
+        evicted must never sit on the device.
+        """
+        if not mover.has_device or self.policy.home == "host" or mover.swaps_tensors:
             return "host"
         if self.budget is not None and mover.device_bytes + nbytes > self.budget:
             return "host"
@@ -551,9 +577,15 @@ class Pager:
         self._make_room(mover, 0)
 
     def _lru_victim(self, mover: Mover) -> PagedBuffer | None:
-        for buf in mover.resident.values():
-            if buf.pins == 0 and buf.movable:
+        """The least recently used unpinned buffer that can move. Buffers whose state dict
+        entry was replaced behind the pager's back are orphans: dropped (freed), not moved."""
+        for buf in list(mover.resident.values()):
+            if buf.pins:
+                continue
+            if buf.movable:
                 return buf
+            if buf.state is not None:
+                self._drop(buf)
         return None
 
     def _page_in(self, buf: PagedBuffer, reason: str, overdraft: bool) -> bool:
