@@ -193,6 +193,24 @@ def test_budgeted_evicts_least_recently_used_buffer_and_reports_a_mix():
     assert paged.pager.stats()["page_transfers_total"]["out"] == {"budget": 1}
 
 
+def test_next_use_eviction_keeps_part_of_the_state_resident():
+    # Steps visit parameters cyclically: with a budget for 4 of 8 parameters, LRU evicts the
+    # one needed next and pages every byte in every step; next_use keeps budget - 1 - depth
+    # parameters resident (one slot streams, prefetch_depth more are in flight).
+    moved = {}
+    for eviction in ("lru", "next_use"):
+        cfg = sim("budgeted", budget=4 * 4000, prefetch_depth=1, eviction=eviction)  # 4 parameters
+        ref, rp, paged, pp = make_pair("Lion32bit", cfg, shapes=[(1000,)] * 8)
+        train(paged, pp, 2)
+        before = paged.pager.stats()["page_in_bytes"]
+        train(paged, pp, 4, start=2)
+        moved[eviction] = (paged.pager.stats()["page_in_bytes"] - before) / 4 / 4000  # parameters per step
+        train(ref, rp, 6)
+        assert_identical(ref, rp, paged, pp)
+    assert moved["lru"] == 8
+    assert moved["next_use"] <= 6
+
+
 def test_memory_report_and_stats_agree():
     _, _, paged, pp = make_pair("AdamW8bit", sim("budgeted"))
     train(paged, pp, 2)

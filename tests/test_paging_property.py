@@ -38,6 +38,7 @@ def paging_configs(draw) -> PagingConfig:
     return PagingConfig(
         policy=policy, backend="simulated", device_budget_bytes=budget, simulated_capacity_bytes=capacity,
         reserve_free_bytes=reserve, prefetch_depth=draw(st.integers(1, 3)), min_paged_numel=8,
+        eviction=draw(st.sampled_from(["lru", "next_use"])),
         warn_on_fallback=False,
     )
 

@@ -82,6 +82,11 @@ class PagingConfig(BaseModel):
             own device (bitsandbytes pages parameters of at least 1e5 elements).
         simulated_capacity_bytes: capacity of the ``simulated`` device (``None``: unlimited,
             useful to measure what a run would need).
+        eviction: which resident state makes room: ``lru`` (least recently used) or
+            ``next_use`` (the state needed farthest in the future, from the order the step
+            visits parameters; with a budget below the total state, LRU evicts exactly the
+            state the next step needs first and every byte moves every step, while
+            ``next_use`` keeps the budget's worth resident and moves only the rest).
         managed_advise: apply cuMemAdvise hints to managed state (accessed-by the GPU; host
             as preferred location for ``offload`` and ``budgeted``). Off leaves placement to
             the driver's defaults.
@@ -105,6 +110,7 @@ class PagingConfig(BaseModel):
     prefetch_depth: int = Field(default=2, ge=1, le=64)
     min_paged_numel: int = Field(default=100_000, ge=0)
     simulated_capacity_bytes: ByteSize | None = None
+    eviction: Literal["lru", "next_use"] = "lru"
     managed_advise: bool = True
     warn_on_fallback: bool = True
 

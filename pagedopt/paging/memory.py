@@ -54,15 +54,21 @@ def nbytes_of(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
-def _owned_tensor(nbytes: int, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
-    """A CPU tensor whose storage is a fresh numpy buffer (the buffer's lifetime == the storage's)."""
-    backing = np.empty(max(nbytes, 1), dtype=np.uint8)
-    tensor = torch.from_numpy(backing)[:nbytes].view(dtype).view(shape)
-    return tensor, backing
+def _tensor_on(block: np.ndarray, nbytes: int, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
+    """A CPU tensor over ``block`` through a fresh numpy view: the view lives exactly as long
+    as the tensor's storage, so a finalizer on it sees the storage being freed."""
+    view = block[:]
+    return torch.from_numpy(view)[:nbytes].view(dtype).view(shape), view
 
 
 class _Pool:
-    """Shared accounting of the two CPU pools."""
+    """Shared accounting of the two CPU pools, with a caching allocator.
+
+    Like torch's allocators, freed blocks are kept (per exact size, at most the pool's
+    high-water mark in total) and reused: the pager moves the same buffers back and forth,
+    and fresh host memory would cost page faults on every move. Cached blocks are not
+    "used" (they count neither against the capacity nor in :func:`live_bytes`).
+    """
 
     kind = "host"
 
@@ -71,7 +77,9 @@ class _Pool:
         self.used_bytes = 0
         self.foreign_bytes = 0  # part of used_bytes taken by occupy() (not the pager's)
         self.peak_bytes = 0
+        self.cached_bytes = 0
         self.allocations = 0
+        self._cache: dict[int, list[np.ndarray]] = {}
         self._fail_next = 0
         self._observers: list[Callable[["_Pool"], None]] = []
 
@@ -92,20 +100,18 @@ class _Pool:
                 f"{self.kind}: out of memory allocating {nbytes} bytes "
                 f"({self.used_bytes} of {self.capacity_bytes} in use)"
             )
-        tensor, backing = _owned_tensor(nbytes, shape, dtype)
-        self._charge(nbytes)
-        weakref.finalize(backing, _Pool._release, weakref.ref(self), self.kind, nbytes).atexit = False
-        return tensor
+        return self._new(nbytes, shape, dtype, foreign=False)
 
     def occupy(self, nbytes: int) -> torch.Tensor:
         """Foreign memory (activations, another process): a uint8 tensor of ``nbytes``,
         counted against the capacity until it is dropped. Never refused (a real device
         would OOM elsewhere); the pager sees the lower ``free_bytes``."""
-        tensor, backing = _owned_tensor(nbytes, (nbytes,), torch.uint8)
-        self.foreign_bytes += nbytes
-        self._charge(nbytes)
-        weakref.finalize(backing, _Pool._release, weakref.ref(self), self.kind, nbytes, True).atexit = False
-        return tensor
+        return self._new(nbytes, (nbytes,), torch.uint8, foreign=True)
+
+    def empty_cache(self) -> None:
+        """Release cached free blocks to the system."""
+        self._cache.clear()
+        self.cached_bytes = 0
 
     def fail_next_allocations(self, count: int = 1) -> None:
         """Fault injection: the next ``count`` calls of :meth:`allocate` raise."""
@@ -115,26 +121,43 @@ class _Pool:
         """Call ``fn(pool)`` after every allocation and release."""
         self._observers.append(fn)
 
-    def _charge(self, nbytes: int) -> None:
+    def _new(self, nbytes: int, shape: tuple[int, ...], dtype: torch.dtype, foreign: bool) -> torch.Tensor:
+        size = max(nbytes, 1)
+        cached = self._cache.get(size)
+        if cached:
+            block = cached.pop()
+            self.cached_bytes -= size
+        else:
+            block = np.empty(size, dtype=np.uint8)
+        tensor, view = _tensor_on(block, nbytes, shape, dtype)
+        if foreign:
+            self.foreign_bytes += nbytes
         self.used_bytes += nbytes
         self.allocations += 1
         self.peak_bytes = max(self.peak_bytes, self.used_bytes)
         _count_live(self.kind, nbytes)
+        finalizer = weakref.finalize(view, _Pool._release, weakref.ref(self), self.kind, nbytes, foreign, block)
+        finalizer.atexit = False
         self._notify()
+        return tensor
 
     def _notify(self) -> None:
         for fn in self._observers:
             fn(self)
 
     @staticmethod
-    def _release(pool_ref: "weakref.ref[_Pool]", kind: str, nbytes: int, foreign: bool = False) -> None:
+    def _release(pool_ref: "weakref.ref[_Pool]", kind: str, nbytes: int, foreign: bool, block: np.ndarray) -> None:
         _count_live(kind, -nbytes)
         pool = pool_ref()
-        if pool is not None:
-            pool.used_bytes -= nbytes
-            if foreign:
-                pool.foreign_bytes -= nbytes
-            pool._notify()
+        if pool is None:
+            return
+        pool.used_bytes -= nbytes
+        if foreign:
+            pool.foreign_bytes -= nbytes
+        elif pool.cached_bytes + block.nbytes <= pool.peak_bytes:
+            pool._cache.setdefault(block.nbytes, []).append(block)
+            pool.cached_bytes += block.nbytes
+        pool._notify()
 
 
 class HostMemory(_Pool):

@@ -91,6 +91,8 @@ class PagedBuffer:
     location: str  # "device" or "host"
     state: dict[str, Any] | None = None  # the optimizer's state dict of ``param`` (bound on visit)
     pins: int = 0
+    plan_visit: int = -1  # the visit whose plan lists this buffer (next_use eviction)
+    plan_index: int = 0  # its position in that plan
     ready: Any = None  # CUDA: event the update must wait for (a page-in in flight)
     used: Any = None  # CUDA: event after the last update that used the buffer
 
@@ -153,6 +155,8 @@ class Pager:
         self._observers: list[Callable[["Pager", str], None]] = []
         self._warned: set[str] = set()
         self.last_moved: tuple[torch.Tensor, str] | None = None  # (param, key) of the latest move
+        self._visit_serial = 0  # which visit is running (next_use eviction reads the plan)
+        self._cursor = -1  # the plan position being updated (-1: outside a visit)
 
     # -- StateStore protocol -----------------------------------------------------------------
 
@@ -176,6 +180,10 @@ class Pager:
             return
         self._stats.visits_total += 1
         plan = [self._sync_work(w) for w in works]
+        self._visit_serial += 1
+        for index, bufs in enumerate(plan):
+            for b in bufs:
+                b.plan_visit, b.plan_index = self._visit_serial, index
         if not any(plan):
             self._stats.chunks_total += 1
             fn(works)
@@ -185,6 +193,7 @@ class Pager:
             self._relieve_pressure(mover)
         pos, n = 0, len(works)
         while pos < n:
+            self._cursor = pos
             end = pos
             while end < n and all(b.location == "device" for b in plan[end]):
                 end += 1
@@ -204,6 +213,7 @@ class Pager:
                 self._unpin(chunk)
             self._after_use(chunk, "overdraft" if streamed else ("offload" if self.policy.evict_after_use else None))
             pos = end
+        self._cursor = -1
         for mover in self._device_movers():
             self._relieve_pressure(mover)
 
@@ -577,16 +587,32 @@ class Pager:
         self._make_room(mover, 0)
 
     def _lru_victim(self, mover: Mover) -> PagedBuffer | None:
-        """The least recently used unpinned buffer that can move. Buffers whose state dict
-        entry was replaced behind the pager's back are orphans: dropped (freed), not moved."""
+        """The buffer to evict: unpinned and movable; the least recently used one, or with
+        ``eviction="next_use"`` inside a visit the one needed farthest in the future.
+        Buffers whose state-dict entry was replaced behind the pager's back are orphans:
+        dropped (freed), not moved."""
+        candidates = []
         for buf in list(mover.resident.values()):
             if buf.pins:
                 continue
             if buf.movable:
-                return buf
-            if buf.state is not None:
+                if self.config.eviction == "lru" or self._cursor < 0:
+                    return buf
+                candidates.append(buf)
+            elif buf.state is not None:
                 self._drop(buf)
-        return None
+        return max(candidates, key=self._next_use_distance, default=None)
+
+    def _next_use_distance(self, buf: PagedBuffer) -> tuple[int, int]:
+        """Order for ``next_use`` eviction (larger = evict first). Steps visit parameters in
+        the same order every time, so a buffer used earlier in this visit is next needed in
+        the next step at its position, after everything still ahead in this one (Belady's
+        farthest-next-use rule; for cyclic access LRU evicts exactly the wrong buffer)."""
+        if buf.plan_visit != self._visit_serial:
+            return (3, 0)  # not needed this visit at all: first to go (LRU order among them)
+        if buf.plan_index < self._cursor:
+            return (2, buf.plan_index)  # needed again next step, later ones farther away
+        return (1, buf.plan_index)  # still ahead in this visit: the farthest one first
 
     def _page_in(self, buf: PagedBuffer, reason: str, overdraft: bool) -> bool:
         """Move ``buf`` to the device; on an allocation failure evict and retry. False: it stayed."""
