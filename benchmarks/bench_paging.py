@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run(args)
     print(markdown(results))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        args.json.write_text(json.dumps(results, indent=2, default=str))
     return 0
 
 

@@ -35,7 +35,13 @@ _TYPESTR = {torch.uint8: "|u1", torch.float32: "<f4", torch.float16: "<f2", torc
 
 
 class ManagedMemoryError(RuntimeError):
-    """A CUDA driver call on managed memory failed (the message names the call and error)."""
+    """A CUDA driver call on managed memory failed (the message names the call and error).
+
+    Example:
+        >>> from pagedopt.paging.managed import ManagedMemoryError
+        >>> str(ManagedMemoryError("cuMemAllocManaged(4096) failed: CUDA_ERROR_OUT_OF_MEMORY"))
+        'cuMemAllocManaged(4096) failed: CUDA_ERROR_OUT_OF_MEMORY'
+    """
 
 
 def _driver() -> Any:
@@ -84,6 +90,12 @@ class ManagedAllocation:
 
     torch keeps this object alive as long as any tensor uses the memory; the finalizer frees
     it afterwards.
+
+    Example (needs a GPU):
+        >>> import torch
+        >>> from pagedopt.paging.managed import ManagedAllocation
+        >>> if torch.cuda.is_available():  # doctest: +SKIP
+        ...     raw = torch.as_tensor(ManagedAllocation(4096, 0), device="cuda:0")  # 4096 uint8
     """
 
     def __init__(self, nbytes: int, device_index: int) -> None:

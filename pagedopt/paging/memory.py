@@ -46,7 +46,19 @@ def _count_live(kind: str, delta: int) -> None:
 
 
 class AllocationError(RuntimeError):
-    """A pool could not provide memory (capacity exhausted, or an injected failure)."""
+    """A pool could not provide memory (capacity exhausted, or an injected failure).
+
+    Example:
+        >>> import torch
+        >>> from pagedopt.paging.memory import AllocationError, SimulatedDevice
+        >>> dev = SimulatedDevice(capacity_bytes=8)
+        >>> dev.fail_next_allocations(1)
+        >>> try:
+        ...     dev.allocate((1,), torch.uint8)
+        ... except AllocationError as e:
+        ...     print(e)
+        simulated: injected allocation failure (1 bytes)
+    """
 
 
 def nbytes_of(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -58,7 +70,14 @@ def _tensor_on(block: np.ndarray, nbytes: int, shape: tuple[int, ...], dtype: to
     """A CPU tensor over ``block`` through a fresh numpy view: the view lives exactly as long
     as the tensor's storage, so a finalizer on it sees the storage being freed."""
     view = block[:]
-    return torch.from_numpy(view)[:nbytes].view(dtype).view(shape), view
+    tensor = torch.from_numpy(view)
+    if tensor.numel() != nbytes:
+        tensor = tensor[:nbytes]
+    if dtype != torch.uint8:
+        tensor = tensor.view(dtype)
+    if tuple(tensor.shape) != shape:
+        tensor = tensor.view(shape)
+    return tensor, view
 
 
 class _Pool:

@@ -36,7 +36,14 @@ from .memory import HostMemory, SimulatedDevice
 
 
 class Mover:
-    """Base: the per-device bookkeeping the pager maintains, and no-op stream hooks."""
+    """Base: the per-device bookkeeping the pager maintains, and no-op stream hooks.
+
+    Example:
+        >>> import torch
+        >>> from pagedopt.paging.movers import Mover
+        >>> Mover(torch.device("cpu")).free_bytes() is None
+        True
+    """
 
     kind = "host"
     has_device = False  # False: state never leaves the host (nothing to page)
@@ -85,7 +92,18 @@ def _fill(tensor: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
 
 
 class HostMover(Mover):
-    """State in plain host memory for CPU training (accounted; never paged)."""
+    """State in plain host memory for CPU training (accounted; never paged).
+
+    Example:
+        >>> import torch
+        >>> from pagedopt.paging.memory import HostMemory
+        >>> from pagedopt.paging.movers import HostMover
+        >>> host = HostMemory()
+        >>> HostMover(host).allocate((3,), torch.float32, "host", None)
+        tensor([0., 0., 0.])
+        >>> host.used_bytes
+        12
+    """
 
     kind = "host"
 
@@ -98,7 +116,19 @@ class HostMover(Mover):
 
 
 class SimulatedMover(Mover):
-    """A simulated device and host memory with real copies between them (see module docstring)."""
+    """A simulated device and host memory with real copies between them (see module docstring).
+
+    Example:
+        >>> import torch
+        >>> from types import SimpleNamespace
+        >>> from pagedopt.paging.memory import HostMemory, SimulatedDevice
+        >>> from pagedopt.paging.movers import SimulatedMover
+        >>> mover = SimulatedMover(SimulatedDevice(1024), HostMemory())
+        >>> buf = SimpleNamespace(tensor=mover.allocate((4,), torch.float32, "host", torch.ones(4)))
+        >>> on_device = mover.page_in(buf)
+        >>> on_device, mover.device.used_bytes
+        (tensor([1., 1., 1., 1.]), 16)
+    """
 
     kind = "simulated"
     has_device = True
@@ -132,6 +162,13 @@ class ManagedMover(Mover):
         preferred: preferred location advice (``"host"``, ``"device"`` or ``None``).
         advise: apply cuMemAdvise hints at all.
         track_free: sample free device memory once per visit (for the pressure watermark).
+
+    Example (needs a GPU with concurrent managed access):
+        >>> import torch
+        >>> from pagedopt.paging.movers import ManagedMover
+        >>> if torch.cuda.is_available():  # doctest: +SKIP
+        ...     mover = ManagedMover(torch.device("cuda", 0), "host", True, False)
+        ...     t = mover.allocate((1024,), torch.float32, "host", None)
     """
 
     kind = "managed"

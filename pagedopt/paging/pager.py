@@ -66,11 +66,24 @@ from .store import PAGEABLE_KEYS
 
 class PagingFallbackWarning(RuntimeWarning):
     """The pager could not do what the policy asked (allocation failed, paging unavailable)
-    and fell back to something slower that keeps every value intact."""
+    and fell back to something slower that keeps every value intact. Each kind of fallback
+    warns once per pager; ``stats()`` counts every occurrence.
+
+    Example:
+        >>> import warnings
+        >>> from pagedopt.paging import PagingFallbackWarning
+        >>> warnings.simplefilter("error", PagingFallbackWarning)  # make fallbacks fatal in CI
+        >>> warnings.resetwarnings()
+    """
 
 
 class AccountingError(AssertionError):
-    """:meth:`Pager.verify_accounting` found a difference between the books and the buffers."""
+    """:meth:`Pager.verify_accounting` found a difference between the books and the buffers.
+
+    Example:
+        >>> from pagedopt.paging import AccountingError, Pager, PagingConfig
+        >>> Pager(PagingConfig(backend="simulated")).verify_accounting()  # raises AccountingError if wrong
+    """
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -79,8 +92,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(eq=False)
-class PagedBuffer:
-    """One paged state tensor (``state1`` or ``state2`` of one parameter)."""
+class _PagedBuffer:
+    """One paged state tensor (``state1`` or ``state2`` of one parameter): internal."""
 
     serial: int
     param: torch.Tensor
@@ -146,7 +159,7 @@ class Pager:
             SimulatedDevice(config.simulated_capacity_bytes) if config.backend == "simulated" else None
         )
         self._stats = PagerStats()
-        self._buffers: dict[torch.Tensor, dict[str, PagedBuffer]] = {}
+        self._buffers: dict[torch.Tensor, dict[str, _PagedBuffer]] = {}
         self._unpaged: dict[torch.Tensor, dict[str, int]] = {}
         self._movers: dict[torch.device, Any] = {}
         self._serials = itertools.count()
@@ -191,6 +204,15 @@ class Pager:
         for mover in self._device_movers():
             mover.begin_visit()
             self._relieve_pressure(mover)
+        try:
+            self._run_chunks(works, plan, fn)
+        finally:
+            self._cursor = -1
+        for mover in self._device_movers():
+            self._relieve_pressure(mover)
+
+    def _run_chunks(self, works: list[Any], plan: list[list[_PagedBuffer]], fn: Callable[[list[Any]], None]) -> None:
+        """The scheduling loop of :meth:`visit` (see the module docstring)."""
         pos, n = 0, len(works)
         while pos < n:
             self._cursor = pos
@@ -213,9 +235,6 @@ class Pager:
                 self._unpin(chunk)
             self._after_use(chunk, "overdraft" if streamed else ("offload" if self.policy.evict_after_use else None))
             pos = end
-        self._cursor = -1
-        for mover in self._device_movers():
-            self._relieve_pressure(mover)
 
     def residency(self, param: torch.Tensor, state: dict[str, Any]) -> str:
         """``"device"``, ``"host"``, ``"unpaged"`` (small state kept on the parameter's own
@@ -251,7 +270,8 @@ class Pager:
             self._stats.prefetch_stall_seconds += mover.harvest_stall_seconds()
         out = {
             "policy": self.policy.name,
-            "backend": self.config.backend,
+            "backend": "+".join(sorted({m.kind for m in self._movers.values() if m is not _UNPAGED}))
+            or self.config.backend,
             "device_bytes": self.device_bytes,
             "host_bytes": self._host_bytes,
             "unpaged_bytes": self._unpaged_bytes,
@@ -289,7 +309,7 @@ class Pager:
         """Page in the state of ``params`` (all by default, in order) as far as the budget,
         the watermark and the device allow; stops at the first that does not fit."""
         keys = list(self._buffers) if params is None else [p for p in params if p in self._buffers]
-        done: list[PagedBuffer] = []
+        done: list[_PagedBuffer] = []
         try:
             for p in keys:
                 bufs = [b for b in self._buffers[p].values() if b.mover.has_device and b.movable]
@@ -301,7 +321,7 @@ class Pager:
                 if self._make_room(missing[0].mover, sum(b.nbytes for b in missing)) is not None:
                     return
                 for b in missing:
-                    if not self._page_in(b, "prefetch", overdraft=False):
+                    if not self._page_in(b, "prefetch"):
                         return
         finally:
             self._unpin(done)
@@ -428,7 +448,7 @@ class Pager:
                 self._stats.allocation_fallbacks_total += 1
                 self._warn("alloc", f"could not allocate {nbytes} bytes of paged {key} ({exc}); keeping it unpaged")
                 return self._create_unpaged(param, key, shape, dtype, source)
-        buf = PagedBuffer(next(self._serials), param, key, nbytes, mover, tensor, where)
+        buf = _PagedBuffer(next(self._serials), param, key, nbytes, mover, tensor, where)
         self._buffers.setdefault(param, {})[key] = buf
         self._account(buf, +1)
         self._notify("alloc")
@@ -463,7 +483,7 @@ class Pager:
 
     # -- visiting ----------------------------------------------------------------------------
 
-    def _sync_work(self, work: Any) -> list[PagedBuffer]:
+    def _sync_work(self, work: Any) -> list[_PagedBuffer]:
         """Bind ``work``'s state dict to its buffers; adopt tensors the pager does not know
         (state replaced or loaded without the pager); return the buffers that can move."""
         param, state = work.key, work.state
@@ -489,7 +509,7 @@ class Pager:
                 out.append(buf)
         return out
 
-    def _demand(self, bufs: list[PagedBuffer]) -> bool:
+    def _demand(self, bufs: list[_PagedBuffer]) -> bool:
         """Page in one parameter's state now. Returns True when it overdraws (streams through)."""
         missing = [b for b in bufs if b.location != "device"]
         if not missing:
@@ -508,7 +528,7 @@ class Pager:
                     self._stats.pressure_overdrafts_total += 1
                 self._stats.max_overdraft_bytes = max(self._stats.max_overdraft_bytes, sum(b.nbytes for b in bufs))
             for b in missing:
-                if not self._page_in(b, "demand", overdraft=True):
+                if not self._page_in(b, "demand"):
                     self._warn(
                         "fallback-host",
                         f"no device memory for {b.nbytes} bytes of {b.key} even after evicting all other state; "
@@ -523,10 +543,10 @@ class Pager:
             self._stats.prefetch_stall_seconds += time.perf_counter() - started
         return overdraft
 
-    def _prefetch_ahead(self, plan: list[list[PagedBuffer]], start: int) -> None:
+    def _prefetch_ahead(self, plan: list[list[_PagedBuffer]], start: int) -> None:
         """Prefetch up to ``lookahead`` parameters after ``start`` without evicting pinned state."""
         depth = self.policy.lookahead
-        targets: list[PagedBuffer] = []
+        targets: list[_PagedBuffer] = []
         try:
             for bufs in plan[start : start + depth]:
                 missing = [b for b in bufs if b.location != "device"]
@@ -537,12 +557,12 @@ class Pager:
                 if self._make_room(missing[0].mover, sum(b.nbytes for b in missing)) is not None:
                     return
                 for b in missing:
-                    if not self._page_in(b, "prefetch", overdraft=False):
+                    if not self._page_in(b, "prefetch"):
                         return
         finally:
             self._unpin(targets)
 
-    def _after_use(self, chunk: list[PagedBuffer], evict_reason: str | None) -> None:
+    def _after_use(self, chunk: list[_PagedBuffer], evict_reason: str | None) -> None:
         for mover, bufs in self._by_mover(chunk):
             mover.after_use(bufs)
             for b in bufs:
@@ -586,7 +606,7 @@ class Pager:
             return
         self._make_room(mover, 0)
 
-    def _lru_victim(self, mover: Mover) -> PagedBuffer | None:
+    def _lru_victim(self, mover: Mover) -> _PagedBuffer | None:
         """The buffer to evict: unpinned and movable; the least recently used one, or with
         ``eviction="next_use"`` inside a visit the one needed farthest in the future.
         Buffers whose state-dict entry was replaced behind the pager's back are orphans:
@@ -603,7 +623,7 @@ class Pager:
                 self._drop(buf)
         return max(candidates, key=self._next_use_distance, default=None)
 
-    def _next_use_distance(self, buf: PagedBuffer) -> tuple[int, int]:
+    def _next_use_distance(self, buf: _PagedBuffer) -> tuple[int, int]:
         """Order for ``next_use`` eviction (larger = evict first). Steps visit parameters in
         the same order every time, so a buffer used earlier in this visit is next needed in
         the next step at its position, after everything still ahead in this one (Belady's
@@ -614,7 +634,7 @@ class Pager:
             return (2, buf.plan_index)  # needed again next step, later ones farther away
         return (1, buf.plan_index)  # still ahead in this visit: the farthest one first
 
-    def _page_in(self, buf: PagedBuffer, reason: str, overdraft: bool) -> bool:
+    def _page_in(self, buf: _PagedBuffer, reason: str) -> bool:
         """Move ``buf`` to the device; on an allocation failure evict and retry. False: it stayed."""
         mover = buf.mover
         while True:
@@ -636,7 +656,7 @@ class Pager:
         self._notify("in")
         return True
 
-    def _page_out(self, buf: PagedBuffer, reason: str) -> bool:
+    def _page_out(self, buf: _PagedBuffer, reason: str) -> bool:
         mover = buf.mover
         try:
             new = mover.page_out(buf)
@@ -651,7 +671,7 @@ class Pager:
         self._notify("out")
         return True
 
-    def _move(self, buf: PagedBuffer, new: torch.Tensor | None, location: str) -> None:
+    def _move(self, buf: _PagedBuffer, new: torch.Tensor | None, location: str) -> None:
         """Book ``buf`` at ``location``; swap the state-dict entry when the tensor changed."""
         self._account(buf, -1)
         if new is not None:
@@ -662,7 +682,7 @@ class Pager:
         buf.location = location
         self._account(buf, +1)
 
-    def _account(self, buf: PagedBuffer, sign: int) -> None:
+    def _account(self, buf: _PagedBuffer, sign: int) -> None:
         if buf.location == "device":
             buf.mover.device_bytes += sign * buf.nbytes
             if sign > 0:
@@ -673,7 +693,7 @@ class Pager:
         else:
             self._host_bytes += sign * buf.nbytes
 
-    def _drop(self, buf: PagedBuffer) -> None:
+    def _drop(self, buf: _PagedBuffer) -> None:
         self._account(buf, -1)
         bufs = self._buffers.get(buf.param)
         if bufs is not None and bufs.get(buf.key) is buf:
@@ -689,23 +709,28 @@ class Pager:
         return [m for m in self._movers.values() if m is not _UNPAGED and m.has_device]
 
     @staticmethod
-    def _by_mover(bufs: Iterable[PagedBuffer]) -> list[tuple[Mover, list[PagedBuffer]]]:
-        groups: dict[int, tuple[Mover, list[PagedBuffer]]] = {}
+    def _by_mover(bufs: list[_PagedBuffer]) -> list[tuple[Mover, list[_PagedBuffer]]]:
+        if not bufs:
+            return []
+        first = bufs[0].mover
+        if all(b.mover is first for b in bufs):  # the usual case: one device
+            return [(first, bufs)]
+        groups: dict[int, tuple[Mover, list[_PagedBuffer]]] = {}
         for b in bufs:
             groups.setdefault(id(b.mover), (b.mover, []))[1].append(b)
         return list(groups.values())
 
     @staticmethod
-    def _pin(bufs: Iterable[PagedBuffer]) -> None:
+    def _pin(bufs: Iterable[_PagedBuffer]) -> None:
         for b in bufs:
             b.pins += 1
 
     @staticmethod
-    def _unpin(bufs: Iterable[PagedBuffer]) -> None:
+    def _unpin(bufs: Iterable[_PagedBuffer]) -> None:
         for b in bufs:
             b.pins -= 1
 
-    def _select(self, params: Iterable[torch.Tensor] | None) -> list[PagedBuffer]:
+    def _select(self, params: Iterable[torch.Tensor] | None) -> list[_PagedBuffer]:
         keys = list(self._buffers) if params is None else [p for p in params if p in self._buffers]
         return [b for p in keys for b in list(self._buffers[p].values())]
 

@@ -25,7 +25,13 @@ from .config import PagingConfig
 
 @dataclass(frozen=True)
 class Policy:
-    """How one named policy drives the scheduler (see the module docstring)."""
+    """How one named policy drives the scheduler (see the module docstring).
+
+    Example:
+        >>> from pagedopt.paging.policies import Policy
+        >>> Policy("on_demand", lookahead=0, evict_after_use=False, home="device").lookahead
+        0
+    """
 
     name: str
     lookahead: int

@@ -35,7 +35,15 @@ REASONS_OUT = ("offload", "budget", "pressure", "capacity", "overdraft", "manual
 
 @dataclass
 class PagerStats:
-    """Counters kept by the pager (gauges are computed from its buffers when asked)."""
+    """Counters kept by the pager (gauges are computed from its buffers when asked).
+
+    Example:
+        >>> from pagedopt.paging.stats import PagerStats
+        >>> s = PagerStats()
+        >>> s.count_transfer("out", "budget", 100)
+        >>> s.as_dict()["page_transfer_bytes_total"]
+        {'out': {'budget': 100}}
+    """
 
     peak_device_bytes: int = 0
     prefetch_stall_seconds: float = 0.0
