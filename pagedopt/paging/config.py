@@ -69,8 +69,9 @@ class PagingConfig(BaseModel):
             with real copies between a "device" pool and a host pool; CPU parameters), or
             ``auto`` (``managed`` for CUDA parameters when the GPU supports concurrent
             managed access, ``host`` for CPU parameters).
-        device_budget_bytes: upper bound of device-resident paged state (required by
-            ``budgeted``; caps every other policy when given). A single parameter whose
+        device_budget_bytes: upper bound of device-resident paged state, per device
+            (required by ``budgeted``; caps every other policy when given). Unpaged state
+            (parameters below ``min_paged_numel``, absmax, quantization maps) is not counted. A single parameter whose
             state is larger than the budget still streams through the device alone (a
             one-parameter overdraft, counted in ``stats()["budget_overdrafts_total"]``).
         reserve_free_bytes: pressure watermark: when free device memory falls below it,

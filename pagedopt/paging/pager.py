@@ -477,7 +477,7 @@ class Pager:
         if self.budget is not None and mover.device_bytes + nbytes > self.budget:
             return "host"
         free = mover.free_bytes()
-        if free is not None and free - nbytes < (self.reserve if self.reserve else 0):
+        if free is not None and free - nbytes < self.reserve:
             return "host"
         return "device"
 
