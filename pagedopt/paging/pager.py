@@ -434,20 +434,9 @@ class Pager:
             tensor = mover.allocate(shape, dtype, where, source)
         except (AllocationError, managed.ManagedMemoryError) as exc:
             self._stats.allocation_failures_total += 1
-            if where == "device" and mover.swaps_tensors:
-                where, tensor = "host", None
-                try:
-                    tensor = mover.allocate(shape, dtype, "host", source)
-                    self._stats.allocation_fallbacks_total += 1
-                    self._warn("alloc-host", f"device allocation of {nbytes} bytes for {key} failed ({exc}); it starts in host memory")
-                except AllocationError:
-                    pass
-            else:
-                tensor = None
-            if tensor is None:
-                self._stats.allocation_fallbacks_total += 1
-                self._warn("alloc", f"could not allocate {nbytes} bytes of paged {key} ({exc}); keeping it unpaged")
-                return self._create_unpaged(param, key, shape, dtype, source)
+            self._stats.allocation_fallbacks_total += 1
+            self._warn("alloc", f"could not allocate {nbytes} bytes of paged {key} ({exc}); keeping it unpaged")
+            return self._create_unpaged(param, key, shape, dtype, source)
         buf = _PagedBuffer(next(self._serials), param, key, nbytes, mover, tensor, where)
         self._buffers.setdefault(param, {})[key] = buf
         self._account(buf, +1)

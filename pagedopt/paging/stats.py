@@ -14,6 +14,11 @@ eviction to stay under ``device_budget_bytes``), ``pressure`` (free device memor
 ``overdraft`` (a parameter larger than the room streamed through and left again),
 ``manual`` (:meth:`Pager.evict`).
 
+Overdrafts: a parameter whose state does not fit even after everything else left the
+device streams through alone; ``budget_overdrafts_total`` counts those that exceeded the
+budget, ``pressure_overdrafts_total`` those that broke the watermark or the device capacity,
+``max_overdraft_bytes`` is the largest state that streamed through.
+
 Example:
     >>> from pagedopt.paging.stats import PagerStats
     >>> s = PagerStats()
