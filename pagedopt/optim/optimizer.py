@@ -188,6 +188,12 @@ class Optimizer8bit(torch.optim.Optimizer):
             return make_state_store(self.paging)
         return DeviceStateStore()
 
+    @property
+    def pager(self) -> StateStore:
+        """Where the state lives: a :class:`~pagedopt.paging.Pager` for paged optimizers
+        (``opt.pager.stats()``), the unpaged store otherwise."""
+        return self.state_store
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "betas" in param_group:
             param_group = dict(param_group)

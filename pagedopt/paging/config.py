@@ -43,24 +43,63 @@ def parse_bytes(value: object) -> object:
 ByteSize = Annotated[int, BeforeValidator(parse_bytes), Field(ge=0)]
 
 
+POLICIES = ("on_demand", "pipelined", "offload", "budgeted")
+BACKENDS = ("auto", "managed", "host", "simulated")
+
+
 class PagingConfig(BaseModel):
     """Paging of optimizer state between device and host memory.
 
+    Every field is validated; sizes accept integers or human strings (``"512MiB"``,
+    ``"2GiB"``, ``"1.5GB"``). Unknown fields are rejected, so a typo cannot silently
+    disable paging.
+
     Attributes:
-        policy: ``on_demand`` (prefetch right before each update; the driver may evict under
-            pressure), ``pipelined`` (prefetch the next ``prefetch_depth`` states on a side
-            stream while the current one updates), ``offload`` (states live on the host
-            between steps and stream through the device during the step), ``budgeted`` (at
-            most ``device_budget_bytes`` of state resident, least recently used evicted).
-        backend: ``managed`` (CUDA managed memory), ``host`` (plain host memory),
-            ``simulated`` (host memory standing in for a device of ``simulated_capacity_bytes``),
-            or ``auto`` (managed when CUDA with concurrent managed access is present, else host).
-        device_budget_bytes: upper bound of device-resident state (``budgeted``; also caps
-            ``offload``). Human sizes such as ``"2GiB"`` are accepted.
-        reserve_free_bytes: pressure watermark: evict when free device memory drops below it.
-        prefetch_depth: how many upcoming states ``pipelined`` prefetches.
-        min_paged_numel: smaller state buffers are not paged (bitsandbytes uses 1e5).
-        simulated_capacity_bytes: device capacity of the ``simulated`` backend.
+        policy: ``on_demand`` (page a state in right before its update; it stays on the
+            device until the budget, the pressure watermark or the driver moves it),
+            ``pipelined`` (as ``on_demand``, and the next ``prefetch_depth`` states are
+            prefetched on a side stream while the current ones update), ``offload`` (states
+            live on the host between steps and stream through the device during the step,
+            ``prefetch_depth`` ahead), ``budgeted`` (at most ``device_budget_bytes`` of state
+            stays resident across steps; the least recently used state is evicted).
+        backend: ``managed`` (CUDA managed memory through cuda-python; CUDA parameters),
+            ``host`` (plain host memory, for CPU training: the state never moves),
+            ``simulated`` (host memory standing in for a device of
+            ``simulated_capacity_bytes``: the same decisions and accounting as a real device,
+            with real copies between a "device" pool and a host pool; CPU parameters), or
+            ``auto`` (``managed`` for CUDA parameters when the GPU supports concurrent
+            managed access, ``host`` for CPU parameters).
+        device_budget_bytes: upper bound of device-resident paged state, per device
+            (required by ``budgeted``; caps every other policy when given). Unpaged state
+            (parameters below ``min_paged_numel``, absmax, quantization maps) is not counted. A single parameter whose
+            state is larger than the budget still streams through the device alone (a
+            one-parameter overdraft, counted in ``stats()["budget_overdrafts_total"]``).
+        reserve_free_bytes: pressure watermark: when free device memory falls below it,
+            the pager evicts least recently used state (and pages in no more than needed).
+            0 disables the check (and the free-memory query on CUDA).
+        prefetch_depth: how many parameters ahead ``pipelined``, ``offload`` and
+            ``budgeted`` prefetch, in the order the step visits them.
+        min_paged_numel: parameters with fewer elements keep their state unpaged on their
+            own device (bitsandbytes pages parameters of at least 1e5 elements).
+        simulated_capacity_bytes: capacity of the ``simulated`` device (``None``: unlimited,
+            useful to measure what a run would need).
+        eviction: which resident state makes room: ``lru`` (least recently used) or
+            ``next_use`` (the state needed farthest in the future, from the order the step
+            visits parameters; with a budget below the total state, LRU evicts exactly the
+            state the next step needs first and every byte moves every step, while
+            ``next_use`` keeps the budget's worth resident and moves only the rest).
+        managed_advise: apply cuMemAdvise hints to managed state (accessed-by the GPU; host
+            as preferred location for ``offload`` and ``budgeted``). Off leaves placement to
+            the driver's defaults.
+        warn_on_fallback: emit a :class:`~pagedopt.paging.PagingFallbackWarning` when an
+            allocation fails and the pager falls back (counted in ``stats()`` either way).
+
+    Example:
+        >>> from pagedopt.paging.config import PagingConfig
+        >>> cfg = PagingConfig(policy="offload", backend="simulated",
+        ...                    simulated_capacity_bytes="64MiB", prefetch_depth=1)
+        >>> cfg.simulated_capacity_bytes, cfg.device_budget_bytes
+        (67108864, None)
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -72,9 +111,33 @@ class PagingConfig(BaseModel):
     prefetch_depth: int = Field(default=2, ge=1, le=64)
     min_paged_numel: int = Field(default=100_000, ge=0)
     simulated_capacity_bytes: ByteSize | None = None
+    eviction: Literal["lru", "next_use"] = "lru"
+    managed_advise: bool = True
+    warn_on_fallback: bool = True
 
     @model_validator(mode="after")
-    def _budget_required(self) -> "PagingConfig":
+    def _consistent(self) -> "PagingConfig":
         if self.policy == "budgeted" and self.device_budget_bytes is None:
             raise ValueError("policy 'budgeted' needs device_budget_bytes (e.g. '2GiB')")
+        if self.device_budget_bytes == 0 and self.policy == "budgeted":
+            raise ValueError(
+                "device_budget_bytes=0 leaves no room for state under policy 'budgeted'; "
+                "use policy 'offload' to keep all state on the host between steps"
+            )
+        if self.simulated_capacity_bytes is not None:
+            if self.backend != "simulated":
+                raise ValueError(
+                    f"simulated_capacity_bytes is only used by backend='simulated' (backend is {self.backend!r})"
+                )
+            capacity = self.simulated_capacity_bytes
+            if self.device_budget_bytes is not None and self.device_budget_bytes > capacity:
+                raise ValueError(
+                    f"device_budget_bytes ({self.device_budget_bytes}) exceeds simulated_capacity_bytes "
+                    f"({capacity}): the budget could never be used"
+                )
+            if self.reserve_free_bytes >= capacity > 0:
+                raise ValueError(
+                    f"reserve_free_bytes ({self.reserve_free_bytes}) must be below simulated_capacity_bytes "
+                    f"({capacity}), or no state could ever be resident"
+                )
         return self

@@ -1,0 +1,733 @@
+"""The pager: where each optimizer state buffer lives, and moving it around the step.
+
+A :class:`Pager` is the :class:`~pagedopt.paging.store.StateStore` of paged optimizers. It
+allocates state through a mover (:mod:`pagedopt.paging.movers`), accounts every byte, and
+runs each pass of the step through :meth:`Pager.visit`:
+
+1. walk the step's parameters in order; the longest run whose state is already on the
+   device (or on its way there) updates in one call, like an unpaged optimizer;
+2. a parameter whose state is not there is paged in on demand (the step waits), after
+   making room: least recently used state is evicted for the budget, for the pressure
+   watermark, or because the device is full;
+3. while a run updates, the next ``lookahead`` parameters are prefetched (``pipelined``,
+   ``offload``, ``budgeted``), never evicting the run itself;
+4. after the update, ``offload`` (and any parameter that overdrew the budget) pages out.
+
+Rules that hold at every transition (tests check them after each one):
+
+* paged device bytes <= ``device_budget_bytes``, except while a single parameter whose
+  state alone exceeds the room streams through: then everything else has been evicted, the
+  device holds only that parameter's state, and it leaves right after its update (counted in
+  ``budget_overdrafts_total`` / ``max_overdraft_bytes``);
+* nothing is lost: a move copies before the old copy is dropped, and a failed move leaves
+  the buffer where it was (if a simulated page-in cannot get device memory even after
+  evicting everything else, the update runs on the host copy, with a
+  :class:`PagingFallbackWarning`);
+* the accounting is exact: ``stats()`` gauges equal the sums over the buffers, and for the
+  pools in host memory the physical allocations too (:meth:`Pager.verify_accounting`).
+
+Parameters with fewer than ``min_paged_numel`` elements keep unpaged state on their own
+device (``unpaged_bytes``). On CUDA nothing in a visit synchronizes with the host: moves are
+``cuMemPrefetchAsync`` calls on a side stream ordered by events, and the free-memory query
+for the watermark (only when ``reserve_free_bytes > 0``) is one ``cudaMemGetInfo`` per visit.
+
+Example:
+    >>> import torch, pagedopt
+    >>> from pagedopt.paging import PagingConfig
+    >>> w = torch.nn.Parameter(torch.randn(512, 512))
+    >>> cfg = PagingConfig(policy="budgeted", backend="simulated", device_budget_bytes="256KiB",
+    ...                    min_paged_numel=1024)
+    >>> opt = pagedopt.PagedAdamW8bit([w], paging=cfg)
+    >>> w.grad = torch.randn(512, 512); opt.step()
+    >>> opt.pager.stats()["device_bytes"] <= 256 * 1024
+    True
+    >>> opt.pager.residency(w, opt.state[w])
+    'host'
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from . import managed
+from .config import PagingConfig
+from .memory import AllocationError, HostMemory, SimulatedDevice, nbytes_of
+from .movers import HostMover, ManagedMover, Mover, SimulatedMover
+from .policies import policy_for
+from .stats import PagerStats
+from .store import PAGEABLE_KEYS
+
+
+class PagingFallbackWarning(RuntimeWarning):
+    """The pager could not do what the policy asked (allocation failed, paging unavailable)
+    and fell back to something slower that keeps every value intact. Each kind of fallback
+    warns once per pager; ``stats()`` counts every occurrence.
+
+    Example:
+        >>> import warnings
+        >>> from pagedopt.paging import PagingFallbackWarning
+        >>> warnings.simplefilter("error", PagingFallbackWarning)  # make fallbacks fatal in CI
+        >>> warnings.resetwarnings()
+    """
+
+
+class AccountingError(AssertionError):
+    """:meth:`Pager.verify_accounting` found a difference between the books and the buffers.
+
+    Example:
+        >>> from pagedopt.paging import AccountingError, Pager, PagingConfig
+        >>> Pager(PagingConfig(backend="simulated")).verify_accounting()  # raises AccountingError if wrong
+    """
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+@dataclass(eq=False)
+class _PagedBuffer:
+    """One paged state tensor (``state1`` or ``state2`` of one parameter): internal."""
+
+    serial: int
+    param: torch.Tensor
+    key: str
+    nbytes: int
+    mover: Mover
+    tensor: torch.Tensor  # the tensor the optimizer's state dict holds
+    location: str  # "device" or "host"
+    state: dict[str, Any] | None = None  # the optimizer's state dict of ``param`` (bound on visit)
+    pins: int = 0
+    plan_visit: int = -1  # the visit whose plan lists this buffer (next_use eviction)
+    plan_index: int = 0  # its position in that plan
+    ready: Any = None  # CUDA: event the update must wait for (a page-in in flight)
+    used: Any = None  # CUDA: event after the last update that used the buffer
+
+    @property
+    def bound(self) -> bool:
+        """The optimizer's state dict still holds this buffer's tensor (safe to swap)."""
+        return self.state is not None and self.state.get(self.key) is self.tensor
+
+    @property
+    def movable(self) -> bool:
+        """Whether a move can keep the optimizer's state dict right: movers that replace the
+        tensor need the buffer bound to its state dict (it is after the first visit)."""
+        return self.bound or not self.mover.swaps_tensors
+
+
+_UNPAGED = object()  # mover slot for devices whose state stays unpaged
+
+
+class Pager:
+    """Paged optimizer state (see the module docstring for the rules).
+
+    Args:
+        config: the :class:`~pagedopt.PagingConfig`.
+
+    Public beyond the :class:`~pagedopt.paging.store.StateStore` protocol:
+    :meth:`stats`, :meth:`prefetch`, :meth:`evict`, :meth:`synchronize`,
+    :meth:`verify_accounting`, :meth:`add_observer`, :meth:`location`, and
+    ``simulated_device`` / ``host_memory`` (the pools, for tests and planning).
+
+    Example:
+        >>> import torch
+        >>> from pagedopt.paging import Pager, PagingConfig
+        >>> from types import SimpleNamespace
+        >>> pager = Pager(PagingConfig(backend="simulated", min_paged_numel=1))
+        >>> p = torch.zeros(1000)
+        >>> state = {"state1": pager.zeros(p, "state1", (1000,), torch.float32)}
+        >>> pager.visit([SimpleNamespace(key=p, state=state)], lambda works: state["state1"].add_(1))
+        >>> pager.residency(p, state), pager.stats()["device_bytes"]
+        ('device', 4000)
+        >>> pager.evict(); pager.residency(p, state), float(state["state1"].sum())
+        ('host', 1000.0)
+    """
+
+    def __init__(self, config: PagingConfig) -> None:
+        self.config = config
+        self.policy = policy_for(config)
+        self.budget = config.device_budget_bytes
+        self.reserve = config.reserve_free_bytes
+        self.host_memory = HostMemory()
+        self.simulated_device = (
+            SimulatedDevice(config.simulated_capacity_bytes) if config.backend == "simulated" else None
+        )
+        self._stats = PagerStats()
+        self._buffers: dict[torch.Tensor, dict[str, _PagedBuffer]] = {}
+        self._unpaged: dict[torch.Tensor, dict[str, int]] = {}
+        self._movers: dict[torch.device, Any] = {}
+        self._serials = itertools.count()
+        self._host_bytes = 0
+        self._unpaged_bytes = 0
+        self._observers: list[Callable[["Pager", str], None]] = []
+        self._warned: set[str] = set()
+        self.last_moved: tuple[torch.Tensor, str] | None = None  # (param, key) of the latest move
+        self._visit_serial = 0  # which visit is running (next_use eviction reads the plan)
+        self._cursor = -1  # the plan position being updated (-1: outside a visit)
+
+    # -- StateStore protocol -----------------------------------------------------------------
+
+    def zeros(self, param: torch.Tensor, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Zeroed state for ``param``: paged when large enough, placed by the policy."""
+        return self._create(param, key, tuple(shape), dtype, source=None)
+
+    def adopt(self, param: torch.Tensor, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A pager-managed copy of ``tensor`` (loaded state goes back into paged memory).
+
+        Adopted state starts in host memory and the next step pages it in: while
+        ``load_state_dict`` runs, the old state is still alive, and two copies on the
+        device at once could run it out of memory.
+        """
+        return self._create(param, key, tuple(tensor.shape), tensor.dtype, source=tensor)
+
+    def visit(self, works: Sequence[Any], fn: Callable[[list[Any]], None]) -> None:
+        """Run ``fn`` on chunks of ``works`` (in order) whose paged state is on the device."""
+        works = list(works)
+        if not works:
+            return
+        self._stats.visits_total += 1
+        plan = [self._sync_work(w) for w in works]
+        self._visit_serial += 1
+        for index, bufs in enumerate(plan):
+            for b in bufs:
+                b.plan_visit, b.plan_index = self._visit_serial, index
+        if not any(plan):
+            self._stats.chunks_total += 1
+            fn(works)
+            return
+        for mover in self._device_movers():
+            mover.begin_visit()
+            self._relieve_pressure(mover)
+        try:
+            self._run_chunks(works, plan, fn)
+        finally:
+            self._cursor = -1
+        for mover in self._device_movers():
+            self._relieve_pressure(mover)
+
+    def _run_chunks(self, works: list[Any], plan: list[list[_PagedBuffer]], fn: Callable[[list[Any]], None]) -> None:
+        """The scheduling loop of :meth:`visit` (see the module docstring)."""
+        pos, n = 0, len(works)
+        while pos < n:
+            self._cursor = pos
+            end = pos
+            while end < n and all(b.location == "device" for b in plan[end]):
+                end += 1
+            streamed = False
+            if end == pos:
+                end = pos + 1
+                streamed = self._demand(plan[pos])
+            chunk = [b for bufs in plan[pos:end] for b in bufs]
+            self._pin(chunk)
+            try:
+                self._prefetch_ahead(plan, end)
+                for mover, bufs in self._by_mover(chunk):
+                    mover.wait(bufs)
+                self._stats.chunks_total += 1
+                fn(works[pos:end])
+            finally:
+                self._unpin(chunk)
+            self._after_use(chunk, "overdraft" if streamed else ("offload" if self.policy.evict_after_use else None))
+            pos = end
+
+    def residency(self, param: torch.Tensor, state: dict[str, Any]) -> str:
+        """``"device"``, ``"host"``, ``"unpaged"`` (small state kept on the parameter's own
+        device, or state whose paged allocation failed), or a mix such as
+        ``"state1=device,state2=host"``."""
+        bufs = self._buffers.get(param, {})
+        for key, buf in bufs.items():  # bind, so that manual evict()/prefetch() can move it
+            if state.get(key) is buf.tensor:
+                buf.state = state
+        where = {key: buf.location for key, buf in bufs.items()}
+        where.update({key: "unpaged" for key in self._unpaged.get(param, {}) if key not in where})
+        if not where:
+            return "unpaged"
+        if len(set(where.values())) == 1:
+            return next(iter(where.values()))
+        return ",".join(f"{key}={where[key]}" for key in sorted(where))
+
+    def forget(self, param: torch.Tensor) -> None:
+        """Stop managing ``param``'s state (its tensors are freed when the optimizer drops them)."""
+        for buf in list(self._buffers.get(param, {}).values()):
+            self._drop(buf)
+        for nbytes in self._unpaged.pop(param, {}).values():
+            self._unpaged_bytes -= nbytes
+
+    # -- public extras -----------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Gauges and counters (names are Prometheus-friendly; see :mod:`pagedopt.paging.stats`).
+
+        Never synchronizes: CUDA stall times are collected from measurements that completed.
+        """
+        for mover in self._device_movers():
+            self._stats.prefetch_stall_seconds += mover.harvest_stall_seconds()
+        out = {
+            "policy": self.policy.name,
+            "backend": "+".join(sorted({m.kind for m in self._movers.values() if m is not _UNPAGED}))
+            or self.config.backend,
+            "device_bytes": self.device_bytes,
+            "host_bytes": self._host_bytes,
+            "unpaged_bytes": self._unpaged_bytes,
+            "device_budget_bytes": self.budget,
+            "reserve_free_bytes": self.reserve,
+            "paged_buffers": sum(len(b) for b in self._buffers.values()),
+        }
+        out.update(self._stats.as_dict())
+        return out
+
+    @property
+    def device_bytes(self) -> int:
+        """Paged state bytes resident on devices now."""
+        return sum(m.device_bytes for m in self._device_movers())
+
+    @property
+    def host_bytes(self) -> int:
+        """Paged state bytes in host memory now."""
+        return self._host_bytes
+
+    def location(self, param: torch.Tensor, key: str) -> str | None:
+        """Where ``param``'s ``key`` state is (``None`` when not paged)."""
+        buf = self._buffers.get(param, {}).get(key)
+        return None if buf is None else buf.location
+
+    def resident(self) -> list[tuple[torch.Tensor, str, int]]:
+        """``(param, key, nbytes)`` of every paged buffer on a device, least recently used first."""
+        return [(b.param, b.key, b.nbytes) for m in self._device_movers() for b in m.resident.values()]
+
+    def paged_buffers(self) -> list[tuple[torch.Tensor, str, int]]:
+        """``(param, key, nbytes)`` of every paged buffer, wherever it is."""
+        return [(b.param, b.key, b.nbytes) for bufs in self._buffers.values() for b in bufs.values()]
+
+    def prefetch(self, params: Iterable[torch.Tensor] | None = None) -> None:
+        """Page in the state of ``params`` (all by default, in order) as far as the budget,
+        the watermark and the device allow; stops at the first that does not fit."""
+        keys = list(self._buffers) if params is None else [p for p in params if p in self._buffers]
+        done: list[_PagedBuffer] = []
+        try:
+            for p in keys:
+                bufs = [b for b in self._buffers[p].values() if b.mover.has_device and b.movable]
+                missing = [b for b in bufs if b.location == "host"]
+                self._pin(bufs)
+                done.extend(bufs)
+                if not missing:
+                    continue
+                if self._make_room(missing[0].mover, sum(b.nbytes for b in missing)) is not None:
+                    return
+                for b in missing:
+                    if not self._page_in(b, "prefetch"):
+                        return
+        finally:
+            self._unpin(done)
+
+    def evict(self, params: Iterable[torch.Tensor] | None = None) -> None:
+        """Page out the state of ``params`` (all by default), e.g. before a memory-hungry eval."""
+        for buf in self._select(params):
+            if buf.location == "device" and buf.pins == 0 and buf.movable:
+                self._page_out(buf, "manual")
+
+    def synchronize(self) -> None:
+        """Wait on the host until all transfers issued so far have completed (not for the step)."""
+        for mover in self._device_movers():
+            mover.synchronize()
+
+    def add_observer(self, fn: Callable[["Pager", str], None]) -> None:
+        """Call ``fn(pager, event)`` after every transition (``"alloc"``, ``"in"``, ``"out"``,
+        ``"drop"``); tests check invariants there."""
+        self._observers.append(fn)
+
+    def verify_accounting(self, physical: bool = True) -> None:
+        """Raise :class:`AccountingError` unless the books match the buffers (and, with
+        ``physical``, the host-memory pools' real allocations)."""
+        bufs = [b for d in self._buffers.values() for b in d.values()]
+        on_device = sum(b.nbytes for b in bufs if b.location == "device")
+        on_host = sum(b.nbytes for b in bufs if b.location == "host")
+        problems = []
+        if on_device != self.device_bytes:
+            problems.append(f"device_bytes {self.device_bytes} != buffers on device {on_device}")
+        if on_host != self._host_bytes:
+            problems.append(f"host_bytes {self._host_bytes} != buffers on host {on_host}")
+        for mover in self._device_movers():
+            listed = sum(b.nbytes for b in mover.resident.values())
+            if listed != mover.device_bytes:
+                problems.append(f"{mover.kind}: LRU list holds {listed} bytes, books say {mover.device_bytes}")
+        for b in bufs:
+            if b.nbytes != b.tensor.numel() * b.tensor.element_size():
+                problems.append(f"{b.key} of a {tuple(b.param.shape)} parameter: size changed")
+        if physical:
+            if self.simulated_device is not None and self.simulated_device.used_bytes - self.simulated_device.foreign_bytes != on_device:
+                problems.append(
+                    f"simulated device holds {self.simulated_device.used_bytes - self.simulated_device.foreign_bytes} "
+                    f"bytes of state, buffers on device {on_device}"
+                )
+            if self.host_memory.used_bytes != on_host:
+                problems.append(f"host memory holds {self.host_memory.used_bytes} bytes, buffers on host {on_host}")
+        if problems:
+            raise AccountingError("; ".join(problems))
+
+    def __repr__(self) -> str:
+        return (
+            f"Pager(policy={self.policy.name!r}, backend={self.config.backend!r}, "
+            f"device_bytes={self.device_bytes}, host_bytes={self._host_bytes}, budget={self.budget})"
+        )
+
+    # -- allocation --------------------------------------------------------------------------
+
+    def _mover_for(self, param: torch.Tensor) -> Any:
+        device = _local(param).device
+        found = self._movers.get(device)
+        if found is None:
+            found = self._movers[device] = self._make_mover(device)
+        return found
+
+    def _make_mover(self, device: torch.device) -> Any:
+        backend = self.config.backend
+        if device.type == "cpu":
+            if backend == "managed":
+                raise ValueError(
+                    "PagingConfig(backend='managed') pages CUDA state, but a parameter is on the CPU; "
+                    "use backend='host', 'simulated' or 'auto'"
+                )
+            if backend == "simulated":
+                assert self.simulated_device is not None
+                return SimulatedMover(self.simulated_device, self.host_memory)
+            return HostMover(self.host_memory)
+        if device.type == "cuda":
+            if backend in ("host", "simulated"):
+                raise ValueError(
+                    f"PagingConfig(backend={backend!r}) keeps state in host memory for CPU parameters, "
+                    f"but a parameter is on {device}; use backend='managed' or 'auto'"
+                )
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            ok, why = managed.availability(index)
+            if ok:
+                preferred = "host" if self.policy.name in ("offload", "budgeted") else None
+                return ManagedMover(torch.device("cuda", index), preferred, self.config.managed_advise, self.reserve > 0)
+            if backend == "managed":
+                raise ValueError(f"PagingConfig(backend='managed') cannot page state on {device}: {why}")
+            self._warn("unavailable", f"paging is unavailable on {device} ({why}); its optimizer state stays unpaged")
+            return _UNPAGED
+        self._warn(f"device:{device.type}", f"paging does not support {device.type} parameters; their state stays unpaged")
+        return _UNPAGED
+
+    def _pages(self, param: torch.Tensor, mover: Any) -> bool:
+        return mover is not _UNPAGED and param.numel() >= max(self.config.min_paged_numel, 1)
+
+    def _create(
+        self, param: torch.Tensor, key: str, shape: tuple[int, ...], dtype: torch.dtype, source: torch.Tensor | None
+    ) -> torch.Tensor:
+        mover = self._mover_for(param)
+        old = self._buffers.get(param, {}).get(key)
+        if old is not None:
+            self._drop(old)
+        if not self._pages(param, mover):
+            return self._create_unpaged(param, key, shape, dtype, source)
+        nbytes = nbytes_of(shape, dtype)
+        where = self._placement(mover, nbytes) if source is None else "host"
+        try:
+            tensor = mover.allocate(shape, dtype, where, source)
+        except (AllocationError, managed.ManagedMemoryError) as exc:
+            self._stats.allocation_failures_total += 1
+            self._stats.allocation_fallbacks_total += 1
+            self._warn("alloc", f"could not allocate {nbytes} bytes of paged {key} ({exc}); keeping it unpaged")
+            return self._create_unpaged(param, key, shape, dtype, source)
+        buf = _PagedBuffer(next(self._serials), param, key, nbytes, mover, tensor, where)
+        self._buffers.setdefault(param, {})[key] = buf
+        self._account(buf, +1)
+        self._notify("alloc")
+        return tensor
+
+    def _create_unpaged(self, param, key, shape, dtype, source) -> torch.Tensor:
+        device = _local(param).device
+        tensor = torch.zeros(shape, dtype=dtype, device=device) if source is None else source.to(device)
+        self._record_unpaged(param, key, tensor)
+        return tensor
+
+    def _record_unpaged(self, param: torch.Tensor, key: str, tensor: torch.Tensor) -> None:
+        entry = self._unpaged.setdefault(param, {})
+        self._unpaged_bytes += tensor.numel() * tensor.element_size() - entry.get(key, 0)
+        entry[key] = tensor.numel() * tensor.element_size()
+
+    def _placement(self, mover: Mover, nbytes: int) -> str:
+        """Where new state goes: the policy's home, if the device has room without evicting.
+
+        State of movers that replace tensors starts on the host: until the first visit
+        binds it to its state dict, the pager could not evict it, and state that cannot be
+        evicted must never sit on the device.
+        """
+        if not mover.has_device or self.policy.home == "host" or mover.swaps_tensors:
+            return "host"
+        if self.budget is not None and mover.device_bytes + nbytes > self.budget:
+            return "host"
+        free = mover.free_bytes()
+        if free is not None and free - nbytes < self.reserve:
+            return "host"
+        return "device"
+
+    # -- visiting ----------------------------------------------------------------------------
+
+    def _sync_work(self, work: Any) -> list[_PagedBuffer]:
+        """Bind ``work``'s state dict to its buffers; adopt tensors the pager does not know
+        (state replaced or loaded without the pager); return the buffers that can move."""
+        param, state = work.key, work.state
+        bufs = self._buffers.get(param)
+        out = []
+        for key in PAGEABLE_KEYS:
+            tensor = state.get(key)
+            buf = bufs.get(key) if bufs else None
+            if not isinstance(tensor, torch.Tensor):
+                if buf is not None:
+                    self._drop(buf)
+                continue
+            if buf is None or buf.tensor is not tensor:
+                if buf is None and param in self._unpaged and key in self._unpaged[param]:
+                    self._record_unpaged(param, key, tensor)
+                    continue
+                state[key] = self.adopt(param, key, tensor)
+                buf = self._buffers.get(param, {}).get(key)
+                if buf is None:
+                    continue
+            buf.state = state
+            if buf.mover.has_device:
+                out.append(buf)
+        return out
+
+    def _demand(self, bufs: list[_PagedBuffer]) -> bool:
+        """Page in one parameter's state now. Returns True when it overdraws (streams through)."""
+        missing = [b for b in bufs if b.location != "device"]
+        if not missing:
+            return False
+        started = time.perf_counter()
+        self._pin(bufs)
+        try:
+            need = sum(b.nbytes for b in missing)
+            problem = self._make_room(missing[0].mover, need)
+            overdraft = problem is not None
+            if overdraft:
+                # Everything else that could move has left: this parameter streams through alone.
+                if problem == "budget":
+                    self._stats.budget_overdrafts_total += 1
+                else:
+                    self._stats.pressure_overdrafts_total += 1
+                self._stats.max_overdraft_bytes = max(self._stats.max_overdraft_bytes, sum(b.nbytes for b in bufs))
+            for b in missing:
+                if not self._page_in(b, "demand"):
+                    self._warn(
+                        "fallback-host",
+                        f"no device memory for {b.nbytes} bytes of {b.key} even after evicting all other state; "
+                        "updating it in host memory",
+                    )
+                    self._stats.allocation_fallbacks_total += 1
+        finally:
+            self._unpin(bufs)
+        if not any(m.kind == "managed" for m in {b.mover for b in bufs}):
+            # Host-side copies: the step really waited this long. (CUDA stalls are measured
+            # on the GPU timeline by the mover.)
+            self._stats.prefetch_stall_seconds += time.perf_counter() - started
+        return overdraft
+
+    def _prefetch_ahead(self, plan: list[list[_PagedBuffer]], start: int) -> None:
+        """Prefetch up to ``lookahead`` parameters after ``start`` without evicting pinned state."""
+        depth = self.policy.lookahead
+        targets: list[_PagedBuffer] = []
+        try:
+            for bufs in plan[start : start + depth]:
+                missing = [b for b in bufs if b.location != "device"]
+                self._pin(bufs)
+                targets.extend(bufs)
+                if not missing:
+                    continue
+                if self._make_room(missing[0].mover, sum(b.nbytes for b in missing)) is not None:
+                    return
+                for b in missing:
+                    if not self._page_in(b, "prefetch"):
+                        return
+        finally:
+            self._unpin(targets)
+
+    def _after_use(self, chunk: list[_PagedBuffer], evict_reason: str | None) -> None:
+        for mover, bufs in self._by_mover(chunk):
+            mover.after_use(bufs)
+            for b in bufs:
+                if b.location == "device":
+                    mover.resident.move_to_end(b.serial)
+        if evict_reason is not None:
+            for b in chunk:
+                if b.location == "device":
+                    self._page_out(b, evict_reason)
+
+    # -- moving ------------------------------------------------------------------------------
+
+    def _room_problem(self, mover: Mover, need: int) -> str | None:
+        """Why ``need`` more bytes cannot go on ``mover``'s device now (``None``: they can)."""
+        if self.budget is not None and mover.device_bytes + need > self.budget:
+            return "budget"
+        free = mover.free_bytes()
+        if free is not None:
+            if self.reserve and free - need < self.reserve:
+                return "pressure"
+            if mover.hard_capacity and free - need < 0:
+                return "capacity"
+        return None
+
+    def _make_room(self, mover: Mover, need: int) -> str | None:
+        """Evict least recently used unpinned state until ``need`` bytes fit. Returns ``None``
+        when they do, else what still stands in the way (``"budget"``, ``"pressure"``, ``"capacity"``)."""
+        counted_pressure = False
+        while (problem := self._room_problem(mover, need)) is not None:
+            if problem == "pressure" and not counted_pressure:
+                self._stats.pressure_events_total += 1
+                counted_pressure = True
+            victim = self._lru_victim(mover)
+            if victim is None or not self._page_out(victim, problem):
+                return problem
+        return None
+
+    def _relieve_pressure(self, mover: Mover) -> None:
+        """Evict until free device memory is back above the watermark (when it is known)."""
+        if not self.reserve:
+            return
+        self._make_room(mover, 0)
+
+    def _lru_victim(self, mover: Mover) -> _PagedBuffer | None:
+        """The buffer to evict: unpinned and movable; the least recently used one, or with
+        ``eviction="next_use"`` inside a visit the one needed farthest in the future.
+        Buffers whose state-dict entry was replaced behind the pager's back are orphans:
+        dropped (freed), not moved."""
+        candidates = []
+        for buf in list(mover.resident.values()):
+            if buf.pins:
+                continue
+            if buf.movable:
+                if self.config.eviction == "lru" or self._cursor < 0:
+                    return buf
+                candidates.append(buf)
+            elif buf.state is not None:
+                self._drop(buf)
+        return max(candidates, key=self._next_use_distance, default=None)
+
+    def _next_use_distance(self, buf: _PagedBuffer) -> tuple[int, int]:
+        """Order for ``next_use`` eviction (larger = evict first). Steps visit parameters in
+        the same order every time, so a buffer used earlier in this visit is next needed in
+        the next step at its position, after everything still ahead in this one (Belady's
+        farthest-next-use rule; for cyclic access LRU evicts exactly the wrong buffer)."""
+        if buf.plan_visit != self._visit_serial:
+            return (3, 0)  # not needed this visit at all: first to go (LRU order among them)
+        if buf.plan_index < self._cursor:
+            return (2, buf.plan_index)  # needed again next step, later ones farther away
+        return (1, buf.plan_index)  # still ahead in this visit: the farthest one first
+
+    def _page_in(self, buf: _PagedBuffer, reason: str) -> bool:
+        """Move ``buf`` to the device; on an allocation failure evict and retry. False: it stayed."""
+        mover = buf.mover
+        while True:
+            try:
+                new = mover.page_in(buf)
+                break
+            except AllocationError:
+                self._stats.allocation_failures_total += 1
+                victim = self._lru_victim(mover)
+                if victim is None or not self._page_out(victim, "capacity"):
+                    return False
+            except managed.ManagedMemoryError as exc:
+                self._warn("prefetch", f"prefetch failed ({exc}); the update reads managed memory where it is")
+                return False
+        self._move(buf, new, "device")
+        mover.resident[buf.serial] = buf
+        self._stats.count_transfer("in", reason, buf.nbytes)
+        self.last_moved = (buf.param, buf.key)
+        self._notify("in")
+        return True
+
+    def _page_out(self, buf: _PagedBuffer, reason: str) -> bool:
+        mover = buf.mover
+        try:
+            new = mover.page_out(buf)
+        except (AllocationError, managed.ManagedMemoryError) as exc:
+            self._stats.allocation_failures_total += 1
+            self._warn("page-out", f"could not page {buf.key} out ({exc}); it stays on the device")
+            return False
+        mover.resident.pop(buf.serial, None)
+        self._move(buf, new, "host")
+        self._stats.count_transfer("out", reason, buf.nbytes)
+        self.last_moved = (buf.param, buf.key)
+        self._notify("out")
+        return True
+
+    def _move(self, buf: _PagedBuffer, new: torch.Tensor | None, location: str) -> None:
+        """Book ``buf`` at ``location``; swap the state-dict entry when the tensor changed."""
+        self._account(buf, -1)
+        if new is not None:
+            old, buf.tensor = buf.tensor, new
+            if buf.state is not None and buf.state.get(buf.key) is old:
+                buf.state[buf.key] = new
+            del old
+        buf.location = location
+        self._account(buf, +1)
+
+    def _account(self, buf: _PagedBuffer, sign: int) -> None:
+        if buf.location == "device":
+            buf.mover.device_bytes += sign * buf.nbytes
+            if sign > 0:
+                buf.mover.resident[buf.serial] = buf
+                self._stats.peak_device_bytes = max(self._stats.peak_device_bytes, self.device_bytes)
+            else:
+                buf.mover.resident.pop(buf.serial, None)
+        else:
+            self._host_bytes += sign * buf.nbytes
+
+    def _drop(self, buf: _PagedBuffer) -> None:
+        self._account(buf, -1)
+        bufs = self._buffers.get(buf.param)
+        if bufs is not None and bufs.get(buf.key) is buf:
+            del bufs[buf.key]
+            if not bufs:
+                del self._buffers[buf.param]
+        buf.state = None
+        self._notify("drop")
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _device_movers(self) -> list[Mover]:
+        return [m for m in self._movers.values() if m is not _UNPAGED and m.has_device]
+
+    @staticmethod
+    def _by_mover(bufs: list[_PagedBuffer]) -> list[tuple[Mover, list[_PagedBuffer]]]:
+        if not bufs:
+            return []
+        first = bufs[0].mover
+        if all(b.mover is first for b in bufs):  # the usual case: one device
+            return [(first, bufs)]
+        groups: dict[int, tuple[Mover, list[_PagedBuffer]]] = {}
+        for b in bufs:
+            groups.setdefault(id(b.mover), (b.mover, []))[1].append(b)
+        return list(groups.values())
+
+    @staticmethod
+    def _pin(bufs: Iterable[_PagedBuffer]) -> None:
+        for b in bufs:
+            b.pins += 1
+
+    @staticmethod
+    def _unpin(bufs: Iterable[_PagedBuffer]) -> None:
+        for b in bufs:
+            b.pins -= 1
+
+    def _select(self, params: Iterable[torch.Tensor] | None) -> list[_PagedBuffer]:
+        keys = list(self._buffers) if params is None else [p for p in params if p in self._buffers]
+        return [b for p in keys for b in list(self._buffers[p].values())]
+
+    def _notify(self, event: str) -> None:
+        for fn in self._observers:
+            fn(self, event)
+
+    def _warn(self, what: str, message: str) -> None:
+        if self.config.warn_on_fallback and what not in self._warned:
+            self._warned.add(what)
+            warnings.warn(message, PagingFallbackWarning, stacklevel=3)
