@@ -469,3 +469,38 @@ def test_deleting_the_optimizer_frees_its_memory(backend):
         gc.collect()
         assert live_bytes() == baseline, f"iteration {i}: {live_bytes()} != {baseline}"
     assert all(r() is None for r in refs)
+
+
+def test_per_parameter_paging_stats_add_up_across_pagers():
+    """Two parameter groups with their own paging configs: opt.pager.stats() sums both pagers."""
+    a, b = torch.nn.Parameter(torch.randn(200_000)), torch.nn.Parameter(torch.randn(200_000))
+    sim = {"backend": "simulated", "simulated_capacity_bytes": "64MiB", "min_paged_numel": 0}
+    opt = pagedopt.AdamW8bit([{"params": [a], "paging": {**sim, "policy": "offload"}},
+                              {"params": [b], "paging": {**sim, "policy": "on_demand"}}])
+    a.grad, b.grad = torch.randn(200_000), torch.randn(200_000)
+    opt.step()
+    parts = [s.stats() for s in opt.pager.stores if hasattr(s, "stats")]
+    total = opt.pager.stats()
+    assert len(parts) == 2
+    assert total["page_in_bytes"] == sum(p["page_in_bytes"] for p in parts) > 0
+    assert total["host_bytes"] == sum(p["host_bytes"] for p in parts)
+
+
+def test_pager_reports_page_in_latency_to_the_attached_sink():
+    class LatencySink(pagedopt.telemetry.BaseSink):
+        def __init__(self):
+            self.latencies = []
+
+        def on_prefetch_latency(self, latency):
+            self.latencies.append(latency)
+
+    p = torch.nn.Parameter(torch.randn(300_000))
+    opt = pagedopt.PagedAdamW8bit([p], paging={"policy": "offload", "backend": "simulated",
+                                               "simulated_capacity_bytes": "64MiB", "min_paged_numel": 0})
+    sink = pagedopt.telemetry.attach(opt, LatencySink())
+    for _ in range(3):
+        p.grad = torch.randn(300_000)
+        opt.step()
+    ins = sum(opt.pager.stats()["page_transfers_total"]["in"].values())
+    assert ins >= 3 and len(sink.latencies) == ins
+    assert all(isinstance(x, float) and x >= 0 for x in sink.latencies)

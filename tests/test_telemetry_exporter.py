@@ -26,6 +26,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 import pagedopt
+from pagedopt.paging.store import DeviceStateStore
 from pagedopt.paging.config import PagingConfig
 from pagedopt.telemetry import start_exporter
 from pagedopt.telemetry.host_copy import EventLatencies, HostCopies, StepTimer
@@ -65,12 +66,13 @@ def single(families, name, **labels) -> float:
     return next(iter(found.values()))
 
 
-class FakePager:
-    """Stands in for the pager (branch ``paging``): cumulative counters in ``stats()``."""
+class FakePager(DeviceStateStore):
+    """An unpaged state store with scripted pager counters in ``stats()`` (the real pager's
+    layout), so the exporter's paging metrics can be checked against known numbers."""
 
     def __init__(self):
         self.sink = NULL_SINK
-        self.totals = {("in", "prefetch"): [0, 0], ("out", "evict"): [0, 0], ("in", "demand"): [0, 0]}
+        self.totals = {("in", "prefetch"): [0, 0], ("out", "budget"): [0, 0], ("in", "demand"): [0, 0]}
         self.stall = 0.0
         self.fail = False
 
@@ -89,10 +91,18 @@ class FakePager:
             "page_out_bytes": sum(v[1] for (d, _), v in self.totals.items() if d == "out"),
             "prefetch_stall_seconds": self.stall,
             "device_budget_bytes": 4000,
-            "transfers": [{"direction": d, "reason": r, "count": c, "bytes": b}
-                          for (d, r), (c, b) in self.totals.items()],
+            "page_transfers_total": nested({k: c for k, (c, _) in self.totals.items()}),
+            "page_transfer_bytes_total": nested({k: b for k, (_, b) in self.totals.items()}),
             "oom_avoidance_actions": {"evict_for_activations": 2},
         }
+
+
+def nested(flat):
+    """{(direction, reason): n} -> {direction: {reason: n}} (the pager's stats layout)."""
+    out = {}
+    for (direction, reason), n in flat.items():
+        out.setdefault(direction, {})[reason] = n
+    return out
 
 
 def small_model():
@@ -112,7 +122,7 @@ def trained():
     groups = [{"params": [model[0].weight, model[2].weight], "name": "weights"},
               {"params": [model[0].bias, model[2].bias], "name": "biases", "percentile_clipping": 100}]
     opt = pagedopt.AdamW8bit(groups, percentile_clipping=80)
-    opt.pager = FakePager()
+    opt.state_store = FakePager()
     exporter = start_exporter(opt, model=model, port=0, run="unit", top_k=3, quant_error_every=2)
     recorder = attach(opt, RecordingSink())
     for i in range(6):
@@ -265,12 +275,10 @@ def test_values_follow_changes_in_the_parameters_with_gradients():
 def test_pager_stats_formats():
     from pagedopt.telemetry.sources import normalize_pager_stats
 
-    mapping = normalize_pager_stats({"transfers": {("h2d", "prefetch"): {"count": 2, "bytes": 10},
-                                                   "out:evict": (1, 5)}})
-    assert mapping.transfers == {("in", "prefetch"): (2, 10), ("out", "evict"): (1, 5)}
-    split = normalize_pager_stats({"transfer_counts": {"in/demand": 3}, "transfer_bytes": {"in/demand": 30}})
-    assert split.transfers == {("in", "demand"): (3, 30)}
-    totals_only = normalize_pager_stats(types.SimpleNamespace(page_in_bytes=7, page_out_bytes=9, page_ins=1,
+    mapping = normalize_pager_stats({"page_transfers_total": {"in": {"prefetch": 2}, "out": {"budget": 1}},
+                                     "page_transfer_bytes_total": {"in": {"prefetch": 10}, "out": {"budget": 5}}})
+    assert mapping.transfers == {("in", "prefetch"): (2, 10), ("out", "budget"): (1, 5)}
+    totals_only = normalize_pager_stats(types.SimpleNamespace(page_in_bytes=7, page_out_bytes=9, page_ins_total=1,
                                                               prefetch_stall_seconds=0.5))
     assert totals_only.transfers == {("in", "unspecified"): (1, 7), ("out", "unspecified"): (0, 9)}
     assert totals_only.prefetch_stall_seconds == 0.5
@@ -301,7 +309,9 @@ def test_kernel_compile_metrics_from_fake_backend(monkeypatch):
 
 def test_budget_from_paging_config_and_device_fallback():
     w = torch.nn.Parameter(torch.randn(8192))
-    opt = pagedopt.PagedAdamW8bit([w], paging=PagingConfig(policy="budgeted", device_budget_bytes="1MiB"))
+    opt = pagedopt.PagedAdamW8bit([w], paging=PagingConfig(
+        policy="budgeted", device_budget_bytes="1MiB", backend="simulated", simulated_capacity_bytes="8MiB",
+        min_paged_numel=0))
     sink = attach(opt, PrometheusSink(opt, run="b"))
     w.grad = torch.randn(8192)
     opt.step()
@@ -310,7 +320,10 @@ def test_budget_from_paging_config_and_device_fallback():
     assert single(families, "pagedopt_device_budget_bytes") == 2 ** 20
     device_state = sum(values(families, "pagedopt_state_bytes", residency="device").values())
     assert device_state > 0
-    assert single(families, "pagedopt_device_headroom_bytes") == 2 ** 20 - device_state
+    # The budget covers paged state (codes); absmax and qmaps stay unpaged on the device.
+    paged_on_device = opt.pager.stats()["device_bytes"]
+    assert 0 < paged_on_device <= device_state
+    assert single(families, "pagedopt_device_headroom_bytes") == 2 ** 20 - paged_on_device
     assert single(families, "pagedopt_run_info", paging_policy="budgeted") == 1
     # Unpaged on the CPU: the budget is the machine's memory, the headroom what is available.
     plain = pagedopt.AdamW8bit([torch.nn.Parameter(torch.randn(10))])

@@ -107,25 +107,14 @@ def test_attach_fans_out_and_detach_restores():
 
 
 def test_attach_points_the_pager_at_the_sink():
-    class FakePager:
-        sink = NULL_SINK
-
     w = torch.nn.Parameter(torch.randn(10))
-    opt = pagedopt.AdamW([w])
-    opt.pager = FakePager()
+    opt = pagedopt.PagedAdamW([w], paging={"backend": "host"})
     sink = attach(opt, RecordingSink())
     assert opt.pager.sink is sink
     opt.pager.sink.on_prefetch_latency(0.002)
     assert sink.prefetch_latencies == [0.002]
     detach(opt, sink)
     assert opt.pager.sink is NULL_SINK
-    # A pager that is the optimizer's state store (has stats()) is found there too.
-    store = FakePager()
-    store.stats = lambda: {}
-    other = pagedopt.AdamW([torch.nn.Parameter(torch.randn(3))])
-    other.state_store = store
-    attach(other, sink)
-    assert store.sink is sink
 
 
 # --- quantization error ------------------------------------------------------------------------

@@ -130,6 +130,38 @@ class RoutingStateStore:
         self._route(param).forget(param)
         self._placed.pop(id(param), None)
 
+    # -- pager extras (``opt.pager.stats()``, telemetry) ------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """The pagers' statistics added up (counters and gauges summed, nested counters merged;
+        peaks are summed too, an upper bound of the combined peak)."""
+        total: dict[str, Any] = {}
+        for store in self.stores:
+            stats = getattr(store, "stats", None)
+            if callable(stats):
+                _accumulate(total, stats())
+        return total
+
+    @property
+    def sink(self) -> Any:
+        return next((getattr(s, "sink") for s in self.stores if hasattr(s, "sink")), None)
+
+    @sink.setter
+    def sink(self, value: Any) -> None:
+        for store in self.stores:
+            if hasattr(store, "sink"):
+                store.sink = value
+
+
+def _accumulate(total: dict[str, Any], stats: dict[str, Any]) -> None:
+    for key, value in stats.items():
+        if isinstance(value, dict):
+            _accumulate(total.setdefault(key, {}), value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            total[key] = total.get(key, 0) + value
+        elif value is not None:
+            total.setdefault(key, value)
+
 
 def _default_make_store(config: PagingConfig) -> StateStore:
     from ..paging import make_state_store

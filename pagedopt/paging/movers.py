@@ -207,10 +207,15 @@ class ManagedMover(Mover):
     def _move(self, buf: Any, where: str) -> None:
         if buf.used is not None:
             self.side.wait_event(buf.used)
+        timed = where == "device"
+        start = torch.cuda.Event(enable_timing=True) if timed else None
+        if start is not None:
+            start.record(self.side)
         managed.prefetch(buf.tensor, where, self.side)
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(enable_timing=timed)
         event.record(self.side)
         buf.ready = event if where == "device" else None
+        buf.timing = (start, event) if timed else None  # prefetch latency, read by the pager's sink
         self._free_delta += buf.nbytes if where == "host" else -buf.nbytes
 
     def page_in(self, buf: Any) -> None:

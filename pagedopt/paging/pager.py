@@ -108,6 +108,7 @@ class _PagedBuffer:
     plan_index: int = 0  # its position in that plan
     ready: Any = None  # CUDA: event the update must wait for (a page-in in flight)
     used: Any = None  # CUDA: event after the last update that used the buffer
+    timing: Any = None  # CUDA: (start, ready) events of the last page-in, for the latency metric
 
     @property
     def bound(self) -> bool:
@@ -168,6 +169,8 @@ class Pager:
         self._observers: list[Callable[["Pager", str], None]] = []
         self._warned: set[str] = set()
         self.last_moved: tuple[torch.Tensor, str] | None = None  # (param, key) of the latest move
+        # Telemetry sink (set by pagedopt.telemetry.attach): told each page-in's latency.
+        self.sink: Any = None
         self._visit_serial = 0  # which visit is running (next_use eviction reads the plan)
         self._cursor = -1  # the plan position being updated (-1: outside a visit)
 
@@ -280,6 +283,15 @@ class Pager:
             "paged_buffers": sum(len(b) for b in self._buffers.values()),
         }
         out.update(self._stats.as_dict())
+        if self.budget is not None:
+            out["device_headroom_bytes"] = max(0, self.budget - out["device_bytes"])
+        out_bytes = self._stats.transfers.get("out", {})
+        out["oom_avoidance_actions"] = {
+            "pressure_eviction": out_bytes.get("pressure", 0),
+            "capacity_eviction": out_bytes.get("capacity", 0),
+            "overdraft": self._stats.budget_overdrafts_total + self._stats.pressure_overdrafts_total,
+            "allocation_fallback": self._stats.allocation_fallbacks_total,
+        }
         return out
 
     @property
@@ -628,7 +640,9 @@ class Pager:
         mover = buf.mover
         while True:
             try:
+                started = time.perf_counter()
                 new = mover.page_in(buf)
+                self._report_latency(buf, time.perf_counter() - started)
                 break
             except AllocationError:
                 self._stats.allocation_failures_total += 1
@@ -644,6 +658,17 @@ class Pager:
         self.last_moved = (buf.param, buf.key)
         self._notify("in")
         return True
+
+    def _report_latency(self, buf: _PagedBuffer, host_seconds: float) -> None:
+        """Tell the sink how long the page-in took: CUDA movers hand over their (start, ready)
+        events, resolved by the sink once they completed (no sync here); host and simulated
+        movers copy synchronously, so the wall time is the latency."""
+        report = getattr(self.sink, "on_prefetch_latency", None)
+        if report is None:
+            return
+        timing = getattr(buf, "timing", None)
+        buf.timing = None
+        report(timing if timing is not None else host_seconds)
 
     def _page_out(self, buf: _PagedBuffer, reason: str) -> bool:
         mover = buf.mover

@@ -44,11 +44,14 @@ import torch
 # :mod:`pagedopt.telemetry.sources`). Dashboards and alert rules rely on these spellings.
 DIRECTIONS = ("in", "out")  # "in": host -> device (page in), "out": device -> host
 REASONS = (
-    "prefetch",  # planned: moved ahead of use by the policy
-    "demand",  # unplanned: needed now and not resident (a stall)
-    "evict",  # budget / least-recently-used eviction
-    "pressure",  # free device memory fell below reserve_free_bytes
-    "offload",  # policy: back to the host after use (offload policy)
+    "prefetch",  # in, planned: moved ahead of its update by the policy
+    "demand",  # in, unplanned: needed now and not resident (the step waited)
+    "offload",  # out, planned: back to the host after use (offload policy)
+    "budget",  # out: evicted to stay under device_budget_bytes
+    "pressure",  # out: free device memory fell below reserve_free_bytes
+    "capacity",  # out: a device allocation failed and room was made
+    "overdraft",  # out: a state larger than the room streamed through and left again
+    "manual",  # out: pager.evict() called by the user
 )
 
 

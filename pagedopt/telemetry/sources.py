@@ -5,21 +5,18 @@ Everything here is read defensively: the pager (``optimizer.pager``) and the CUD
 (``pagedopt.backends.cuda``) may be absent, older or newer; a missing source yields zeros or
 nothing, never an exception in the training process.
 
-**Pager contract.** ``optimizer.pager.stats()`` (or ``optimizer.state_store.stats()`` when the
-pager is the optimizer's state store) returns a mapping (or an object with these
-attributes): ``device_bytes``, ``host_bytes``, ``peak_device_bytes``, ``page_in_bytes``,
-``page_out_bytes``, ``prefetch_stall_seconds`` (cumulative), optionally
+**Pager contract** (:meth:`pagedopt.paging.pager.Pager.stats`). ``optimizer.pager.stats()``
+returns a mapping with ``device_bytes``, ``host_bytes``, ``peak_device_bytes``,
+``page_in_bytes``, ``page_out_bytes``, ``prefetch_stall_seconds`` (cumulative), optionally
 ``device_budget_bytes``, ``device_headroom_bytes``, ``oom_avoidance_actions`` (``{action:
-count}``) and the transfers by direction and reason, as any of::
+count}``), and the transfers by direction (``in`` = host to device, ``out``) and reason
+(:data:`pagedopt.telemetry.sink.REASONS`) as two nested mappings::
 
-    "transfers": {("in", "prefetch"): {"count": 12, "bytes": 4096}, ...}   # or "in/prefetch" keys,
-                                                                           # or (count, bytes) values
-    "transfers": [{"direction": "in", "reason": "prefetch", "count": 12, "bytes": 4096}, ...]
-    "transfer_counts": {...}, "transfer_bytes": {...}                     # two mappings, same keys
+    "page_transfers_total": {"in": {"prefetch": 12, "demand": 1}, "out": {"budget": 3}},
+    "page_transfer_bytes_total": {"in": {"prefetch": 49152, "demand": 4096}, "out": {...}},
 
-Directions are ``in`` (host to device) and ``out``; ``h2d``/``d2h``/``page_in``/... are
-accepted. Reasons: see :data:`pagedopt.telemetry.sink.REASONS`. Without a breakdown,
-``page_in_bytes``/``page_out_bytes`` are reported with reason ``unspecified``.
+Without the breakdown, ``page_in_bytes``/``page_out_bytes`` are reported with reason
+``unspecified``.
 
 **Kernel contract.** ``pagedopt.backends.cuda.compile_stats()`` (read only if that module is
 already imported) returns ``compiles``, ``compile_seconds`` (total, or a list of per-compile
@@ -29,9 +26,10 @@ Example:
     >>> from pagedopt.telemetry.sources import normalize_pager_stats
     >>> s = normalize_pager_stats({"device_bytes": 10, "host_bytes": 5, "peak_device_bytes": 12,
     ...     "page_in_bytes": 8, "page_out_bytes": 4, "prefetch_stall_seconds": 0.5,
-    ...     "transfers": {"in/prefetch": (2, 8), ("d2h", "evict"): {"count": 1, "bytes": 4}}})
+    ...     "page_transfers_total": {"in": {"prefetch": 2}, "out": {"budget": 1}},
+    ...     "page_transfer_bytes_total": {"in": {"prefetch": 8}, "out": {"budget": 4}}})
     >>> sorted(s.transfers.items())
-    [(('in', 'prefetch'), (2, 8)), (('out', 'evict'), (1, 4))]
+    [(('in', 'prefetch'), (2, 8)), (('out', 'budget'), (1, 4))]
 """
 
 from __future__ import annotations
@@ -81,56 +79,20 @@ def _as_mapping(obj: Any) -> Mapping[str, Any]:
     return {k: v for k, v in vars(obj).items() if not k.startswith("_")} if hasattr(obj, "__dict__") else {}
 
 
-def _direction(value: Any) -> str:
-    text = str(value).lower()
-    return _DIRECTIONS.get(text, text)
-
-
-def _split_key(key: Any) -> tuple[str, str]:
-    if isinstance(key, tuple) and len(key) == 2:
-        return _direction(key[0]), str(key[1])
-    text = str(key)
-    for sep in ("/", ":", ","):
-        if sep in text:
-            direction, reason = text.split(sep, 1)
-            return _direction(direction), reason
-    return _direction(text), "unspecified"
-
-
-def _count_and_bytes(value: Any) -> tuple[int, int]:
-    if isinstance(value, Mapping):
-        return int(value.get("count", 0)), int(value.get("bytes", 0))
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        return int(value[0]), int(value[1])
-    m = _as_mapping(value)
-    return int(m.get("count", 0)), int(m.get("bytes", 0))
-
-
 def _transfers(stats: Mapping[str, Any]) -> dict[tuple[str, str], tuple[int, int]]:
+    """``{(direction, reason): (count, bytes)}`` from the pager's nested counters."""
+    counts = stats.get("page_transfers_total") or {}
+    sizes = stats.get("page_transfer_bytes_total") or {}
     out: dict[tuple[str, str], tuple[int, int]] = {}
-
-    def add(key: tuple[str, str], count: int, nbytes: int) -> None:
-        c, b = out.get(key, (0, 0))
-        out[key] = (c + count, b + nbytes)
-
-    raw = stats.get("transfers")
-    if isinstance(raw, Mapping):
-        for key, value in raw.items():
-            add(_split_key(key), *_count_and_bytes(value))
-    elif isinstance(raw, Iterable) and not isinstance(raw, (str, bytes)):
-        for row in raw:
-            m = _as_mapping(row)
-            add((_direction(m.get("direction", "unspecified")), str(m.get("reason", "unspecified"))),
-                int(m.get("count", 0)), int(m.get("bytes", 0)))
-    counts, sizes = stats.get("transfer_counts"), stats.get("transfer_bytes")
-    if isinstance(counts, Mapping) or isinstance(sizes, Mapping):
-        keys = set(counts or {}) | set(sizes or {})
-        for key in keys:
-            add(_split_key(key), int((counts or {}).get(key, 0)), int((sizes or {}).get(key, 0)))
+    for direction in set(counts) | set(sizes):
+        by_count, by_bytes = counts.get(direction, {}), sizes.get(direction, {})
+        for reason in set(by_count) | set(by_bytes):
+            out[(str(direction), str(reason))] = (int(by_count.get(reason, 0)), int(by_bytes.get(reason, 0)))
     if not out:
-        for direction, key_bytes, key_count in (("in", "page_in_bytes", "page_ins"), ("out", "page_out_bytes", "page_outs")):
+        for direction, key_bytes, key_count in (("in", "page_in_bytes", "page_ins_total"),
+                                                ("out", "page_out_bytes", "page_outs_total")):
             if stats.get(key_bytes) is not None:
-                add((direction, "unspecified"), int(stats.get(key_count) or 0), int(stats[key_bytes]))
+                out[(direction, "unspecified")] = (int(stats.get(key_count) or 0), int(stats[key_bytes]))
     return out
 
 
