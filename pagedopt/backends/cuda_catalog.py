@@ -16,7 +16,7 @@ Example:
     >>> prog = optimizer_program(Algorithm.ADAM, "bf16")
     >>> prog.slug, update_kernel(Algorithm.ADAM, "bf16", "block8").name
     ('optimizer-adam-bf16', 'pagedopt::cuda::update_kernel<0, 2, 1>')
-    >>> sum(len(p.kernels) for p in all_programs())
+    >>> len(distinct_kernels())
     117
 """
 
@@ -132,3 +132,12 @@ def all_programs() -> list[ProgramSpec]:
     """Every program, in a stable order (what ``pagedopt kernels`` compiles)."""
     programs = [optimizer_program(a, e) for a in Algorithm for e in ELEM_CODES]
     return programs + [norm_program(), quant_program()]
+
+
+def distinct_kernels() -> list[KernelSpec]:
+    """Every kernel once (``finalize_prepare`` is part of each optimizer program)."""
+    seen: dict[str, KernelSpec] = {}
+    for program in all_programs():
+        for k in program.kernels:
+            seen.setdefault(k.name, k)
+    return list(seen.values())
