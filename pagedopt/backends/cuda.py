@@ -31,7 +31,7 @@ import dataclasses
 import os
 import threading
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -70,22 +70,22 @@ class CudaBackend:
 
     name = "cuda"
 
-    def __init__(self) -> None:
-        self._devices: dict[int, Any] = {}
+    def __init__(self, launcher_factory: Callable[[torch.device], DeviceLauncher] | None = None) -> None:
+        self._launchers: dict[torch.device, DeviceLauncher] = {}
+        self._factory = launcher_factory or _cuda_launcher
         self._lock = threading.Lock()
 
     # -- per-device state ------------------------------------------------------------------------
 
-    def _device(self, device: torch.device) -> "_DeviceKernels":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        state = self._devices.get(index)
-        if state is None:
+    def _device(self, device: torch.device) -> DeviceLauncher:
+        launcher = self._launchers.get(device)
+        if launcher is None:
             with self._lock:
-                state = self._devices.get(index)
-                if state is None:
-                    state = _DeviceKernels(index)
-                    self._devices[index] = state
-        return state
+                launcher = self._launchers.get(device)
+                if launcher is None:
+                    launcher = self._factory(device)
+                    self._launchers[device] = launcher
+        return launcher
 
     # -- Backend protocol ------------------------------------------------------------------------
 
@@ -162,20 +162,133 @@ class CudaBackend:
         return items
 
 
-class _DeviceKernels:
-    """Kernels, quantization tables and launch helpers for one device."""
+class DeviceLauncher:
+    """The launch logic for one device, independent of how kernels are loaded and launched.
+
+    Subclasses provide ``device``, ``maps``/``luts`` (the quantization tables on the device),
+    :meth:`kernel`, :meth:`launch`, :meth:`to_device` and :meth:`guard`. :class:`CudaLauncher`
+    does it with the driver; the CPU test suite plugs in an emulator to check this code
+    (descriptor packing, chunk prefixes, argument order, result layout) without a GPU.
+    """
+
+    device: torch.device
+    maps: torch.Tensor
+    luts: torch.Tensor
+
+    def kernel(self, program, spec) -> Any:
+        raise NotImplementedError
+
+    def launch(self, kernel, work_units: int, grid: int | None, args: Sequence[int]) -> None:
+        """Launch on the current stream; ``grid=None``: one wave, grid-stride over the units."""
+        raise NotImplementedError
+
+    def to_device(self, host: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def guard(self):
+        raise NotImplementedError
+
+    def _descriptors(self, descs, prefix) -> tuple[torch.Tensor, int, int]:
+        """Upload descriptors + chunk prefix; returns (device buffer, descs ptr, prefix ptr)."""
+        from . import cuda_plan
+
+        host, offset = cuda_plan.launch_buffer(descs, prefix)
+        buffer = self.to_device(torch.from_numpy(host))
+        base = buffer.data_ptr()
+        return buffer, base, base + offset
+
+    # -- operations --------------------------------------------------------------------------------
+
+    def grad_norm_sq(self, elem: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        from . import cuda_catalog, cuda_plan
+
+        program = cuda_catalog.norm_program()
+        prefix = cuda_plan.chunk_prefix([t.numel() for t in tensors], cuda_plan.REDUCE_CHUNK_ELEMS)
+        total, n = int(prefix[-1]), len(tensors)
+        with self.guard():
+            out = torch.empty(n, dtype=torch.float64, device=self.device)
+            partials = torch.empty(total, dtype=torch.float64, device=self.device)
+            buffer, descs_ptr, prefix_ptr = self._descriptors(cuda_plan.pack_norm_descs(tensors), prefix)
+            if total:
+                kernel = self.kernel(program, cuda_catalog.grad_norm_kernel(elem))
+                self.launch(kernel, total, None, (descs_ptr, prefix_ptr, n, partials.data_ptr()))
+            finalize = self.kernel(program, cuda_catalog.FINALIZE_SUMS)
+            self.launch(finalize, n, n, (prefix_ptr, n, partials.data_ptr(), out.data_ptr()))
+            del buffer  # the caching allocator reuses it only for later work on this stream
+        return list(out.unbind(0))
+
+    def prepare(self, kind: UpdateKind, elem: str, mode: str, items: list[UpdateItem], want_norms: bool) -> list[PrepareResult]:
+        from . import cuda_catalog, cuda_plan
+        from .cuda_layout import PREPARE_PARTIAL
+
+        program = cuda_catalog.optimizer_program(kind.algorithm, elem)
+        prefix = cuda_plan.chunk_prefix([it.param.numel() for it in items], cuda_plan.REDUCE_CHUNK_ELEMS)
+        total, n = int(prefix[-1]), len(items)
+        with self.guard():
+            partials = torch.empty(total * PREPARE_PARTIAL.itemsize, dtype=torch.uint8, device=self.device)
+            norms = torch.empty((n, 2), dtype=torch.float64, device=self.device)
+            maxima = torch.empty((n, 3), dtype=torch.float32, device=self.device)
+            buffer, descs_ptr, prefix_ptr = self._descriptors(cuda_plan.pack_update_descs(kind, items), prefix)
+            if total:
+                kernel = self.kernel(program, cuda_catalog.prepare_kernel(kind.algorithm, elem, mode))
+                args = (descs_ptr, prefix_ptr, n, self.maps.data_ptr(), self.luts.data_ptr(), partials.data_ptr(), int(want_norms))
+                self.launch(kernel, total, None, args)
+            finalize = self.kernel(program, cuda_catalog.FINALIZE_PREPARE)
+            self.launch(finalize, n, n, (prefix_ptr, n, partials.data_ptr(), norms.data_ptr(), maxima.data_ptr()))
+            del buffer
+        k1 = kind.state1_moments
+        results = []
+        for j in range(n):
+            r = PrepareResult()
+            if mode == "tensor8":
+                r.max1 = maxima[j, :k1]
+                if kind.num_states == 2:
+                    r.max2 = maxima[j, k1 : k1 + 1]
+            if want_norms:
+                r.unorm_sq, r.pnorm_sq = norms[j, 0], norms[j, 1]
+            results.append(r)
+        return results
+
+    def update(self, kind: UpdateKind, elem: str, mode: str, items: list[UpdateItem]) -> None:
+        from . import cuda_catalog, cuda_plan
+
+        program = cuda_catalog.optimizer_program(kind.algorithm, elem)
+        live = [it for it in items if it.param.numel() > 0]
+        with self.guard():
+            if live:
+                prefix = cuda_plan.chunk_prefix([it.param.numel() for it in live], cuda_plan.CHUNK_ELEMS)
+                buffer, descs_ptr, prefix_ptr = self._descriptors(cuda_plan.pack_update_descs(kind, live), prefix)
+                kernel = self.kernel(program, cuda_catalog.update_kernel(kind.algorithm, elem, mode))
+                args = (descs_ptr, prefix_ptr, len(live), self.maps.data_ptr(), self.luts.data_ptr())
+                self.launch(kernel, int(prefix[-1]), None, args)
+                del buffer
+            if mode == "tensor8":
+                # every CTA read the old absmax during the launch; the new one lands after it
+                targets, values = [], []
+                for it in items:
+                    targets.append(it.absmax1)
+                    values.append(it.new_absmax1.reshape(it.absmax1.shape))
+                    if kind.num_states == 2:
+                        targets.append(it.absmax2)
+                        values.append(it.new_absmax2.reshape(it.absmax2.shape))
+                torch._foreach_copy_(targets, values)
+
+
+class CudaLauncher(DeviceLauncher):
+    """:class:`DeviceLauncher` on a real GPU: NVRTC cubins in torch's primary context."""
 
     def __init__(self, index: int):
         from . import cuda_driver, cuda_tables
 
         self.index = index
+        self.device = torch.device("cuda", index)
         with torch.cuda.device(index):
             self.ctx = cuda_driver.DeviceContext(index)
             tables = cuda_tables.build_tables()
             # A blocking copy, once per device: the tables must be in place for kernels on
             # any stream, not only the current one.
-            self.maps = torch.from_numpy(tables.maps).to(torch.device("cuda", index))
-            self.luts = torch.from_numpy(tables.luts).to(torch.device("cuda", index))
+            self.maps = torch.from_numpy(tables.maps).to(self.device)
+            self.luts = torch.from_numpy(tables.luts).to(self.device)
         self._kernels: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
@@ -192,97 +305,20 @@ class _DeviceKernels:
                     self._kernels[program.slug] = loaded
         return loaded[spec.name]
 
-    def _launch(self, kernel, work_units: int, grid: int | None, args: Sequence[int]) -> None:
+    def launch(self, kernel, work_units: int, grid: int | None, args: Sequence[int]) -> None:
         stream = torch.cuda.current_stream(self.index).cuda_stream
         self.ctx.make_current()
         self.ctx.launch(kernel, grid if grid is not None else self.ctx.grid_for(kernel, work_units), args, stream)
 
-    def _descriptors(self, descs, prefix) -> tuple[torch.Tensor, int, int]:
-        """Upload descriptors + chunk prefix; returns (device buffer, descs ptr, prefix ptr)."""
-        from . import cuda_plan
+    def to_device(self, host: torch.Tensor) -> torch.Tensor:
+        return _upload(host, self.index)
 
-        host, offset = cuda_plan.launch_buffer(descs, prefix)
-        buffer = _upload(torch.from_numpy(host), self.index)
-        base = buffer.data_ptr()
-        return buffer, base, base + offset
+    def guard(self):
+        return torch.cuda.device(self.index)
 
-    # -- operations --------------------------------------------------------------------------------
 
-    def grad_norm_sq(self, elem: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        from . import cuda_catalog, cuda_plan
-
-        program = cuda_catalog.norm_program()
-        prefix = cuda_plan.chunk_prefix([t.numel() for t in tensors], cuda_plan.REDUCE_CHUNK_ELEMS)
-        total = int(prefix[-1])
-        n = len(tensors)
-        with torch.cuda.device(self.index):
-            out = torch.empty(n, dtype=torch.float64, device=f"cuda:{self.index}")
-            partials = torch.empty(total, dtype=torch.float64, device=out.device)
-            buffer, descs_ptr, prefix_ptr = self._descriptors(cuda_plan.pack_norm_descs(tensors), prefix)
-            if total:
-                kernel = self.kernel(program, cuda_catalog.grad_norm_kernel(elem))
-                self._launch(kernel, total, None, (descs_ptr, prefix_ptr, n, partials.data_ptr()))
-            finalize = self.kernel(program, cuda_catalog.FINALIZE_SUMS)
-            self._launch(finalize, n, n, (prefix_ptr, n, partials.data_ptr(), out.data_ptr()))
-            del buffer  # stream-ordered reuse by the caching allocator is safe
-        return list(out.unbind(0))
-
-    def prepare(self, kind: UpdateKind, elem: str, mode: str, items: list[UpdateItem], want_norms: bool) -> list[PrepareResult]:
-        from . import cuda_catalog, cuda_plan
-        from .cuda_layout import PREPARE_PARTIAL
-
-        program = cuda_catalog.optimizer_program(kind.algorithm, elem)
-        prefix = cuda_plan.chunk_prefix([it.param.numel() for it in items], cuda_plan.REDUCE_CHUNK_ELEMS)
-        total, n = int(prefix[-1]), len(items)
-        device = torch.device("cuda", self.index)
-        with torch.cuda.device(self.index):
-            partials = torch.empty(total * PREPARE_PARTIAL.itemsize, dtype=torch.uint8, device=device)
-            norms = torch.empty((n, 2), dtype=torch.float64, device=device)
-            maxima = torch.empty((n, 3), dtype=torch.float32, device=device)
-            buffer, descs_ptr, prefix_ptr = self._descriptors(cuda_plan.pack_update_descs(kind, items), prefix)
-            if total:
-                kernel = self.kernel(program, cuda_catalog.prepare_kernel(kind.algorithm, elem, mode))
-                args = (descs_ptr, prefix_ptr, n, self.maps.data_ptr(), self.luts.data_ptr(), partials.data_ptr(), int(want_norms))
-                self._launch(kernel, total, None, args)
-            finalize = self.kernel(program, cuda_catalog.FINALIZE_PREPARE)
-            self._launch(finalize, n, n, (prefix_ptr, n, partials.data_ptr(), norms.data_ptr(), maxima.data_ptr()))
-            del buffer
-        k1 = kind.state1_moments
-        results = []
-        for j, item in enumerate(items):
-            r = PrepareResult()
-            if mode == "tensor8":
-                r.max1 = maxima[j, :k1]
-                if kind.num_states == 2:
-                    r.max2 = maxima[j, k1 : k1 + 1]
-            if want_norms:
-                r.unorm_sq, r.pnorm_sq = norms[j, 0], norms[j, 1]
-            results.append(r)
-        return results
-
-    def update(self, kind: UpdateKind, elem: str, mode: str, items: list[UpdateItem]) -> None:
-        from . import cuda_catalog, cuda_plan
-
-        program = cuda_catalog.optimizer_program(kind.algorithm, elem)
-        live = [it for it in items if it.param.numel() > 0]
-        with torch.cuda.device(self.index):
-            if live:
-                prefix = cuda_plan.chunk_prefix([it.param.numel() for it in live], cuda_plan.CHUNK_ELEMS)
-                buffer, descs_ptr, prefix_ptr = self._descriptors(cuda_plan.pack_update_descs(kind, live), prefix)
-                kernel = self.kernel(program, cuda_catalog.update_kernel(kind.algorithm, elem, mode))
-                args = (descs_ptr, prefix_ptr, len(live), self.maps.data_ptr(), self.luts.data_ptr())
-                self._launch(kernel, int(prefix[-1]), None, args)
-                del buffer
-            if mode == "tensor8":
-                # every CTA read the old absmax during the launch; the new one lands after it
-                targets, values = [], []
-                for it in items:
-                    targets.append(it.absmax1)
-                    values.append(it.new_absmax1.reshape(it.absmax1.shape))
-                    if kind.num_states == 2:
-                        targets.append(it.absmax2)
-                        values.append(it.new_absmax2.reshape(it.absmax2.shape))
-                torch._foreach_copy_(targets, values)
+def _cuda_launcher(device: torch.device) -> CudaLauncher:
+    return CudaLauncher(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _upload(host: torch.Tensor, index: int) -> torch.Tensor:
