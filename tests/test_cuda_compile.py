@@ -185,6 +185,16 @@ def test_cache_hits_misses_and_stats(tmp_path, monkeypatch):
     assert not cuda_compiler.compile_program(spec, "sm_90").from_cache
 
 
+def test_unwritable_cache_compiles_in_memory_with_a_warning(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv(cuda_compiler.CACHE_ENV, str(blocker / "cache"))
+    monkeypatch.setattr(cuda_compiler, "_warned_dirs", set())
+    with pytest.warns(RuntimeWarning, match="cannot use the kernel cache"):
+        program = cuda_compiler.compile_program(cuda_catalog.quant_program(), "sm_90")
+    assert not program.from_cache and program.cubin[:4] == b"\x7fELF"
+
+
 def test_default_cache_location(monkeypatch, tmp_path):
     monkeypatch.delenv(cuda_compiler.CACHE_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

@@ -66,7 +66,18 @@ class UnavailableCudaBackend:
 
 
 class CudaBackend:
-    """The NVRTC kernels (see the module docstring); one instance serves every device."""
+    """The NVRTC kernels (see the module docstring); one instance serves every device.
+
+    ``launcher_factory`` builds the per-device launcher (default: :class:`CudaLauncher`); the
+    test suite passes an emulator to run the host code on the CPU.
+
+    Example:
+        >>> import torch  # doctest: +SKIP
+        >>> from pagedopt.backends.cuda import CudaBackend  # doctest: +SKIP
+        >>> g = torch.randn(10_000, device="cuda")  # doctest: +SKIP
+        >>> CudaBackend().grad_norm_sq([g])[0].dtype  # doctest: +SKIP
+        torch.float64
+    """
 
     name = "cuda"
 
@@ -332,6 +343,14 @@ def _upload(host: torch.Tensor, index: int) -> torch.Tensor:
 
 
 # --- loading and registration ---------------------------------------------------------------------
+
+
+def kernel_stats() -> dict[str, float]:
+    """Kernel compile/cache/load counters for telemetry (see ``cuda_compiler.KernelStats``)."""
+    from .cuda_compiler import kernel_stats as stats
+
+    return stats()
+
 
 _warned_fallback = False
 

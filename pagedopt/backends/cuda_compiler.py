@@ -36,6 +36,7 @@ import os
 import re
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterator
@@ -70,6 +71,12 @@ class KernelStats:
 
     ``compile_seconds`` is NVRTC time of cache misses; ``load_seconds`` the time spent
     loading cubins into a CUDA context.
+
+    Example:
+        >>> stats = KernelStats()
+        >>> stats.add(cache_hits=2, compile_seconds=0.5)
+        >>> stats.snapshot()["cache_hits"], stats.snapshot()["compile_seconds"]
+        (2, 0.5)
     """
 
     programs_compiled: int = 0
@@ -424,7 +431,11 @@ def compile_program(spec: ProgramSpec, arch: str, *, use_cache: bool = True) -> 
             STATS.add(cache_hits=1)
             return cached
     directory = cache_dir() / arch
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _warn_uncached(directory, exc)
+        return _compile_uncached(spec, arch, root, key)
     lock = directory / f".{spec.slug}.lock"
     with _file_lock(lock):
         if use_cache and (cached := _read_cached(spec, arch, key)) is not None:  # another rank won
@@ -436,9 +447,38 @@ def compile_program(spec: ProgramSpec, arch: str, *, use_cache: bool = True) -> 
             resources=parse_ptxas_report(log), log=log, compile_seconds=seconds, from_cache=False,
         )
         check_signatures(program)
-        _write_cached(program)
+        try:
+            _write_cached(program)
+        except OSError as exc:
+            _warn_uncached(directory, exc)
     STATS.add(cache_misses=1, programs_compiled=1, compile_seconds=seconds)
     return program
+
+
+def _compile_uncached(spec: ProgramSpec, arch: str, root: Path, key: str) -> CompiledProgram:
+    cubin, ptx, log, symbols, seconds = _nvrtc_compile(spec, arch, root)
+    program = CompiledProgram(
+        spec=spec, arch=arch, key=key, cubin=cubin, symbols=symbols, ptx_params=parse_ptx_params(ptx),
+        resources=parse_ptxas_report(log), log=log, compile_seconds=seconds, from_cache=False,
+    )
+    check_signatures(program)
+    STATS.add(cache_misses=1, programs_compiled=1, compile_seconds=seconds)
+    return program
+
+
+_warned_dirs: set[Path] = set()
+
+
+def _warn_uncached(directory: Path, exc: OSError) -> None:
+    """A read-only or full cache location costs compile time, never correctness."""
+    if directory not in _warned_dirs:
+        _warned_dirs.add(directory)
+        warnings.warn(
+            f"pagedopt: cannot use the kernel cache {directory} ({exc}); kernels are compiled in memory "
+            f"every run. Set {CACHE_ENV} to a writable directory.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def compile_all(
