@@ -93,40 +93,70 @@ __device__ __forceinline__ int find_tensor(const int64_t* __restrict__ chunk_pre
 }
 
 // --- vector I/O ------------------------------------------------------------------------------
+//
+// Groups of N elements move as 32-bit words packed with explicit shifts, in one 4/8/16-byte
+// access (two for 32 bytes). The accesses are inline PTX: written in C++, NVVM merges the
+// vector store with the element-wise tail store of the other branch into predicated scalar
+// stores (seen in the PTX), which would quarter the store width.
 
-template <int BYTES>
-struct VecWord;
+__device__ __forceinline__ uint32_t word_bits(float v) { return __float_as_uint(v); }
+__device__ __forceinline__ uint32_t word_bits(uint16_t v) { return v; }
+__device__ __forceinline__ uint32_t word_bits(uint8_t v) { return v; }
+
+template <typename T>
+__device__ __forceinline__ T from_word_bits(uint32_t b);
 template <>
-struct VecWord<4> { typedef uint32_t type; };
+__device__ __forceinline__ float from_word_bits<float>(uint32_t b) { return __uint_as_float(b); }
 template <>
-struct VecWord<8> { typedef uint2 type; };
+__device__ __forceinline__ uint16_t from_word_bits<uint16_t>(uint32_t b) { return (uint16_t)(b & 0xffffu); }
 template <>
-struct VecWord<16> { typedef uint4 type; };
+__device__ __forceinline__ uint8_t from_word_bits<uint8_t>(uint32_t b) { return (uint8_t)(b & 0xffu); }
+
+// Load/store WORDS 32-bit words at `p` (aligned to min(4 * WORDS, 16) bytes).
+template <int WORDS>
+__device__ __forceinline__ void load_words(const void* p, uint32_t* w) {
+  if constexpr (WORDS == 1) {
+    asm("ld.global.u32 %0, [%1];" : "=r"(w[0]) : "l"(p));
+  } else if constexpr (WORDS == 2) {
+    asm("ld.global.v2.u32 {%0, %1}, [%2];" : "=r"(w[0]), "=r"(w[1]) : "l"(p));
+  } else {
+    static_assert(WORDS % 4 == 0, "groups are 4, 8, 16 or 32 bytes");
+#pragma unroll
+    for (int h = 0; h < WORDS / 4; ++h)
+      asm("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+          : "=r"(w[4 * h]), "=r"(w[4 * h + 1]), "=r"(w[4 * h + 2]), "=r"(w[4 * h + 3])
+          : "l"(static_cast<const uint32_t*>(p) + 4 * h));
+  }
+}
+
+template <int WORDS>
+__device__ __forceinline__ void store_words(void* p, const uint32_t* w) {
+  if constexpr (WORDS == 1) {
+    asm volatile("st.global.u32 [%0], %1;" ::"l"(p), "r"(w[0]));
+  } else if constexpr (WORDS == 2) {
+    asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(w[0]), "r"(w[1]));
+  } else {
+    static_assert(WORDS % 4 == 0, "groups are 4, 8, 16 or 32 bytes");
+#pragma unroll
+    for (int h = 0; h < WORDS / 4; ++h)
+      asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(static_cast<uint32_t*>(p) + 4 * h),
+                   "r"(w[4 * h]), "r"(w[4 * h + 1]), "r"(w[4 * h + 2]), "r"(w[4 * h + 3]));
+  }
+}
 
 // N consecutive T from `src` into registers: vector access when `vector` (caller checked
 // alignment and that all N are in range), else element by element for the `valid` first ones
 // (the rest become 0).
 template <typename T, int N>
 __device__ __forceinline__ void load_group(const T* src, T* dst, bool vector, int64_t valid) {
-  constexpr int BYTES = N * (int)sizeof(T);
+  constexpr int PER_WORD = 4 / (int)sizeof(T);
+  constexpr int WORDS = N / PER_WORD;
+  static_assert(N % PER_WORD == 0, "a group fills whole 32-bit words");
   if (vector) {
-    if constexpr (BYTES <= 16) {
-      typedef typename VecWord<BYTES>::type W;
-      union { W w; T v[N]; } u;
-      u.w = *reinterpret_cast<const W*>(src);
+    uint32_t w[WORDS];
+    load_words<WORDS>(src, w);
 #pragma unroll
-      for (int i = 0; i < N; ++i) dst[i] = u.v[i];
-    } else {
-      static_assert(BYTES % 16 == 0, "vector groups are 4, 8, 16 or 32 bytes");
-      constexpr int H = 16 / (int)sizeof(T);
-#pragma unroll
-      for (int h = 0; h < N / H; ++h) {
-        union { uint4 w; T v[H]; } u;
-        u.w = *reinterpret_cast<const uint4*>(src + h * H);
-#pragma unroll
-        for (int i = 0; i < H; ++i) dst[h * H + i] = u.v[i];
-      }
-    }
+    for (int i = 0; i < N; ++i) dst[i] = from_word_bits<T>(w[i / PER_WORD] >> (8 * (int)sizeof(T) * (i % PER_WORD)));
   } else {
 #pragma unroll
     for (int i = 0; i < N; ++i) dst[i] = (i < valid) ? src[i] : T(0);
@@ -135,24 +165,17 @@ __device__ __forceinline__ void load_group(const T* src, T* dst, bool vector, in
 
 template <typename T, int N>
 __device__ __forceinline__ void store_group(T* dst, const T* src, bool vector, int64_t valid) {
-  constexpr int BYTES = N * (int)sizeof(T);
+  constexpr int PER_WORD = 4 / (int)sizeof(T);
+  constexpr int WORDS = N / PER_WORD;
   if (vector) {
-    if constexpr (BYTES <= 16) {
-      typedef typename VecWord<BYTES>::type W;
-      union { W w; T v[N]; } u;
+    uint32_t w[WORDS];
 #pragma unroll
-      for (int i = 0; i < N; ++i) u.v[i] = src[i];
-      *reinterpret_cast<W*>(dst) = u.w;
-    } else {
-      constexpr int H = 16 / (int)sizeof(T);
+    for (int k = 0; k < WORDS; ++k) {
+      w[k] = 0;
 #pragma unroll
-      for (int h = 0; h < N / H; ++h) {
-        union { uint4 w; T v[H]; } u;
-#pragma unroll
-        for (int i = 0; i < H; ++i) u.v[i] = src[h * H + i];
-        *reinterpret_cast<uint4*>(dst + h * H) = u.w;
-      }
+      for (int e = 0; e < PER_WORD; ++e) w[k] |= word_bits(src[k * PER_WORD + e]) << (8 * (int)sizeof(T) * e);
     }
+    store_words<WORDS>(dst, w);
   } else {
 #pragma unroll
     for (int i = 0; i < N; ++i)
