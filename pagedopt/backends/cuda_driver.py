@@ -31,8 +31,7 @@ import numpy as np
 
 from .cuda_catalog import KernelSpec
 from .cuda_compiler import STATS, CompiledProgram
-
-THREADS_PER_BLOCK = 256  # kThreads in native/cuda/tiling.cuh
+from .cuda_layout import THREADS_PER_BLOCK
 
 
 class DriverUnavailableError(RuntimeError):

@@ -33,10 +33,8 @@ import torch
 from ..functional.items import UpdateItem
 from ..functional.kinds import UpdateKind
 from ..functional.quantization import num_blocks
-from .cuda_layout import FLAG_VECTOR_OK, NORM_DESC, STEP_SCALARS, TENSOR_DESC
+from .cuda_layout import CHUNK_ELEMS, FLAG_VECTOR_OK, NORM_DESC, REDUCE_CHUNK_ELEMS, STEP_SCALARS, TENSOR_DESC
 
-CHUNK_ELEMS = 2048  # kChunkElems: one CTA pass of an update kernel
-REDUCE_CHUNK_ELEMS = 2048 * 16  # kReduceChunkElems: one partial of a reducing kernel
 VECTOR_BYTES = 16
 
 ELEM_OF_DTYPE = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
