@@ -47,8 +47,8 @@ except Exception as e:
 PYEOF
 ARCH=$("$PY" -c "import torch; p = torch.cuda.get_device_capability(); print(f'sm_{p[0]}{p[1]}')" 2>/dev/null || echo none)
 
-stage kernels 150 "$OUT_DIR/kernels.log" "$PY" -m pagedopt kernels --arch "$ARCH" --verbose
-stage gpu-tests 240 "$OUT_DIR/pytest.log" "$PY" -m pytest -m cuda tests/test_cuda.py -q -rs \
+stage kernels 120 "$OUT_DIR/kernels.log" "$PY" -m pagedopt kernels --arch "$ARCH" --verbose
+stage gpu-tests 210 "$OUT_DIR/pytest.log" "$PY" -m pytest -m cuda tests/test_cuda.py -q -rs \
   -p no:cacheprovider --junitxml="$OUT_DIR/junit.xml"
 stage benchmark 120 "$OUT_DIR/bench.log" "$PY" benchmarks/gpu_bench.py --json "$OUT_DIR/gpu_bench.json"
 
