@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# GPU verification of pagedopt's CUDA backend, for a GPU machine with torch and cuda-python
+# already installed and no network. Runs, each under a time limit (the whole script stays
+# under 8 minutes on one H200):
+#   1. `pagedopt kernels` for this GPU's architecture (fills the kernel cache in parallel);
+#   2. the GPU tests, `pytest -m cuda tests/test_cuda.py`;
+#   3. the GPU benchmark, benchmarks/gpu_bench.py;
+# and prints a summary table last. Results go to $OUT (or ./gpu-check-out): kernels.log,
+# pytest.log, junit.xml, bench.log, gpu_bench.json, summary.txt.
+#
+# Usage: scripts/gpu_check.sh            (PYTHON=... to pick the interpreter)
+# If pytest is not installed, put its pure-Python wheels unpacked in .gpu-deps/ (added to
+# PYTHONPATH here).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+OUT_DIR="${OUT:-$PWD/gpu-check-out}"
+mkdir -p "$OUT_DIR"
+export OUT="$OUT_DIR"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+[ -d .gpu-deps ] && export PYTHONPATH="$PWD/.gpu-deps:$PYTHONPATH"
+export PAGEDOPT_KERNEL_CACHE="${PAGEDOPT_KERNEL_CACHE:-$OUT_DIR/kernel-cache}"
+started=$(date +%s)
+
+stage() {  # stage NAME LIMIT_SECONDS LOG CMD... ; records "NAME rc seconds"
+  local name=$1 limit=$2 log=$3; shift 3
+  local t0=$(date +%s)
+  echo "== $name (limit ${limit}s)"
+  timeout --signal=TERM --kill-after=10 "$limit" "$@" >"$log" 2>&1
+  local rc=$?
+  tail -n 25 "$log"
+  echo "$name $rc $(( $(date +%s) - t0 ))" >>"$OUT_DIR/stages.txt"
+}
+: >"$OUT_DIR/stages.txt"
+
+"$PY" - <<'PYEOF' | tee "$OUT_DIR/environment.txt"
+import torch, platform
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", p.name, f"sm_{p.major}{p.minor}", f"{p.total_memory / 2**30:.0f} GiB")
+try:
+    import cuda.bindings, cuda.bindings.nvrtc as n
+    print("cuda-bindings", cuda.bindings.__version__, "nvrtc", n.nvrtcVersion()[1:])
+except Exception as e:
+    print("cuda-python unavailable:", e)
+PYEOF
+ARCH=$("$PY" -c "import torch; p = torch.cuda.get_device_capability(); print(f'sm_{p[0]}{p[1]}')" 2>/dev/null || echo none)
+
+stage kernels 120 "$OUT_DIR/kernels.log" "$PY" -m pagedopt kernels --arch "$ARCH" --verbose
+stage gpu-tests 210 "$OUT_DIR/pytest.log" "$PY" -m pytest -m cuda tests/test_cuda.py -q -rs \
+  -p no:cacheprovider --junitxml="$OUT_DIR/junit.xml"
+stage benchmark 120 "$OUT_DIR/bench.log" "$PY" benchmarks/gpu_bench.py --json "$OUT_DIR/gpu_bench.json"
+
+"$PY" - "$OUT_DIR" "$started" <<'PYEOF' | tee "$OUT_DIR/summary.txt"
+import json, sys, time, xml.etree.ElementTree as ET
+from pathlib import Path
+out, started = Path(sys.argv[1]), int(sys.argv[2])
+print("\n==== pagedopt gpu_check summary ====")
+print(f"{'stage':12} {'result':8} {'seconds':>7}  detail")
+for line in (out / "stages.txt").read_text().split("\n"):
+    if not line.strip():
+        continue
+    name, rc, secs = line.split()
+    result = "ok" if rc == "0" else ("TIMEOUT" if rc in ("124", "137") else f"FAIL({rc})")
+    detail = ""
+    if name == "kernels":
+        lines = [l for l in (out / "kernels.log").read_text().splitlines() if l.startswith("compiled ")]
+        detail = lines[-1][:90] if lines else ""
+    if name == "gpu-tests" and (out / "junit.xml").exists():
+        s = ET.parse(out / "junit.xml").getroot()
+        s = s if s.tag == "testsuite" else s.find("testsuite")
+        detail = f"{s.get('tests')} tests, {s.get('failures')} failed, {s.get('errors')} errors, {s.get('skipped')} skipped"
+    print(f"{name:12} {result:8} {secs:>7}  {detail}")
+bench = out / "gpu_bench.json"
+if bench.exists():
+    r = json.loads(bench.read_text())
+    print(f"\ncopy bandwidth {r['copy_gbps']:.0f} GB/s on {r['device']}")
+    print(f"{'workload':16} {'optimizer':24} {'ms/step':>8} {'% copy':>7} {'vs fused':>8}")
+    for row in r["results"]:
+        if row["ms_per_step"] is None:
+            print(f"{row['workload']:16} {row['optimizer']:24} failed: {row['note'][:60]}")
+            continue
+        vs = f"{row['vs_torch_fused']:.2f}x" if row["vs_torch_fused"] else "-"
+        print(f"{row['workload']:16} {row['optimizer']:24} {row['ms_per_step']:8.3f} {100 * row['copy_fraction']:6.1f}% {vs:>8}")
+    for k, v in r["targets"].items():
+        print(f"target {k}: {'n/a' if v is None else ('PASS' if v else 'FAIL')}")
+print(f"total {int(time.time()) - started} s")
+PYEOF
+awk '$2 != 0 { bad = 1 } END { exit bad }' "$OUT_DIR/stages.txt"
