@@ -619,7 +619,7 @@ def valid_document(name: str) -> st.SearchStrategy:
     elif algorithm != "Adagrad":
         common["betas"] = st.lists(st.floats(0, 0.999), min_size=2, max_size=2)
     common = {k: v for k, v in common.items() if k in setting_names(name)}
-    paging = st.fixed_dictionaries({"device_budget_bytes": st.sampled_from([0, 4096, "1MiB", "2GiB"])}, optional={
+    paging = st.fixed_dictionaries({"device_budget_bytes": st.sampled_from([4096, "1MiB", "2GiB"])}, optional={
         "policy": st.sampled_from(["on_demand", "pipelined", "offload", "budgeted"]),
         "backend": st.sampled_from(["auto", "host", "simulated"]), "prefetch_depth": st.integers(1, 64)})
     rule = st.fixed_dictionaries(
