@@ -86,7 +86,7 @@ def error_lines(excinfo) -> list[str]:
 YAML_DOC = """\
     optimizer: {name: PagedAdamW8bit, lr: 1e-3, betas: [0.9, 0.95], weight_decay: 0.01}
     paging: {policy: budgeted, device_budget_bytes: 2GiB}
-    telemetry: {port: 9400, addr: 127.0.0.1}
+    telemetry: {port: 9460, addr: 127.0.0.1}
     overrides:
       - match: "*.bias"
         set: {weight_decay: 0.0}
@@ -108,7 +108,7 @@ TOML_DOC = """\
     device_budget_bytes = "2GiB"
 
     [telemetry]
-    port = 9400
+    port = 9460
     addr = "127.0.0.1"
 
     [[overrides]]
@@ -134,7 +134,7 @@ def test_yaml_toml_and_json_load_the_same_config(tmp_path):
     assert from_yaml.model_dump() == from_toml.model_dump() == from_json.model_dump()
     assert from_yaml.optimizer.lr == 1e-3  # YAML's 1e-3 is a number here (PyYAML alone: a string)
     assert from_yaml.paging.device_budget_bytes == 2 * 2**30
-    assert from_yaml.telemetry.port == 9400 and from_yaml.telemetry.top_k == 20
+    assert from_yaml.telemetry.port == 9460 and from_yaml.telemetry.top_k == 20
     assert [r.describe() for r in from_yaml.overrides] == ["match: '*.bias'", "module: 'Embedding'", "min_numel: 1000000"]
     assert from_yaml.source.endswith("c.yaml")
 

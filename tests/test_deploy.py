@@ -24,7 +24,7 @@ DEPLOY = ROOT / "deploy"
 LAUNCH = DEPLOY / "torchrun" / "launch.sh"
 SBATCH = DEPLOY / "slurm" / "train.sbatch"
 K8S = DEPLOY / "kubernetes"
-METRICS_BASE = 9400
+METRICS_BASE = 9460
 
 
 # --- shell scripts ---------------------------------------------------------------------------------
@@ -68,7 +68,7 @@ def test_launch_single_node_defaults(tmp_path):
     assert "--nnodes=1" in argv and "--nproc-per-node=4" in argv and "--standalone" in argv
     module = argv.index("-m", 2)
     assert argv[module + 1:module + 5] == ["pagedopt", "train", "--distributed", "fsdp"]
-    assert argv[-6:] == ["--metrics-port", "9400", "--metrics-addr", "127.0.0.1", "--steps", "5"]
+    assert argv[-6:] == ["--metrics-port", "9460", "--metrics-addr", "127.0.0.1", "--steps", "5"]
 
 
 def test_launch_multi_node_rendezvous(tmp_path):
@@ -150,7 +150,7 @@ def test_sbatch_starts_one_launcher_per_node(tmp_path):
     assert out[1:7] == ["--kill-on-bad-exit=1", "--ntasks-per-node=1", "bash",
                        f"{ROOT}/deploy/torchrun/launch.sh", "--steps", "10"], out
     for line in ("MASTER_ADDR=gpu-a17", "MASTER_PORT=29500", "NNODES=2", "NPROC_PER_NODE=8",
-                 "RUN_ID=4242", "METRICS_PORT=9400", "METRICS_ADDR=0.0.0.0", "DISTRIBUTED=fsdp"):
+                 "RUN_ID=4242", "METRICS_PORT=9460", "METRICS_ADDR=0.0.0.0", "DISTRIBUTED=fsdp"):
         assert line in out, (line, out)
 
 
@@ -257,7 +257,7 @@ def test_schema_check_catches_mistakes():
     job = _manifests()["Job"]
     bad = yaml.safe_load(yaml.safe_dump(job).replace("completionMode", "completionMod"))
     assert any("completionMod: unknown field" in e for e in _check(bad, SCHEMAS[("batch/v1", "Job")], "Job"))
-    bad = yaml.safe_load(yaml.safe_dump(job).replace("containerPort: 9401", "containerPort: '9401'"))
+    bad = yaml.safe_load(yaml.safe_dump(job).replace("containerPort: 9461", "containerPort: '9461'"))
     assert any("containerPort: expected" in e for e in _check(bad, SCHEMAS[("batch/v1", "Job")], "Job"))
 
 

@@ -82,7 +82,7 @@ def test_none_mode_is_a_plain_single_process():
         model = run.wrap(torch.nn.Linear(4, 4))
         assert isinstance(model, torch.nn.Linear)
         assert run.mean(torch.tensor(3.0)) == 3.0 and run.sum(2) == 2.0
-        assert run.metrics_port(9400) == 9400
+        assert run.metrics_port(9460) == 9460
         assert run.data_seed(5) != init_distributed("none", device="cpu").data_seed(6)
 
 

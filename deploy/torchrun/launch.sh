@@ -15,7 +15,7 @@
 #   MAX_RESTARTS    torchrun restarts of the whole worker group on failure (default 0)
 #   DISTRIBUTED     fsdp or ddp (default fsdp)
 #   METRICS_PORT    Prometheus base port; rank r on a node serves METRICS_PORT + LOCAL_RANK
-#                   (default 9400; empty: no metrics flags)
+#                   (default 9460; empty: no metrics flags)
 #   METRICS_ADDR    address the metrics endpoints bind (default 127.0.0.1; 0.0.0.0 to scrape
 #                   from another host)
 #   TRAIN_MODULE    the python module (and subcommand) to run (default "pagedopt train")
@@ -49,8 +49,8 @@ else
 fi
 
 metrics=()
-if [[ -n "${METRICS_PORT-9400}" ]]; then
-  metrics=(--metrics-port "${METRICS_PORT:-9400}" --metrics-addr "${METRICS_ADDR:-127.0.0.1}")
+if [[ -n "${METRICS_PORT-9460}" ]]; then
+  metrics=(--metrics-port "${METRICS_PORT:-9460}" --metrics-addr "${METRICS_ADDR:-127.0.0.1}")
 fi
 
 # One OpenMP thread per worker unless told otherwise: N workers share the node's cores.

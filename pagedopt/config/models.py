@@ -41,15 +41,15 @@ class TelemetryConfig(BaseModel):
             into ``__other__``, which bounds label cardinality.
 
     Example:
-        >>> TelemetryConfig(port=9400).port
-        9400
+        >>> TelemetryConfig(port=9460).port
+        9460
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: StrictBool = True
     addr: str = "127.0.0.1"
-    port: StrictInt = Field(default=9400, ge=1, le=65535)
+    port: StrictInt = Field(default=9460, ge=1, le=65535)
     top_k: StrictInt = Field(default=20, ge=0)
 
     @field_validator("addr")

@@ -17,8 +17,8 @@ Example:
     >>> from pagedopt.distributed import init_distributed
     >>> with init_distributed("none", device="cpu") as run:
     ...     model = run.wrap(torch.nn.Linear(4, 4))
-    ...     (run.rank, run.world_size, run.is_main, run.metrics_port(9400))
-    (0, 1, True, 9400)
+    ...     (run.rank, run.world_size, run.is_main, run.metrics_port(9460))
+    (0, 1, True, 9460)
 """
 
 from __future__ import annotations

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections import abc as container_abcs
 from collections import defaultdict
 from copy import deepcopy
 from dataclasses import dataclass
