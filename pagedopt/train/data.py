@@ -4,15 +4,15 @@ The default corpus is the running interpreter's own standard library source
 (``sysconfig.get_paths()["stdlib"]``): it is on every machine, needs no download and is
 real, varied code. Files are taken in a fixed pseudo-random order (a hash of each relative
 path, so a size cap samples the whole tree rather than the first letters of the alphabet)
-until ``max_bytes``; a hash of the path also decides which files are held out for
-validation, so a file is never in both splits. The same interpreter always gives the same
+until ``max_bytes``; a second hash of the path picks the files held out for validation (about
+``val_fraction`` of the bytes), so a file is never in both splits. The same interpreter always gives the same
 corpus; a different Python version gives a different one.
 
 Example:
     >>> from pagedopt.train.data import load_corpus, BatchSampler
     >>> corpus = load_corpus(max_bytes=200_000)
-    >>> corpus.train.dtype, len(corpus.train) + len(corpus.val)
-    (torch.uint8, 200000)
+    >>> corpus.train.dtype, corpus.split, len(corpus.val) < len(corpus.train)
+    (torch.uint8, 'by file', True)
     >>> x, y = BatchSampler(corpus.train, batch_size=2, seq_len=8, seed=0).next_batch()
     >>> x.shape, bool((x[:, 1:] == y[:, :-1]).all())
     (torch.Size([2, 8]), True)
@@ -50,11 +50,15 @@ class Corpus:
     source: str
     train_files: int
     val_files: int
-    split: str  # "by file" or "by bytes" (one file, or a split that left one side empty)
+    split: str  # "by file", or "by bytes" for a single file
 
     def describe(self) -> str:
+        if self.split == "by file":
+            held_out = f"{self.val_files} files held out"
+        else:
+            held_out = "the last bytes of the file"
         return (f"{self.source}: {len(self.train):,} train bytes ({self.train_files} files), "
-                f"{len(self.val):,} validation bytes ({self.val_files} files, split {self.split})")
+                f"{len(self.val):,} validation bytes ({held_out})")
 
 
 def stdlib_root() -> Path:
@@ -80,8 +84,20 @@ def list_files(root: Path, pattern: str) -> list[tuple[str, Path]]:
     return found
 
 
-def _is_validation(rel: str, val_fraction: float) -> bool:
-    return _digest("split", rel) < val_fraction * 2.0**64
+def _validation_files(chosen: list[tuple[str, bytes]], val_fraction: float) -> set[str]:
+    """Relative paths held out: files in the order of a second path hash until they hold
+    ``val_fraction`` of the bytes (at least one file, never all of them)."""
+    if len(chosen) < 2:
+        return set()
+    target = val_fraction * sum(len(chunk) for _, chunk in chosen)
+    held_out: set[str] = set()
+    size = 0
+    for rel, chunk in sorted(chosen, key=lambda item: (_digest("split", item[0]), item[0])):
+        if size >= target or len(held_out) == len(chosen) - 1:
+            break
+        held_out.add(rel)
+        size += len(chunk)
+    return held_out
 
 
 def load_corpus(data: str | os.PathLike | None = None, pattern: str = "*.py", max_bytes: int = 4_000_000,
@@ -103,8 +119,7 @@ def load_corpus(data: str | os.PathLike | None = None, pattern: str = "*.py", ma
         files = list_files(root, pattern)
         if not files:
             raise DataError(f"data: no files matching {pattern!r} under {str(root)!r}")
-    train_parts: list[bytes] = []
-    val_parts: list[bytes] = []
+    chosen: list[tuple[str, bytes]] = []
     remaining = max_bytes
     for rel, path in files:
         if remaining <= 0:
@@ -114,11 +129,14 @@ def load_corpus(data: str | os.PathLike | None = None, pattern: str = "*.py", ma
         except OSError as exc:
             raise DataError(f"data: cannot read {str(path)!r}: {exc.strerror or exc}") from exc
         remaining -= len(chunk)
-        (val_parts if _is_validation(rel, val_fraction) else train_parts).append(chunk)
+        chosen.append((rel, chunk))
+    held_out = _validation_files(chosen, val_fraction)
+    train_parts = [chunk for rel, chunk in chosen if rel not in held_out]
+    val_parts = [chunk for rel, chunk in chosen if rel in held_out]
     if train_parts and val_parts:
         train, val, split = FILE_SEPARATOR.join(train_parts), FILE_SEPARATOR.join(val_parts), "by file"
     else:
-        # One file (or an unlucky hash split): hold out the tail of the bytes instead.
+        # A single file: hold out the tail of its bytes instead.
         everything = FILE_SEPARATOR.join(train_parts + val_parts)
         cut = len(everything) - int(len(everything) * val_fraction)
         train, val, split = everything[:cut], everything[cut:], "by bytes"
@@ -126,8 +144,8 @@ def load_corpus(data: str | os.PathLike | None = None, pattern: str = "*.py", ma
         train=torch.frombuffer(bytearray(train), dtype=torch.uint8) if train else torch.empty(0, dtype=torch.uint8),
         val=torch.frombuffer(bytearray(val), dtype=torch.uint8) if val else torch.empty(0, dtype=torch.uint8),
         source=source,
-        train_files=len(train_parts) if split == "by file" else len(train_parts) + len(val_parts),
-        val_files=len(val_parts) if split == "by file" else 0,
+        train_files=len(train_parts),
+        val_files=len(val_parts),
         split=split,
     )
 

@@ -265,8 +265,19 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = (), *,
 
     Console progress (``config.progress``) is added to ``callbacks`` and written to ``stream``
     (default ``sys.stdout``). Ctrl-C stops after the current step; the run still evaluates,
-    reports and returns (``result.interrupted``).
+    reports and returns (``result.interrupted``). ``config.threads`` applies for the run only:
+    torch's thread count is restored afterwards.
     """
+    threads_before = torch.get_num_threads()
+    try:
+        return _train(config, callbacks, optimizer_factory, stream)
+    finally:
+        if torch.get_num_threads() != threads_before:
+            torch.set_num_threads(threads_before)
+
+
+def _train(config: TrainConfig, callbacks: Sequence[Callback], optimizer_factory: OptimizerFactory,
+           stream) -> TrainResult:
     from .progress import ConsoleReporter  # progress imports this module
 
     started = time.perf_counter()
@@ -306,12 +317,16 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = (), *,
     losses: list[torch.Tensor] = []
     interrupted = False
     model.train()
-    train_started = time.perf_counter()
+    train_started, eval_seconds_before = time.perf_counter(), eval_seconds
+
+    def training_seconds() -> float:  # wall time since training began, evaluations excluded
+        return time.perf_counter() - train_started - (eval_seconds - eval_seconds_before)
+
     try:
         for step in range(1, config.steps + 1):
             info = _train_step(run, sampler, autocast, step)
             losses.append(info.loss)
-            info.train_seconds = time.perf_counter() - train_started - eval_seconds
+            info.train_seconds = training_seconds()
             for cb in callbacks:
                 cb.on_step_end(run, info)
             if config.eval_every and step % config.eval_every == 0 and step != config.steps:
@@ -319,7 +334,7 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = (), *,
     except KeyboardInterrupt:
         interrupted = True
     runtime.synchronize()
-    train_seconds = time.perf_counter() - train_started - eval_seconds
+    train_seconds = training_seconds()
     if run.step and (not evals or evals[-1].step != run.step):
         evals.append(run_eval(run.step))
 
