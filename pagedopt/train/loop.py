@@ -307,7 +307,9 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], optimizer_factory
     def run_eval(step: int) -> EvalInfo:
         nonlocal eval_seconds
         t0 = time.perf_counter()
-        info = EvalInfo(step, float(runtime.mean_across_ranks(evaluate(train_model, val_batches, autocast))))
+        # The plain model: a compiled one would recompile for eval mode and no_grad, which costs
+        # more than a few evaluations save.
+        info = EvalInfo(step, float(runtime.mean_across_ranks(evaluate(model, val_batches, autocast))))
         eval_seconds += time.perf_counter() - t0
         for cb in callbacks:
             cb.on_eval(run, info)
