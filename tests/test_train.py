@@ -261,6 +261,19 @@ def test_callbacks_see_every_step_and_eval_in_order():
     assert events == ["start", "eval0", 1, 2, "eval2", 3, 4, "eval4", 5, "eval5", "end"]
 
 
+def test_ctrl_c_stops_the_run_and_still_reports():
+    class Interrupt(Callback):
+        def on_step_end(self, run, info):
+            if info.step == 3:
+                raise KeyboardInterrupt
+
+    out = io.StringIO()
+    result = train(tiny(steps=10, progress="lines", log_every=1), [Interrupt()], stream=out)
+    assert result.interrupted and result.steps_completed == 3 and len(result.train_losses) == 3
+    assert [e.step for e in result.evals] == [0, 3]
+    assert "interrupted: 3/10 steps" in out.getvalue() and "final loss: train=" in out.getvalue()
+
+
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_every_optimizer_family_trains_with_its_default_lr(algorithm):
     # 8-bit variants (the point of the library); the default lr table must suit each family.

@@ -64,6 +64,10 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _steps(n: int) -> str:
+    return f"{n} step" if n == 1 else f"{n} steps"
+
+
 def bits_per_byte(loss_nats: float) -> float:
     return loss_nats / math.log(2)
 
@@ -112,7 +116,7 @@ class ConsoleReporter(Callback):
             extras.append(f"grad-norm clip {cfg.max_grad_norm:g}")
         if cfg.percentile_clipping < 100:
             extras.append(f"percentile clipping {cfg.percentile_clipping}")
-        self._print(f"  optimizer {cfg.optimizer}, lr {resolved_lr(cfg):.2e} (warm-up {cfg.resolved_warmup_steps} steps, "
+        self._print(f"  optimizer {cfg.optimizer}, lr {resolved_lr(cfg):.2e} (warm-up {_steps(cfg.resolved_warmup_steps)}, "
                     f"cosine to {cfg.min_lr_ratio:g}x), weight decay {resolved_weight_decay(cfg):g}, "
                     f"{', '.join(extras)}")
 
