@@ -46,7 +46,15 @@ EMBEDDINGS = ("stable", "plain")
 
 
 class TrainConfigError(ValueError):
-    """A setting of :class:`TrainConfig` is invalid; ``field`` names it, ``reason`` says why."""
+    """A setting of :class:`TrainConfig` is invalid; ``field`` names it, ``reason`` says why.
+
+    Example:
+        >>> try:
+        ...     TrainConfig(lr=-1.0)
+        ... except TrainConfigError as exc:
+        ...     print(exc.field, "|", exc.reason)
+        lr | must be > 0
+    """
 
     def __init__(self, field_name: str, value: Any, reason: str) -> None:
         self.field = field_name

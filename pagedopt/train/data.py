@@ -38,12 +38,25 @@ FILE_SEPARATOR = b"\n\n"
 
 
 class DataError(ValueError):
-    """The corpus cannot be read or is too small; the message names the path or setting."""
+    """The corpus cannot be read or is too small; the message names the path or setting.
+
+    Example:
+        >>> load_corpus("/no/such/dir")
+        Traceback (most recent call last):
+        ...
+        pagedopt.train.data.DataError: data: '/no/such/dir' does not exist
+    """
 
 
 @dataclass
 class Corpus:
-    """Train and validation bytes (1-D ``uint8`` tensors) and where they came from."""
+    """Train and validation bytes (1-D ``uint8`` tensors) and where they came from.
+
+    Example:
+        >>> corpus = load_corpus(max_bytes=100_000)
+        >>> corpus.describe().startswith("Python ")
+        True
+    """
 
     train: torch.Tensor
     val: torch.Tensor

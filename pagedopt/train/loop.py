@@ -138,7 +138,13 @@ def lr_schedule(config: TrainConfig) -> Callable[[int], float]:
 @dataclass
 class StepInfo:
     """One finished step. ``loss`` and ``grad_norm`` are detached 0-d device tensors: reading
-    them (``float(...)``) waits for the device, so callbacks do it only when they report."""
+    them (``float(...)``) waits for the device, so callbacks do it only when they report.
+
+    Example:
+        >>> info = StepInfo(step=1, loss=torch.tensor(5.5), grad_norm=None, lr=1e-3, tokens=256, train_seconds=0.1)
+        >>> float(info.loss)
+        5.5
+    """
 
     step: int
     loss: torch.Tensor
@@ -150,13 +156,32 @@ class StepInfo:
 
 @dataclass
 class EvalInfo:
+    """A validation pass: mean loss (nats per byte) over the fixed validation set after ``step``
+    steps (0: before training).
+
+    Example:
+        >>> EvalInfo(step=0, val_loss=5.55).val_loss
+        5.55
+    """
+
     step: int
     val_loss: float
 
 
 @dataclass
 class TrainRun:
-    """Everything a callback may need while the run is going."""
+    """Everything a callback may need while the run is going: settings, runtime, corpus,
+    model (plain and as called in the step), optimizer, scheduler and the last finished step.
+
+    Example:
+        >>> from pagedopt.train import TrainConfig
+        >>> class Watch(Callback):
+        ...     def on_train_start(self, run: TrainRun) -> None:
+        ...         print(type(run.optimizer).__name__, run.tokens_per_step)
+        >>> _ = train(TrainConfig(steps=1, model_size="tiny", seq_len=16, batch_size=2,
+        ...                       max_corpus_bytes=50_000, eval_batches=1, progress="off"), [Watch()])
+        AdamW8bit 32
+    """
 
     config: TrainConfig
     runtime: Runtime
@@ -171,7 +196,15 @@ class TrainRun:
 
 @dataclass
 class TrainResult:
-    """What a run produced; :meth:`to_dict` is the ``--json`` summary."""
+    """What a run produced; :meth:`to_dict` is the ``--json`` summary.
+
+    Example:
+        >>> from pagedopt.train import TrainConfig, train
+        >>> r = train(TrainConfig(steps=2, model_size="tiny", seq_len=16, batch_size=2,
+        ...                       max_corpus_bytes=50_000, eval_batches=1, progress="off"))
+        >>> sorted(r.to_dict()["optimizer_state"])[:2]
+        ['bytes_by_precision', 'fp32_equivalent_bytes']
+    """
 
     config: TrainConfig
     device: str

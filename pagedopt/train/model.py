@@ -13,8 +13,9 @@ Example:
     >>> tokens = torch.randint(0, 256, (3, 16))
     >>> model(tokens).shape
     torch.Size([3, 16, 256])
-    >>> round(model.loss(tokens, tokens).item(), 1)  # about ln(256) at initialisation
-    5.5
+    >>> import math  # at initialisation the loss is about ln(256): uniform over bytes
+    >>> abs(model.loss(tokens, tokens).item() - math.log(256)) < 0.3
+    True
 """
 
 from __future__ import annotations
@@ -67,7 +68,13 @@ class ModelConfig:
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with a fused QKV projection."""
+    """Multi-head causal self-attention with a fused QKV projection.
+
+    Example:
+        >>> attn = CausalSelfAttention(ModelConfig(d_model=32, heads=4))
+        >>> attn(torch.randn(2, 5, 32)).shape
+        torch.Size([2, 5, 32])
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -84,6 +91,13 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """Position-wise feed-forward layer: ``down(gelu(up(x)))``.
+
+    Example:
+        >>> MLP(ModelConfig(d_model=32))(torch.randn(2, 5, 32)).shape
+        torch.Size([2, 5, 32])
+    """
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.up = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model)
@@ -94,7 +108,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
+    """Pre-norm residual block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``.
+
+    Example:
+        >>> Block(ModelConfig(d_model=32, heads=2))(torch.randn(1, 4, 32)).shape
+        torch.Size([1, 4, 32])
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

@@ -108,6 +108,11 @@ class StateMemory:
     """Optimizer-state bytes: by precision, in total, and what fp32 state would take.
 
     ``saving_ratio`` is ``fp32_equivalent_bytes / total_bytes`` (about 4 for 8-bit state).
+
+    Example:
+        >>> m = StateMemory({"8bit-blockwise": 2080, "32bit": 0}, shared_bytes=0, fp32_equivalent_bytes=8192)
+        >>> round(m.saving_ratio, 2)
+        3.94
     """
 
     bytes_by_precision: dict[str, int] = field(default_factory=dict)

@@ -74,7 +74,13 @@ def bits_per_byte(loss_nats: float) -> float:
 
 class ConsoleReporter(Callback):
     """Prints the run to ``stream``: ``mode`` is ``"auto"`` (live on a terminal, lines
-    otherwise), ``"live"`` or ``"lines"``."""
+    otherwise), ``"live"`` or ``"lines"``.
+
+    Example:
+        >>> import io
+        >>> ConsoleReporter("auto", io.StringIO()).live  # a StringIO is not a terminal
+        False
+    """
 
     def __init__(self, mode: str = "auto", stream: TextIO | None = None) -> None:
         self.stream = stream if stream is not None else sys.stdout
