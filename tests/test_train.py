@@ -221,10 +221,21 @@ def test_threads_setting_is_restored_after_the_run():
     assert torch.get_num_threads() == before
 
 
+def test_paged_optimizer_summary_shows_residency():
+    out = io.StringIO()
+    result = train(tiny(steps=2, optimizer="PagedAdamW8bit", progress="lines"), stream=out)
+    memory = result.memory
+    assert memory.paged and sum(memory.bytes_by_residency.values()) == sum(memory.bytes_by_precision.values())
+    residency_line = next(line for line in out.getvalue().splitlines() if line.startswith("  residency:"))
+    for place, nbytes in memory.bytes_by_residency.items():
+        assert f"{place} {nbytes:,} bytes" in residency_line
+
+
 def test_torch_baseline_reports_fp32_state():
     result = train(tiny(steps=3, optimizer="torch-adamw"))
     memory = result.memory
     assert memory.bytes_by_precision == {"32bit": 8 * result.num_parameters}
+    assert memory.bytes_by_residency == {"cpu": 8 * result.num_parameters} and not memory.paged
     assert memory.fp32_equivalent_bytes == 8 * result.num_parameters and memory.saving_ratio == 1.0
 
 

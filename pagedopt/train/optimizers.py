@@ -119,6 +119,8 @@ class StateMemory:
     shared_bytes: int = 0
     fp32_equivalent_bytes: int = 0
     parameters_by_precision: dict[str, int] = field(default_factory=dict)
+    bytes_by_residency: dict[str, int] = field(default_factory=dict)  # e.g. {"cuda:0": ..., "host": ...}
+    paged: bool = False
 
     @property
     def total_bytes(self) -> int:
@@ -132,6 +134,8 @@ class StateMemory:
         return {
             "bytes_by_precision": dict(self.bytes_by_precision),
             "parameters_by_precision": dict(self.parameters_by_precision),
+            "bytes_by_residency": dict(self.bytes_by_residency),
+            "paged": self.paged,
             "shared_bytes": self.shared_bytes,
             "total_bytes": self.total_bytes,
             "fp32_equivalent_bytes": self.fp32_equivalent_bytes,
@@ -148,12 +152,16 @@ def state_memory(optimizer: torch.optim.Optimizer) -> StateMemory:
         params: dict[str, int] = {}
         for row in report.rows:
             params[row.precision] = params.get(row.precision, 0) + row.numel
-        return StateMemory(dict(report.bytes_by_precision), report.shared_bytes, report.fp32_equivalent_bytes, params)
+        return StateMemory(dict(report.bytes_by_precision), report.shared_bytes, report.fp32_equivalent_bytes, params,
+                           dict(report.bytes_by_residency), bool(getattr(optimizer, "is_paged", False)))
     total = numel = params_with_state = 0
+    residency: dict[str, int] = {}
     for p, state in optimizer.state.items():
         # torch keeps per-parameter tensors plus a scalar "step"; count the per-element ones.
         tensors = [t for k, t in state.items() if k != "step" and isinstance(t, torch.Tensor)]
         total += sum(t.numel() * t.element_size() for t in tensors)
         numel += sum(t.numel() for t in tensors)
         params_with_state += p.numel() if tensors else 0
-    return StateMemory({"32bit": total}, 0, 4 * numel, {"32bit": params_with_state})
+        for t in tensors:
+            residency[str(t.device)] = residency.get(str(t.device), 0) + t.numel() * t.element_size()
+    return StateMemory({"32bit": total}, 0, 4 * numel, {"32bit": params_with_state}, residency)

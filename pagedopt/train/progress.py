@@ -184,6 +184,9 @@ def memory_lines(optimizer: str, memory: StateMemory) -> list[str]:
         lines.append(f"  {precision + ':':<18}{nbytes:>14,} bytes  for {params:,} parameters")
     if memory.shared_bytes:
         lines.append(f"  {'quantization maps:':<18}{memory.shared_bytes:>14,} bytes")
+    if memory.paged or len(memory.bytes_by_residency) > 1:
+        where = ", ".join(f"{place} {nbytes:,} bytes" for place, nbytes in sorted(memory.bytes_by_residency.items()))
+        lines.append(f"  {'residency:':<18}{where}")
     saved = 1.0 - 1.0 / memory.saving_ratio if memory.saving_ratio > 0 else 0.0
     lines.append(f"  fp32 states would take {memory.fp32_equivalent_bytes:,} bytes "
                  f"({format_bytes(memory.fp32_equivalent_bytes)}): {memory.saving_ratio:.2f}x the memory "
