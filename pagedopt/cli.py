@@ -18,7 +18,11 @@ import importlib
 import sys
 
 # Subcommand modules, in the order ``--help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("pagedopt.commands.config", "pagedopt.commands.kernels")
+COMMAND_MODULES: tuple[str, ...] = (
+    "pagedopt.commands.train",
+    "pagedopt.commands.config",
+    "pagedopt.commands.kernels",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
