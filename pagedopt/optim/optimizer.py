@@ -179,6 +179,33 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     # -- construction ------------------------------------------------------------------------
 
+    def _init_named(
+        self,
+        optimizer_name: str,
+        num_states: int,
+        params: Iterable[Any],
+        hyper: dict[str, Any],
+        static_given: dict[str, Any],
+        args: Any,
+        is_paged: bool,
+        paging: PagingConfig | Mapping[str, Any] | None,
+    ) -> None:
+        """Shared constructor of Optimizer2State/Optimizer1State: resolve the update kind, the
+        8-bit settings (``args`` replaces them, as in bitsandbytes) and the group defaults."""
+        self.kind = kind_for(optimizer_name)
+        if self.kind.num_states != num_states:
+            other = "Optimizer1State" if num_states == 2 else "Optimizer2State"
+            raise ValueError(
+                f"optimizer_name={optimizer_name!r} is a {self.kind.num_states}-state update; use {other}"
+            )
+        self.optimizer_name = self.kind.name
+        self.betas_len = 3 if self.kind.state1_moments == 2 else 2
+        static = _static_settings(args, static_given)
+        self.args = MockArgs(static)
+        defaults = {**hyper, "betas": validation.parse_betas(hyper["betas"]), **static}
+        validation.check_hyperparameters(defaults, self.betas_len)
+        Optimizer8bit.__init__(self, params, defaults, static["optim_bits"], is_paged, paging=paging)
+
     def _make_state_store(self) -> StateStore:
         """The store for this optimizer's state; the pager replaces this for paged optimizers."""
         if self.paging is not None:
@@ -746,23 +773,14 @@ class Optimizer2State(Optimizer8bit):
         paging: PagingConfig | Mapping[str, Any] | None = None,
         _extra_defaults: Mapping[str, Any] | None = None,
     ):
-        self.kind = kind_for(optimizer_name)
-        if self.kind.num_states != 2:
-            raise ValueError(f"optimizer_name={optimizer_name!r} is a 1-state update; use Optimizer1State")
-        self.optimizer_name = self.kind.name
-        self.betas_len = 3 if self.kind.state1_moments == 2 else 2
-        static = _static_settings(
-            args,
+        self._init_named(
+            optimizer_name, 2, params,
+            dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=alpha, t_alpha=t_alpha,
+                 t_beta3=t_beta3, **(_extra_defaults or {})),
             dict(optim_bits=optim_bits, min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping,
                  block_wise=block_wise, max_unorm=max_unorm, skip_zeros=skip_zeros),
+            args, is_paged, paging,
         )
-        self.args = MockArgs(static)
-        defaults = dict(
-            lr=lr, betas=validation.parse_betas(betas), eps=eps, weight_decay=weight_decay,
-            alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3, **static, **(_extra_defaults or {}),
-        )
-        validation.check_hyperparameters(defaults, self.betas_len)
-        super().__init__(params, defaults, static["optim_bits"], is_paged, paging=paging)
 
 
 class Optimizer1State(Optimizer8bit):
@@ -806,19 +824,10 @@ class Optimizer1State(Optimizer8bit):
         paging: PagingConfig | Mapping[str, Any] | None = None,
         _extra_defaults: Mapping[str, Any] | None = None,
     ):
-        self.kind = kind_for(optimizer_name)
-        if self.kind.num_states != 1:
-            raise ValueError(f"optimizer_name={optimizer_name!r} is a 2-state update; use Optimizer2State")
-        self.optimizer_name = self.kind.name
-        static = _static_settings(
-            args,
+        self._init_named(
+            optimizer_name, 1, params,
+            dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **(_extra_defaults or {})),
             dict(optim_bits=optim_bits, min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping,
                  block_wise=block_wise, max_unorm=max_unorm, skip_zeros=skip_zeros),
+            args, is_paged, paging,
         )
-        self.args = MockArgs(static)
-        defaults = dict(
-            lr=lr, betas=validation.parse_betas(betas), eps=eps, weight_decay=weight_decay,
-            **static, **(_extra_defaults or {}),
-        )
-        validation.check_hyperparameters(defaults, self.betas_len)
-        super().__init__(params, defaults, static["optim_bits"], is_paged, paging=paging)
