@@ -15,7 +15,7 @@ Example:
 
 from __future__ import annotations
 
-from . import functional, optim
+from . import backends, functional, optim  # backends: registers the native kernels
 from .nn import StableEmbedding
 from .optim import *  # noqa: F401,F403  (the optimizer classes)
 from .optim import OPTIMIZER_NAMES, GlobalOptimManager, Optimizer1State, Optimizer2State, Optimizer8bit

@@ -18,20 +18,23 @@ PO_HD float po_sqrt(float x) {
 
 PO_HD bool po_isfinite(float x) { return (x - x) == 0.0f; }  // false for NaN and +-Inf
 
-PO_HD float po_sign(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : x); }
+// torch.sign: +0 for +-0 and for NaN.
+PO_HD float po_sign(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
 
 PO_HD float ema(float beta, float old, float one_minus_beta, float value) {
   return beta * old + one_minus_beta * value;
 }
 
 // Skip rule and gradient preprocessing. Returns false when the element must stay unchanged
-// (non-finite gradient, or exactly zero with skip_zeros); otherwise sets g to
-// g * gnorm_scale (+ weight_decay * p for L2 decay).
+// (non-finite gradient, or exactly zero with skip_zeros); sets g to g * gnorm_scale
+// (+ weight_decay * p for L2 decay), which callers must ignore when it returns false.
+// (Written without short-circuit operators or early returns: branch-free code is what SIMD
+// compilers vectorize; the CPU kernels compute g for skipped elements too and discard it.)
 PO_HD bool prepare_gradient(float& g, float p, float gnorm_scale, const StepScalars& s) {
-  if (!po_isfinite(g) || (s.skip_zeros && g == 0.0f)) return false;
+  const bool keep = po_isfinite(g) & !((s.skip_zeros != 0) & (g == 0.0f));
   g = g * gnorm_scale;
   if (s.weight_decay != 0.0f) g = g + s.weight_decay * p;
-  return true;
+  return keep;
 }
 
 PO_HD float adam_denominator(float v, const StepScalars& s) {
@@ -93,7 +96,7 @@ template <int ALGO>
 struct AlgoTraits {
   static constexpr int num_values = (ALGO == ALGO_ADEMAMIX) ? 3 : ((ALGO == ALGO_ADAM) ? 2 : 1);
   // value i uses the signed map?
-  static PO_HD bool value_signed(int i) {
+  static constexpr PO_HD bool value_signed(int i) {
     if (ALGO == ALGO_ADAM) return i == 0;
     if (ALGO == ALGO_ADEMAMIX) return i < 2;
     return !(ALGO == ALGO_RMSPROP || ALGO == ALGO_ADAGRAD);
