@@ -193,6 +193,12 @@ int po_init(const float* qmap_signed, const float* qmap_unsigned, const float* t
     memcpy(fresh.qmap_unsigned, qmap_unsigned, 256 * sizeof(float));
     memcpy(fresh.thresholds_signed, thresholds_signed, 255 * sizeof(float));
     memcpy(fresh.thresholds_unsigned, thresholds_unsigned, 255 * sizeof(float));
+    for (int i = 0; i < 256; ++i) {
+      for (int k = 0; k < 4; ++k) {
+        fresh.qmap_planes_signed[k][i] = static_cast<uint8_t>(float_bits(qmap_signed[i]) >> (8 * k));
+        fresh.qmap_planes_unsigned[k][i] = static_cast<uint8_t>(float_bits(qmap_unsigned[i]) >> (8 * k));
+      }
+    }
     for (int i = 1; i < 255; ++i) {
       if (!(thresholds_signed[i - 1] < thresholds_signed[i]) || !(thresholds_unsigned[i - 1] < thresholds_unsigned[i])) {
         return fail(PO_ERR_ARGUMENT, "po_init: thresholds are not strictly increasing at index " + std::to_string(i));

@@ -23,12 +23,19 @@
 #include "pagedopt/quant.h"
 #include "pagedopt/update.h"
 #include "pagedopt_cpu.h"
+#include "simd_avx512.h"
 #include "tables.h"
 
 namespace pagedopt {
 namespace cpu {
 
 constexpr int kLanes = 8;  // float64 accumulators per partial norm
+
+#ifdef PO_HAVE_AVX512
+#define PO_WIDE_VECTORS __attribute__((target("prefer-vector-width=512"), noinline))
+#else
+#define PO_WIDE_VECTORS
+#endif
 
 // A unit's contribution to an item's prepare result / gradient norm.
 struct UnitPartial {
@@ -82,14 +89,14 @@ struct ElementOut {
   bool keep;
 };
 
-template <int ALGO>
+template <int ALGO, class DIV = BiasCorrectionDivide>
 inline ElementOut element_step(float g, float p, float v0, float v1, float v2, float gnorm_scale,
-                               float update_scale, const StepScalars& s) {
+                               float update_scale, const StepScalars& s, const DIV& div = DIV()) {
   ElementOut o;
   float gk = g;
   o.keep = prepare_gradient(gk, p, gnorm_scale, s);
   float n0 = v0, n1 = v1, n2 = v2;
-  const float d = element_update<ALGO>(gk, n0, n1, n2, s);
+  const float d = AlgoUpdate<ALGO>::apply(gk, n0, n1, n2, s, div);
   o.v0 = o.keep ? n0 : v0;
   o.v1 = o.keep ? n1 : v1;
   o.v2 = o.keep ? n2 : v2;
@@ -97,6 +104,30 @@ inline ElementOut element_step(float g, float p, float v0, float v1, float v2, f
   o.p = apply_direction(p, d, update_scale, s);
   return o;
 }
+
+// x / c for float x and a float c != 0, given inv = 1.0 / (double)c: the float64 product
+// rounded to float32 is exactly the float32 quotient whenever that quotient is a normal float
+// (or overflows). Why: inv and the product each err by at most 2^-53 relative, so the float64
+// product is within 2^-52 (relative) of x/c, while a quotient of two floats with 24-bit
+// significands is never closer than 2^-49 (relative) to a float32 rounding boundary: the
+// midpoint M * 2^k (M odd, 25 bits) would need x * 2^j = M * c, impossible as M * c has more
+// than 24 significant bits, and otherwise |x - M c 2^k| >= 2^k ulp-units of M c. Below 2^-126
+// float32 rounds on a fixed grid where exact ties do occur; callers must not use it there.
+inline float divide_by_reciprocal(float x, double inv) { return static_cast<float>(static_cast<double>(x) * inv); }
+
+// Bias-correction division policy of the 8-bit kernels (update.h BiasCorrectionDivide):
+// m / bias_correction1 as the exact reciprocal product above, off the divider unit, which
+// (with sqrt and the division by the denominator) bounds the update's speed. (Doing the same
+// for sqrt(v) / bias_correction2_sqrt measured no faster: the float64 conversions then
+// saturate the vector ports instead.) m / bc1 can be subnormal when |m| < 2^-126: the
+// kernel checks each chunk's new m for 0 < |m| < 2^-120 and then redoes the chunk with true
+// division.
+struct ReciprocalDivide {
+  double inv_bias_correction1;
+  explicit ReciprocalDivide(const StepScalars& s) : inv_bias_correction1(1.0 / static_cast<double>(s.bias_correction1)) {}
+  float by_bias_correction1(float x, const StepScalars&) const { return divide_by_reciprocal(x, inv_bias_correction1); }
+  float by_bias_correction2_sqrt(float x, const StepScalars& s) const { return x / s.bias_correction2_sqrt; }
+};
 
 // Fixed-lane float64 sums of squares of buf[0..kBlockSize) (zero padded past the data).
 inline void accumulate_squares(const float* __restrict__ buf, double* __restrict__ lanes) {
@@ -114,8 +145,9 @@ inline double sum_lanes(const double* lanes) {
   return total;
 }
 
-// Requantize n fresh values with scale `absmax` into codes (quantization.py rules).
-template <bool SIGNED>
+// Requantize n fresh values with scale `absmax` into codes (quantization.py rules: the
+// code of x / absmax, or of 0 when absmax is not > 0). BOUNDED: absmax = max |fresh|.
+template <bool SIGNED, bool BOUNDED>
 __attribute__((noinline)) void requantize(const float* __restrict__ fresh, int64_t n, float absmax,
                                           uint8_t* __restrict__ codes) {
   if (!(absmax > 0.0f)) {
@@ -123,6 +155,9 @@ __attribute__((noinline)) void requantize(const float* __restrict__ fresh, int64
     memset(codes, static_cast<int>(lut_quantize_value<SIGNED>(lut<SIGNED>(), 0.0f)), static_cast<size_t>(n));
     return;
   }
+#ifdef PO_HAVE_AVX512
+  avx512::requantize<SIGNED, BOUNDED>(fresh, n, absmax, codes);
+#else
   // Codes go to a local buffer first and the table is named as the global array: GCC does
   // not vectorize table gathers next to stores it cannot prove disjoint (a uint8_t pointer
   // may alias anything, even a restrict-qualified one). noinline keeps `fresh` restrict.
@@ -131,58 +166,86 @@ __attribute__((noinline)) void requantize(const float* __restrict__ fresh, int64
     local[i] = lut_quantize_value<SIGNED>(SIGNED ? g_tables.lut_signed : g_tables.lut_unsigned, fresh[i] / absmax);
   }
   for (int64_t i = 0; i < n; ++i) codes[i] = static_cast<uint8_t>(local[i]);
+#endif
 }
 
 template <int ALGO, int J>
 inline void requantize_value(const po_item& it, const float* fresh, int64_t n, float absmax, int64_t c) {
   constexpr bool kSigned = AlgoTraits<ALGO>::value_signed(J);
-  requantize<kSigned>(fresh, n, absmax, value_storage<ALGO, uint8_t>(it, J) + c);
+  uint8_t* codes = value_storage<ALGO, uint8_t>(it, J) + c;
+  if (it.block_wise) {
+    requantize<kSigned, true>(fresh, n, absmax, codes);
+  } else {
+    requantize<kSigned, false>(fresh, n, absmax, codes);
+  }
 }
 
 // ---- 8-bit state ---------------------------------------------------------------------------
 
-// Pointers of one chunk (restrict-qualified parameters: GCC trusts those, so it vectorizes
-// the table gathers next to the parameter stores without runtime alias checks).
-template <int ALGO, int PE, int GE, int MODE>
-inline void chunk_8bit_pass1(typename Elem<PE>::storage* __restrict__ pp,
-                             const typename Elem<GE>::storage* __restrict__ gp,
-                             const uint8_t* __restrict__ c0, const uint8_t* __restrict__ c1,
-                             const uint8_t* __restrict__ c2, const float* __restrict__ q0,
-                             const float* __restrict__ q1, const float* __restrict__ q2, float a0, float a1,
-                             float a2, float* __restrict__ f0, float* __restrict__ f1, float* __restrict__ f2,
-                             float* __restrict__ dir, float* __restrict__ pold, int64_t n, float gnorm_scale,
-                             float update_scale, const StepScalars& s, uint32_t* __restrict__ maxima) {
+// dequantize_value() (quant.h) with the map named as a global array: GCC emits hardware
+// gathers for a global array indexed by bytes, but not for a pointer indexed by bytes.
+template <bool SIGNED>
+inline float dequantize_code(uint8_t code, float absmax) {
+  return (SIGNED ? g_tables.qmap_signed[code] : g_tables.qmap_unsigned[code]) * absmax;
+}
+
+// Dequantize one chunk of codes into out (dequantize_value, quant.h).
+template <bool SIGNED>
+inline void dequantize_chunk(const uint8_t* __restrict__ codes, int64_t n, float absmax, float* __restrict__ out) {
+#ifdef PO_HAVE_AVX512_VBMI
+  avx512::dequantize<SIGNED>(codes, n, absmax, out);
+#else
+  for (int64_t i = 0; i < n; ++i) out[i] = dequantize_code<SIGNED>(codes[i], absmax);
+#endif
+}
+
+// Pass 1 of one chunk: states arrive dequantized in f0..f2 and leave updated there; update
+// mode writes the parameter (saving its old bits in p_saved), prepare mode the direction and
+// the old parameter. (restrict-qualified parameters: GCC trusts those, so it vectorizes
+// without runtime alias checks.)
+template <int ALGO, int PE, int GE, int MODE, class DIV>
+PO_WIDE_VECTORS void chunk_8bit_pass1(typename Elem<PE>::storage* __restrict__ pp,
+                                             const typename Elem<GE>::storage* __restrict__ gp,
+                                             float* __restrict__ f0, float* __restrict__ f1, float* __restrict__ f2,
+                                             float* __restrict__ dir, float* __restrict__ pold,
+                                             typename Elem<PE>::storage* __restrict__ p_saved, int64_t n,
+                                             float gnorm_scale, float update_scale, const StepScalars& s,
+                                             const DIV& div) {
   constexpr int NV = AlgoTraits<ALGO>::num_values;
   typedef typename Elem<PE>::storage PS;
-  uint32_t m0 = 0, m1 = 0, m2 = 0;
   for (int64_t i = 0; i < n; ++i) {
     const PS p_raw = pp[i];
     const float p = Elem<PE>::load(p_raw);
     const float g = Elem<GE>::load(gp[i]);
-    const float v0 = dequantize_value(q0, c0[i], a0);
-    const float v1 = NV > 1 ? dequantize_value(q1, c1[i], a1) : 0.0f;
-    const float v2 = NV > 2 ? dequantize_value(q2, c2[i], a2) : 0.0f;
-    const ElementOut o = element_step<ALGO>(g, p, v0, v1, v2, gnorm_scale, update_scale, s);
+    const ElementOut o = element_step<ALGO>(g, p, f0[i], NV > 1 ? f1[i] : 0.0f, NV > 2 ? f2[i] : 0.0f, gnorm_scale,
+                                            update_scale, s, div);
     f0[i] = o.v0;
-    m0 = max_u32(m0, magnitude_bits(o.v0));
-    if (NV > 1) {
-      f1[i] = o.v1;
-      m1 = max_u32(m1, magnitude_bits(o.v1));
-    }
-    if (NV > 2) {
-      f2[i] = o.v2;
-      m2 = max_u32(m2, magnitude_bits(o.v2));
-    }
+    if (NV > 1) f1[i] = o.v1;
+    if (NV > 2) f2[i] = o.v2;
     if (MODE == MODE_UPDATE) {
+      p_saved[i] = p_raw;
       pp[i] = o.keep ? Elem<PE>::store(o.p) : p_raw;
     } else {
       dir[i] = o.d;
       pold[i] = p;
     }
   }
-  maxima[0] = m0;
-  maxima[1] = m1;
-  maxima[2] = m2;
+}
+
+// Max |x| over a chunk as magnitude bits, and whether some x has 0 < |x| < 2^-120 (separate
+// loop: inside the update loop the reductions defeat GCC's vectorizer).
+inline uint32_t max_magnitude_bits(const float* __restrict__ x, int64_t n, uint32_t* __restrict__ tiny) {
+#ifdef PO_HAVE_AVX512
+  return avx512::max_magnitude_bits(x, n, tiny);
+#endif
+  uint32_t m = 0, t = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t mag = magnitude_bits(x[i]);
+    m = max_u32(m, mag);
+    t |= (mag - 1u) < 0x037fffffu ? 1u : 0u;
+  }
+  *tiny = t;
+  return m;
 }
 
 template <int ALGO, int PE, int GE, int MODE>
@@ -191,15 +254,18 @@ void unit_8bit(const po_item& it, int64_t begin, int64_t len, UnitPartial& out) 
   constexpr bool S0 = AlgoTraits<ALGO>::value_signed(0);
   constexpr bool S1 = AlgoTraits<ALGO>::value_signed(NV > 1 ? 1 : 0);
   constexpr bool S2 = AlgoTraits<ALGO>::value_signed(NV > 2 ? 2 : 0);
+  constexpr bool kBiasCorrected = ALGO == ALGO_ADAM || ALGO == ALGO_ADEMAMIX;
   typedef typename Elem<PE>::storage PS;
   typedef typename Elem<GE>::storage GS;
   const StepScalars s = it.scalars;
   const float gnorm_scale = it.gnorm_scale ? *it.gnorm_scale : 1.0f;
   const float update_scale = it.update_scale ? *it.update_scale : 1.0f;
+  const ReciprocalDivide fast_division(s);
 
   alignas(64) float fresh[3][kBlockSize];
   alignas(64) float dir[kBlockSize];
   alignas(64) float pold[kBlockSize];
+  alignas(64) PS p_saved[kBlockSize];
   double ulanes[kLanes] = {0}, planes[kLanes] = {0};
   uint32_t unit_max[3] = {0, 0, 0};
 
@@ -207,18 +273,28 @@ void unit_8bit(const po_item& it, int64_t begin, int64_t len, UnitPartial& out) 
   for (int64_t c = begin; c < end; c += kBlockSize) {
     const int64_t n = end - c < kBlockSize ? end - c : kBlockSize;
     const int64_t block = it.block_wise ? c / kBlockSize : 0;
-    const uint8_t* c0 = value_storage<ALGO, uint8_t>(it, 0) + c;
-    const uint8_t* c1 = NV > 1 ? value_storage<ALGO, uint8_t>(it, 1) + c : c0;
-    const uint8_t* c2 = NV > 2 ? value_storage<ALGO, uint8_t>(it, 2) + c : c0;
-    const float a0 = value_absmax<ALGO>(it, 0)[block];
-    const float a1 = NV > 1 ? value_absmax<ALGO>(it, 1)[block] : 0.0f;
-    const float a2 = NV > 2 ? value_absmax<ALGO>(it, 2)[block] : 0.0f;
-    uint32_t maxima[3];
+    PS* pp = static_cast<PS*>(it.param) + c;
+    const GS* gp = static_cast<const GS*>(it.grad) + c;
+    auto dequantize_all = [&]() {
+      dequantize_chunk<S0>(value_storage<ALGO, uint8_t>(it, 0) + c, n, value_absmax<ALGO>(it, 0)[block], fresh[0]);
+      if (NV > 1) dequantize_chunk<S1>(value_storage<ALGO, uint8_t>(it, 1) + c, n, value_absmax<ALGO>(it, 1)[block], fresh[1]);
+      if (NV > 2) dequantize_chunk<S2>(value_storage<ALGO, uint8_t>(it, 2) + c, n, value_absmax<ALGO>(it, 2)[block], fresh[2]);
+    };
 
-    // Pass 1: dequantize, update, write the parameter, keep the new states.
-    chunk_8bit_pass1<ALGO, PE, GE, MODE>(static_cast<PS*>(it.param) + c, static_cast<const GS*>(it.grad) + c, c0, c1,
-                                         c2, qmap<S0>(), qmap<S1>(), qmap<S2>(), a0, a1, a2, fresh[0], fresh[1],
-                                         fresh[2], dir, pold, n, gnorm_scale, update_scale, s, maxima);
+    // Pass 1: update, write the parameter, keep the new states.
+    dequantize_all();
+    chunk_8bit_pass1<ALGO, PE, GE, MODE>(pp, gp, fresh[0], fresh[1], fresh[2], dir, pold, p_saved, n, gnorm_scale,
+                                         update_scale, s, fast_division);
+    uint32_t maxima[3] = {0, 0, 0}, tiny[3] = {0, 0, 0};
+    for (int j = 0; j < NV; ++j) maxima[j] = max_magnitude_bits(fresh[j], n, &tiny[j]);
+    if (kBiasCorrected && tiny[0]) {
+      // Some m / bias_correction1 may be subnormal: redo the chunk with true division.
+      if (MODE == MODE_UPDATE) memcpy(pp, p_saved, static_cast<size_t>(n) * sizeof(PS));
+      dequantize_all();
+      chunk_8bit_pass1<ALGO, PE, GE, MODE>(pp, gp, fresh[0], fresh[1], fresh[2], dir, pold, p_saved, n, gnorm_scale,
+                                           update_scale, s, BiasCorrectionDivide());
+      for (int j = 0; j < NV; ++j) maxima[j] = max_magnitude_bits(fresh[j], n, &tiny[j]);
+    }
 
     if (MODE == MODE_PREPARE) {
       for (int64_t i = n; i < kBlockSize; ++i) dir[i] = pold[i] = 0.0f;

@@ -12,6 +12,10 @@ struct Tables {
   alignas(64) float qmap_unsigned[256];
   alignas(64) float thresholds_signed[256];    // 255 used
   alignas(64) float thresholds_unsigned[256];  // 255 used
+  // Byte planes of the maps (plane k holds byte k of every value): AVX-512 VBMI dequantizes
+  // 64 codes with byte-table permutes instead of a gather (simd_avx512.h).
+  alignas(64) uint8_t qmap_planes_signed[4][256];
+  alignas(64) uint8_t qmap_planes_unsigned[4][256];
   alignas(64) uint32_t lut_signed[CodeLut<true>::kEntries];
   alignas(64) uint32_t lut_unsigned[CodeLut<false>::kEntries];
   bool ready;

@@ -1,23 +1,30 @@
-// Bit-indexed nearest-code search: the same code as count_below() (quant.h) with one table
-// load and one integer comparison instead of an 8-step binary search.
+// Bit-indexed nearest-code search: the same code as quantize_value() (quant.h: count_below()
+// over the decision thresholds, then fix_code()) with one table load and a few integer
+// operations instead of an 8-step binary search.
 //
 // Why it is exact. A float's magnitude bits order like its value. Cut the magnitudes into
 // buckets by their exponent and top K mantissa bits (all floats in a bucket share those
 // bits). The builder checks that every bucket holds at most one decision threshold, so for x
 // in a bucket
 //     count_below(x) = lo + [the bucket's threshold lies below x]
-// where lo counts the thresholds below the whole bucket. Inside a bucket "t < x" is an
-// integer comparison of the low (23 - K) magnitude bits (reversed for negative x). A bucket
-// without a threshold stores a sentinel that never compares true. Magnitudes below 2^-23
-// (no threshold is that small) share the first bucket, magnitudes above 1.0 the last; NaN
-// gives 255 like torch.searchsorted (NaN sorts last).
+// where lo counts the thresholds below the whole bucket. Inside a bucket "t < x" compares
+// the low (23 - K) magnitude bits (reversed for negative x, handled by storing and comparing
+// the complemented bits). fix_code() clamps monotonically (signed map: x > 0 -> code >= 128,
+// x < 0 -> code <= 126; unsigned: x > 0 -> code >= 1), so it is applied to both possible codes
+// of a bucket when the table is built; a bucket whose two codes fix to the same one drops its
+// threshold. What the table cannot know: x == +-0 (count_below(0) unfixed: 127 signed, 0
+// unsigned), negative x in the unsigned map (always 0: no negative thresholds; no table
+// half), and NaN (255, as torch.searchsorted sorts NaN last). Magnitudes below 2^-23 (no
+// threshold is that small) share the first bucket, magnitudes above 1.0 the last.
 //
 // K = 6 for the signed map (its densest thresholds are 0.014 apart near 1.0, a bucket there
 // is 2^-7 wide) and K = 7 for the unsigned map (0.007 apart, buckets 2^-8 wide). The tables
 // are 11.8 KiB each, small enough to stay in L1 next to the data streams.
 //
-// Table entry: bits 24..31 = lo, bits 0..23 = the threshold's low magnitude bits (or the
-// sentinel: all ones on the positive side, 0 on the negative side).
+// Table entry: bits 0..7 = the (fixed) code at or below the threshold, bits 8..31 = the
+// threshold's low magnitude bits, complemented on the negative side (all ones = no threshold).
+// Then [t < x] is one unsigned comparison: entry < (x's low bits << 8), and the code is the
+// entry's low byte plus that bit (a SIMD byte store of entry + bit needs no masking).
 #pragma once
 #include "common.h"
 #include "convert.h"
@@ -37,50 +44,42 @@ struct CodeLut {
   static constexpr uint32_t kEntries = SIGNED ? 2u * kBuckets : kBuckets;
 };
 
-// Bucket index of x's magnitude bits, clamped to the table's range.
+// Table index of a float's bits: its magnitude bucket, clamped to the table's range, plus
+// kBuckets for negative floats in the signed table. (Signed 32-bit arithmetic throughout:
+// GCC emits hardware gathers only for offsets it sees as sign-extended int32.)
 template <bool SIGNED>
-PO_HD uint32_t lut_bucket(uint32_t magnitude) {
+PO_HD int32_t lut_index(uint32_t bits) {
   typedef CodeLut<SIGNED> L;
-  uint32_t b = magnitude >> L::kShift;
-  b = b < L::kFirst ? L::kFirst : b;
-  b = b > L::kLast ? L::kLast : b;
-  return b - L::kFirst;
+  int32_t b = static_cast<int32_t>((bits & 0x7fffffffu) >> L::kShift);
+  b = b < static_cast<int32_t>(L::kFirst) ? static_cast<int32_t>(L::kFirst) : b;
+  b = b > static_cast<int32_t>(L::kLast) ? static_cast<int32_t>(L::kLast) : b;
+  b -= static_cast<int32_t>(L::kFirst);
+  if (SIGNED) b += (static_cast<int32_t>(bits) >> 31) & static_cast<int32_t>(L::kBuckets);
+  return b;
 }
 
-// quantize_value(thresholds, x, SIGNED) (= fix_code(count_below(x), x)) through the table
-// built by build_code_lut(). Integer arithmetic only, without branches or boolean selects, so
-// compilers vectorize it (a gather for the table entry, the rest plain lane-wise ops):
-//   below:    [t < x], i.e. x_low > t_low (positive x) or t_low > x_low (negative x), from
-//             the sign of their difference (both are < 2^24);
-//   fix_code: signed: x > 0 -> code >= 128, x < 0 -> code <= 126 (a max / a min);
-//             unsigned: x <= -0 -> 0 (no negative thresholds), x > 0 -> code >= 1;
-//   NaN:      255 (torch.searchsorted sorts NaN last), after the fix like the reference.
+// quantize_value(thresholds, x, SIGNED) through the table built by build_code_lut(), in
+// integer arithmetic without branches so compilers vectorize it (a gather for the entry).
 // Equality with quantize_value() is checked for every float in [-1, 1] by the test suite.
 template <bool SIGNED>
 PO_HD uint32_t lut_quantize_value(const uint32_t* table, float x) {
   typedef CodeLut<SIGNED> L;
   const uint32_t bits = float_bits(x);
   const uint32_t magnitude = bits & 0x7fffffffu;
-  const uint32_t negative = bits >> 31;
-  const uint32_t negative_mask = 0u - negative;
-  const uint32_t entry = table[lut_bucket<SIGNED>(magnitude) + (SIGNED ? (negative_mask & L::kBuckets) : 0u)];
-  const uint32_t t_low = entry & 0x00ffffffu;
-  const uint32_t x_low = magnitude & L::kLowMask;
-  const uint32_t signed_gap = ((t_low - x_low) ^ negative_mask) - negative_mask;  // < 0 iff t < x
-  uint32_t code = (entry >> 24) + (signed_gap >> 31);
-  const uint32_t nonzero = (0u - magnitude) >> 31;
-  const uint32_t positive = nonzero & (negative ^ 1u);
-  if (SIGNED) {
-    const uint32_t floor = positive << 7;                               // 128 or 0
-    const uint32_t ceiling = 255u - ((nonzero & negative) * 129u);      // 126 or 255
-    code = code < floor ? floor : code;
-    code = code > ceiling ? ceiling : code;
-  } else {
-    code &= negative - 1u;
-    code = code < positive ? positive : code;
-  }
-  const uint32_t nan_mask = static_cast<uint32_t>(static_cast<int32_t>(0x7f800000u - magnitude) >> 31);
-  return code | (nan_mask & 255u);
+  const uint32_t negative_mask = static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31);
+  const uint32_t entry = table[lut_index<SIGNED>(bits)];
+  const uint32_t x_low = ((magnitude ^ negative_mask) & L::kLowMask) << 8;  // complemented if x < 0
+  uint32_t code = (entry & 0xffu) + (entry < x_low ? 1u : 0u);
+  if (!SIGNED) code &= ~negative_mask;
+  code = magnitude == 0u ? (SIGNED ? static_cast<uint32_t>(kSignedZeroCode) : 0u) : code;
+  return magnitude > 0x7f800000u ? 255u : code;
+}
+
+// The code quantize_value() gives a nonzero x of the given sign whose raw count is `count`.
+PO_HD uint32_t fixed_code(int count, bool negative, bool is_signed) {
+  if (!is_signed) return negative ? 0u : static_cast<uint32_t>(count < 1 ? 1 : count);
+  if (negative) return static_cast<uint32_t>(count > kSignedZeroCode - 1 ? kSignedZeroCode - 1 : count);
+  return static_cast<uint32_t>(count < kSignedZeroCode + 1 ? kSignedZeroCode + 1 : count);
 }
 
 // Fill `table` (CodeLut<SIGNED>::kEntries entries) from the 255 sorted decision thresholds.
@@ -90,22 +89,26 @@ template <bool SIGNED>
 PO_HD int build_code_lut(const float* thresholds, uint32_t* table) {
   typedef CodeLut<SIGNED> L;
   for (uint32_t half = 0; half < (SIGNED ? 2u : 1u); ++half) {
+    const bool negative = half == 1u;
     for (uint32_t b = 0; b < L::kBuckets; ++b) {
-      // Smallest and largest magnitude that lut_bucket() sends to bucket b.
-      uint32_t first = b == 0 ? 0u : (L::kFirst + b) << L::kShift;
-      uint32_t last = b + 1 == L::kBuckets ? 0x7f800000u : (((L::kFirst + b) << L::kShift) | L::kLowMask);
-      float lo_value = half ? -bits_float(last) : bits_float(first);
-      float hi_value = half ? -bits_float(first) : bits_float(last);
-      int lo = count_below(thresholds, lo_value);
-      int hi = count_below(thresholds, hi_value);
-      uint32_t t_low = half ? 0u : L::kLowMask;  // sentinel: never "below"
-      if (hi - lo > 1) return static_cast<int>(half * L::kBuckets + b + 1);
-      if (hi - lo == 1) {
+      // Smallest and largest magnitude that lut_index() sends to bucket b.
+      const uint32_t first = b == 0 ? 0u : (L::kFirst + b) << L::kShift;
+      const uint32_t last = b + 1 == L::kBuckets ? 0x7f800000u : (((L::kFirst + b) << L::kShift) | L::kLowMask);
+      const float lo_value = negative ? -bits_float(last) : bits_float(first);
+      const float hi_value = negative ? -bits_float(first) : bits_float(last);
+      const int lo = count_below(thresholds, lo_value);
+      const int hi = count_below(thresholds, hi_value);
+      const int bad = static_cast<int>(half * L::kBuckets + b + 1);
+      if (hi - lo > 1) return bad;
+      const uint32_t below = fixed_code(lo, negative, SIGNED);
+      uint32_t t_low = L::kLowMask;  // no threshold: never "below"
+      if (hi - lo == 1 && fixed_code(lo + 1, negative, SIGNED) != below) {
         // The clamped end buckets must not hold a threshold: their low bits mean nothing.
-        if (b == 0 || b + 1 == L::kBuckets) return static_cast<int>(half * L::kBuckets + b + 1);
-        t_low = float_bits(thresholds[lo]) & 0x7fffffffu & L::kLowMask;
+        if (b == 0 || b + 1 == L::kBuckets) return bad;
+        const uint32_t threshold_low = float_bits(thresholds[lo]) & L::kLowMask;
+        t_low = negative ? (~threshold_low & L::kLowMask) : threshold_low;
       }
-      table[half * L::kBuckets + b] = (static_cast<uint32_t>(lo) << 24) | t_low;
+      table[half * L::kBuckets + b] = (t_low << 8) | below;
     }
   }
   return 0;
