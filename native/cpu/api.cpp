@@ -153,6 +153,27 @@ double grad_unit_norm_sq(const void* grad, int64_t begin, int64_t len) {
   return sum_lanes(lanes);
 }
 
+// Test hook body: float -> fp16/bf16 conversions that differ from `expected` (NaN: any NaN).
+// Integer-only, so it vectorizes (a test sweeps all 2^32 floats).
+template <int ELEM>
+int64_t count_conversion_mismatches(const float* __restrict__ x, const uint16_t* __restrict__ expected, int64_t n) {
+  const uint32_t infinity = ELEM == ELEM_F16 ? 0x7c00u : 0x7f80u;
+  uint32_t bad = 0;
+  int64_t total = 0;
+  for (int64_t c = 0; c < n; c += 1 << 20) {
+    const int64_t len = n - c < (1 << 20) ? n - c : (1 << 20);
+    for (int64_t i = c; i < c + len; ++i) {
+      const uint32_t ours = Elem<ELEM>::store(x[i]);
+      const uint32_t theirs = expected[i];
+      const uint32_t both_nan = mask_below(infinity, ours & 0x7fffu) & mask_below(infinity, theirs & 0x7fffu);
+      bad += mask_below(0u, ours ^ theirs) & ~both_nan & 1u;  // the bits differ
+    }
+    total += bad;
+    bad = 0;
+  }
+  return total;
+}
+
 template <class Fn>
 int guarded(const Fn& fn) {
   try {
@@ -310,31 +331,96 @@ int64_t po_check_code_search(int32_t is_signed, uint32_t first_bits, uint32_t la
     t_last_error = "po_init() has not succeeded";
     return -1;
   }
+  if ((first_bits >> 31) != (last_bits >> 31) || first_bits > last_bits) {
+    t_last_error = "po_check_code_search: the range must be ordered and must not cross the sign bit";
+    return -1;
+  }
+  // Reference: quantize_value() = fix_code(count_below()). Within one sign the floats are
+  // monotone in bit order (increasing for +, decreasing for -), so count_below is tracked by
+  // a merge scan over the sorted thresholds (binary search at the start of each slice, and
+  // on every 4096th value as a cross-check of the scan itself).
   const float* t = is_signed ? g_tables.thresholds_signed : g_tables.thresholds_unsigned;
-  const int64_t first = first_bits, last = last_bits;
+  const bool negative = (first_bits >> 31) != 0;
+  const int64_t first = first_bits, total = static_cast<int64_t>(last_bits) - first + 1;
+  const int threads = num_threads < 1 ? 1 : num_threads;
+  const int64_t slices = 256;
   int64_t mismatches = 0;
   uint32_t earliest = 0xffffffffu;
-  const int threads = num_threads < 1 ? 1 : num_threads;
-#pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : mismatches) reduction(min : earliest)
-  for (int64_t b = first; b <= last; ++b) {
-    const float x = bits_float(static_cast<uint32_t>(b));
-    const uint8_t reference = quantize_value(t, x, is_signed != 0);
-    const uint8_t fast = is_signed ? lut_quantize_value<true>(g_tables.lut_signed, x)
-                                   : lut_quantize_value<false>(g_tables.lut_unsigned, x);
-    if (reference != fast) {
-      ++mismatches;
-      earliest = static_cast<uint32_t>(b) < earliest ? static_cast<uint32_t>(b) : earliest;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) reduction(+ : mismatches) reduction(min : earliest)
+  for (int64_t slice = 0; slice < slices; ++slice) {
+    const int64_t lo = first + total * slice / slices, hi = first + total * (slice + 1) / slices;
+    if (lo >= hi) continue;
+    int count = count_below(t, bits_float(static_cast<uint32_t>(lo)));
+    for (int64_t group = lo; group < hi; group += 16) {
+      const int64_t n = hi - group < 16 ? hi - group : 16;
+      float x[16] = {0};
+      uint32_t reference[16], fast[16], simd[16], simd_bounded[16];
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t b = group + k;
+        x[k] = bits_float(static_cast<uint32_t>(b));
+        if (x[k] != x[k]) {
+          count = 255;  // NaN (count_below's own rule)
+        } else if (!negative) {
+          while (count < 255 && t[count] < x[k]) ++count;
+        } else {
+          while (count > 0 && !(t[count - 1] < x[k])) --count;
+        }
+        if ((b & 4095) == 0 && count != count_below(t, x[k])) count = -1000;  // scan broken: flag everything
+        reference[k] = count < 0 ? 1000u : static_cast<uint32_t>(fix_code(count, x[k], is_signed != 0));
+        fast[k] = is_signed ? lut_quantize_value<true>(g_tables.lut_signed, x[k])
+                            : lut_quantize_value<false>(g_tables.lut_unsigned, x[k]);
+        simd[k] = simd_bounded[k] = fast[k];
+      }
+#ifdef PO_HAVE_AVX512
+      // The kernels' AVX-512 search, also in its bounded form for |x| <= 1.
+      const __m512 v = _mm512_loadu_ps(x);
+      _mm512_storeu_si512(simd, is_signed ? avx512::quantize16<true, false>(v, g_tables.lut_signed)
+                                          : avx512::quantize16<false, false>(v, g_tables.lut_unsigned));
+      _mm512_storeu_si512(simd_bounded, is_signed ? avx512::quantize16<true, true>(v, g_tables.lut_signed)
+                                                  : avx512::quantize16<false, true>(v, g_tables.lut_unsigned));
+#endif
+      for (int64_t k = 0; k < n; ++k) {
+        const bool bounded = (float_bits(x[k]) & 0x7fffffffu) <= 0x3f800000u;
+        if (reference[k] != fast[k] || reference[k] != (simd[k] & 0xffu) ||
+            (bounded && reference[k] != (simd_bounded[k] & 0xffu))) {
+          ++mismatches;
+          const uint32_t b = static_cast<uint32_t>(group + k);
+          earliest = b < earliest ? b : earliest;
+        }
+      }
     }
   }
   if (first_mismatch) *first_mismatch = earliest;
   return mismatches;
 }
 
+int po_dequantize(int32_t is_signed, const uint8_t* codes, int64_t n, float absmax, float* out) {
+  if (!g_tables.ready) return fail(PO_ERR_NOT_READY, "po_init() has not succeeded");
+  for (int64_t c = 0; c < n; c += kBlockSize) {
+    const int64_t len = n - c < kBlockSize ? n - c : kBlockSize;
+    if (is_signed) {
+      dequantize_chunk<true>(codes + c, len, absmax, out + c);
+    } else {
+      dequantize_chunk<false>(codes + c, len, absmax, out + c);
+    }
+  }
+  return PO_OK;
+}
+
 int po_quantize_normalized(int32_t is_signed, const float* x, uint8_t* codes, int64_t n) {
   if (!g_tables.ready) return fail(PO_ERR_NOT_READY, "po_init() has not succeeded");
-  for (int64_t i = 0; i < n; ++i) {
-    codes[i] = is_signed ? lut_quantize_value<true>(g_tables.lut_signed, x[i])
-                         : lut_quantize_value<false>(g_tables.lut_unsigned, x[i]);
+  int64_t i = 0;
+#ifdef PO_HAVE_AVX512
+  for (; i + 16 <= n; i += 16) {  // the kernels' search
+    const __m512 v = _mm512_loadu_ps(x + i);
+    const __m512i c = is_signed ? avx512::quantize16<true, false>(v, g_tables.lut_signed)
+                                : avx512::quantize16<false, false>(v, g_tables.lut_unsigned);
+    _mm512_mask_cvtepi32_storeu_epi8(codes + i, 0xffff, c);
+  }
+#endif
+  for (; i < n; ++i) {
+    codes[i] = static_cast<uint8_t>(is_signed ? lut_quantize_value<true>(g_tables.lut_signed, x[i])
+                                              : lut_quantize_value<false>(g_tables.lut_unsigned, x[i]));
   }
   return PO_OK;
 }
@@ -349,6 +435,12 @@ int po_convert_to_float(int32_t dtype, const uint16_t* x, float* out, int64_t n)
   if (dtype != ELEM_F16 && dtype != ELEM_BF16) return fail(PO_ERR_ARGUMENT, "dtype must be 1 (f16) or 2 (bf16)");
   for (int64_t i = 0; i < n; ++i) out[i] = dtype == ELEM_F16 ? half_to_float(x[i]) : bf16_to_float(x[i]);
   return PO_OK;
+}
+
+int64_t po_count_conversion_mismatches(int32_t dtype, const float* x, const uint16_t* expected, int64_t n) {
+  if (dtype == ELEM_F16) return count_conversion_mismatches<ELEM_F16>(x, expected, n);
+  if (dtype == ELEM_BF16) return count_conversion_mismatches<ELEM_BF16>(x, expected, n);
+  return -1;
 }
 
 }  // extern "C"

@@ -80,16 +80,22 @@ PO_API int po_grad_norm_sq(const void* const* grads, const int64_t* numels, cons
 
 // --- test hooks (used by tests/test_native_cpu.py) ----------------------------------------
 
-// Compare the table search with count_below() + fix_code() for every float whose bit pattern
-// lies in [first_bits, last_bits] (inclusive, uint32 order). Returns the number of
-// mismatches; *first_mismatch gets the first mismatching bit pattern.
+// Compare the table search (portable, and the AVX-512 one where built) with count_below() +
+// fix_code() for every float whose bit pattern lies in [first_bits, last_bits] (inclusive,
+// uint32 order, one sign only). Returns the number of mismatches (-1: bad arguments);
+// *first_mismatch gets the first mismatching bit pattern.
 PO_API int64_t po_check_code_search(int32_t is_signed, uint32_t first_bits, uint32_t last_bits,
                              uint32_t* first_mismatch, int32_t num_threads);
+// The kernels' dequantization (qmap[code] * absmax) of n codes.
+PO_API int po_dequantize(int32_t is_signed, const uint8_t* codes, int64_t n, float absmax, float* out);
 // Codes of normalized values through the table search (n values).
 PO_API int po_quantize_normalized(int32_t is_signed, const float* x, uint8_t* codes, int64_t n);
 // The header conversions, elementwise: float -> fp16/bf16 bits and back.
 PO_API int po_convert_from_float(int32_t dtype, const float* x, uint16_t* out, int64_t n);
 PO_API int po_convert_to_float(int32_t dtype, const uint16_t* x, float* out, int64_t n);
+// How many of n float -> fp16/bf16 conversions differ from `expected` (NaN must give a NaN,
+// payload free). -1 for a bad dtype.
+PO_API int64_t po_count_conversion_mismatches(int32_t dtype, const float* x, const uint16_t* expected, int64_t n);
 
 #ifdef __cplusplus
 }

@@ -164,8 +164,10 @@ class NativeLibrary:
             "po_grad_norm_sq": (c_int, [vp, vp, vp, c_i64, vp, ctypes.c_int32]),
             "po_check_code_search": (c_i64, [ctypes.c_int32, ctypes.c_uint32, ctypes.c_uint32, vp, ctypes.c_int32]),
             "po_quantize_normalized": (c_int, [ctypes.c_int32, vp, vp, c_i64]),
+            "po_dequantize": (c_int, [ctypes.c_int32, vp, c_i64, ctypes.c_float, vp]),
             "po_convert_from_float": (c_int, [ctypes.c_int32, vp, vp, c_i64]),
             "po_convert_to_float": (c_int, [ctypes.c_int32, vp, vp, c_i64]),
+            "po_count_conversion_mismatches": (c_i64, [ctypes.c_int32, vp, vp, c_i64]),
         }
         for name, (restype, argtypes) in signatures.items():
             try:
