@@ -18,7 +18,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order ``--help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("pagedopt.commands.bench",)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -492,6 +492,7 @@ def fresh_loader(monkeypatch):
     """Forget the loaded library and the one-warning flag for one test, then restore them."""
     saved = (cpu._library, cpu._failure, cpu._warned)
     cpu._library, cpu._failure, cpu._warned = None, None, False
+    monkeypatch.delenv(dispatch.FORCE_ENV, raising=False)  # the suite may run with it set
     dispatch.reset_backends()
     yield
     cpu._library, cpu._failure, cpu._warned = saved

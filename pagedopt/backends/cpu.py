@@ -74,6 +74,14 @@ class _CStepScalars(ctypes.Structure):
     _fields_ = _scalar_fields()
 
 
+_SCALAR_NAMES = tuple(name for name, _ in _CStepScalars._fields_)
+
+
+def _c_scalars(s: StepScalars) -> _CStepScalars:
+    # (not dataclasses.astuple: it deep-copies, and this runs for every parameter every step)
+    return _CStepScalars(*[getattr(s, name) for name in _SCALAR_NAMES])
+
+
 class _CItem(ctypes.Structure):
     _fields_ = [
         ("param", ctypes.c_void_p),
@@ -257,16 +265,15 @@ class _Staging:
         self.write_back: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def read(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach()
         if not t.is_contiguous():
-            t = t.contiguous()
+            t = t.detach().contiguous()
             self.keep.append(t)
         return t
 
     def read_write(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach()
         if t.is_contiguous():
             return t
+        t = t.detach()
         work = t.contiguous()
         self.write_back.append((t, work))
         return work
@@ -276,7 +283,7 @@ class _Staging:
             return None
         if t.numel() != 1:
             raise ValueError(f"{name} must be a 0-d float32 tensor, got shape {tuple(t.shape)}")
-        if t.dtype != torch.float32 or t.device.type != "cpu":
+        if t.dtype != torch.float32 or not t.is_cpu:
             t = t.detach().to(device="cpu", dtype=torch.float32)
             self.keep.append(t)
         return t.data_ptr()
@@ -297,7 +304,7 @@ def _expect_numel(t: torch.Tensor | None, numel: int, name: str, dtype: torch.dt
         raise ValueError(f"UpdateItem.{name} has {t.numel()} elements, expected {numel}")
     if t.dtype != dtype:
         raise ValueError(f"UpdateItem.{name} has dtype {t.dtype}, expected {dtype}")
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         raise ValueError(f"UpdateItem.{name} is on {t.device}, expected cpu")
 
 
@@ -344,7 +351,7 @@ def _c_item(kind: UpdateKind, item: UpdateItem, staging: _Staging, updating: boo
     c.grad_dtype = DTYPE_CODES[item.grad.dtype]
     c.quantized = int(item.quantized)
     c.block_wise = int(item.block_wise)
-    c.scalars = _CStepScalars(*dataclasses.astuple(item.scalars))
+    c.scalars = _c_scalars(item.scalars)
     return c
 
 
