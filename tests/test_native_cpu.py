@@ -19,7 +19,6 @@ not built at all, and fail when it exists but does not load.
 from __future__ import annotations
 
 import ctypes
-import itertools
 import math
 import warnings
 

@@ -5,8 +5,6 @@
 // absmax blocks), independent of the thread count. Threads take units in a static schedule;
 // per-unit partial results are reduced per item in unit order afterwards, so every result
 // is the same for any number of threads.
-#include <omp.h>
-#include <stdio.h>
 #include <string.h>
 
 #include <exception>

@@ -1,12 +1,13 @@
 // The fused CPU kernels: one pass over a contiguous range ("unit") of one parameter.
 //
 // All per-element math comes from native/include/pagedopt (shared with the CUDA kernels);
-// this file only arranges the loops so the compiler vectorizes them:
-//   * 8-bit state: per 256-element chunk (= one absmax block), pass 1 dequantizes, updates
-//     and writes the parameter, keeping the chunk's new states in a small local buffer and
-//     their max |value| as integer bit patterns (exact and order independent); pass 2
-//     requantizes the buffer with the new absmax. The chunk is still in L1 for pass 2, so
-//     memory is streamed once.
+// this file only arranges the loops so the compiler vectorizes them (simd_avx512.h has
+// hand-written versions of the 8-bit table loops):
+//   * 8-bit state, per 256-element chunk (= one absmax block): dequantize each state into a
+//     small local buffer; pass 1 updates the buffers and writes the parameter; the block's
+//     new max |value| is taken as integer bit patterns (exact, order independent); pass 2
+//     requantizes the buffers with the new absmax. The chunk stays in L1 between the
+//     passes, so memory is streamed once.
 //   * 32-bit state: one loop, states read and written in place.
 //   * prepare mode writes nothing; it returns maxima and float64 partial norms. The norms
 //     use kLanes fixed accumulators indexed by position, so the sum order depends only on
@@ -31,6 +32,8 @@ namespace cpu {
 
 constexpr int kLanes = 8;  // float64 accumulators per partial norm
 
+// 512-bit vectors for the update loop where available (GCC prefers 256 by default; measured
+// faster here). noinline: GCC drops the target attribute of a function it inlines.
 #ifdef PO_HAVE_AVX512
 #define PO_WIDE_VECTORS __attribute__((target("prefer-vector-width=512"), noinline))
 #else
@@ -205,12 +208,11 @@ inline void dequantize_chunk(const uint8_t* __restrict__ codes, int64_t n, float
 // without runtime alias checks.)
 template <int ALGO, int PE, int GE, int MODE, class DIV>
 PO_WIDE_VECTORS void chunk_8bit_pass1(typename Elem<PE>::storage* __restrict__ pp,
-                                             const typename Elem<GE>::storage* __restrict__ gp,
-                                             float* __restrict__ f0, float* __restrict__ f1, float* __restrict__ f2,
-                                             float* __restrict__ dir, float* __restrict__ pold,
-                                             typename Elem<PE>::storage* __restrict__ p_saved, int64_t n,
-                                             float gnorm_scale, float update_scale, const StepScalars& s,
-                                             const DIV& div) {
+                                      const typename Elem<GE>::storage* __restrict__ gp, float* __restrict__ f0,
+                                      float* __restrict__ f1, float* __restrict__ f2, float* __restrict__ dir,
+                                      float* __restrict__ pold, typename Elem<PE>::storage* __restrict__ p_saved,
+                                      int64_t n, float gnorm_scale, float update_scale, const StepScalars& s,
+                                      const DIV& div) {
   constexpr int NV = AlgoTraits<ALGO>::num_values;
   typedef typename Elem<PE>::storage PS;
   for (int64_t i = 0; i < n; ++i) {
@@ -237,7 +239,7 @@ PO_WIDE_VECTORS void chunk_8bit_pass1(typename Elem<PE>::storage* __restrict__ p
 inline uint32_t max_magnitude_bits(const float* __restrict__ x, int64_t n, uint32_t* __restrict__ tiny) {
 #ifdef PO_HAVE_AVX512
   return avx512::max_magnitude_bits(x, n, tiny);
-#endif
+#else
   uint32_t m = 0, t = 0;
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t mag = magnitude_bits(x[i]);
@@ -246,6 +248,7 @@ inline uint32_t max_magnitude_bits(const float* __restrict__ x, int64_t n, uint3
   }
   *tiny = t;
   return m;
+#endif
 }
 
 // Software prefetch of [p, p + bytes) into the cache (the kernels are compute-heavy per byte,

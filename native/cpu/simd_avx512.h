@@ -7,6 +7,11 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 #define PO_HAVE_AVX512 1
+// GCC 12's AVX-512 headers trip -Wuninitialized on their own masked intrinsics (GCC bug
+// 105593); the warnings are about the headers' placeholder operands, not this code.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
 #include "pagedopt/code_lut.h"
@@ -121,4 +126,5 @@ inline void dequantize(const uint8_t* codes, int64_t n, float absmax, float* out
 }  // namespace cpu
 }  // namespace pagedopt
 
+#pragma GCC diagnostic pop
 #endif

@@ -24,16 +24,6 @@ struct Tables {
 extern Tables g_tables;
 
 template <bool SIGNED>
-inline const float* qmap() {
-  return SIGNED ? g_tables.qmap_signed : g_tables.qmap_unsigned;
-}
-
-template <bool SIGNED>
-inline const float* thresholds() {
-  return SIGNED ? g_tables.thresholds_signed : g_tables.thresholds_unsigned;
-}
-
-template <bool SIGNED>
 inline const uint32_t* lut() {
   return SIGNED ? g_tables.lut_signed : g_tables.lut_unsigned;
 }
