@@ -455,6 +455,23 @@ def test_float64_parameters_go_to_the_reference():
     assert torch.equal(p, q)
 
 
+def test_tensorwise_maxima_of_another_float_dtype_are_accepted():
+    """The reference takes new_absmax in any float dtype (``.float()``); so do the kernels.
+    Exact tier."""
+    kind = kind_for("rmsprop")
+    ref = Slot(kind, (5000,), torch.float32, "8bit-tensorwise", 21)
+    nat = ref.clone()
+    for step in range(1, 4):
+        g = gradient((5000,), torch.float32, step, 21)
+        s = step_scalars(kind, HYPER["rmsprop"], step)
+        items = [ref.item(g, s)], [nat.item(g, s)]
+        for backend, its in zip((dispatch.REFERENCE, BACKEND), items):
+            maxima = backend.prepare(kind, its, want_norms=False)[0]
+            its[0].new_absmax1 = maxima.max1.double()  # as a float64 all-reduce might return it
+            backend.update(kind, its)
+    assert_slots_equal(ref, nat, "float64 maxima")
+
+
 def test_bad_items_raise_errors_naming_the_field():
     kind = kind_for("adamw")
     s = step_scalars(kind, HYPER["adamw"], 1)

@@ -270,6 +270,12 @@ class _Staging:
             self.keep.append(t)
         return t
 
+    def read_float32(self, t: torch.Tensor) -> torch.Tensor:
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            t = t.detach().to(torch.float32).contiguous()
+            self.keep.append(t)
+        return t
+
     def read_write(self, t: torch.Tensor) -> torch.Tensor:
         if t.is_contiguous():
             return t
@@ -325,9 +331,10 @@ def _check_item(kind: UpdateKind, item: UpdateItem, updating: bool) -> None:
     if kind.num_states == 2:
         _expect_numel(item.absmax2, blocks, "absmax2", torch.float32)
     if updating and not item.block_wise:
-        _expect_numel(item.new_absmax1, moments, "new_absmax1", torch.float32)
-        if kind.num_states == 2:
-            _expect_numel(item.new_absmax2, 1, "new_absmax2", torch.float32)
+        for name, count in (("new_absmax1", moments), ("new_absmax2", 1))[: kind.num_states]:
+            given = getattr(item, name)
+            # any float dtype, like the reference (a sharded run may hand in reduced maxima)
+            _expect_numel(given, count, name, given.dtype if given is not None and given.is_floating_point() else torch.float32)
 
 
 def _c_item(kind: UpdateKind, item: UpdateItem, staging: _Staging, updating: bool) -> _CItem:
@@ -342,8 +349,9 @@ def _c_item(kind: UpdateKind, item: UpdateItem, staging: _Staging, updating: boo
         c.absmax1 = _ptr(rw(item.absmax1))
         c.absmax2 = _ptr(rw(item.absmax2)) if item.absmax2 is not None else None
         if updating and not item.block_wise:
-            c.new_absmax1 = _ptr(staging.read(item.new_absmax1))
-            c.new_absmax2 = _ptr(staging.read(item.new_absmax2)) if item.new_absmax2 is not None else None
+            c.new_absmax1 = _ptr(staging.read_float32(item.new_absmax1))
+            if item.new_absmax2 is not None:
+                c.new_absmax2 = _ptr(staging.read_float32(item.new_absmax2))
     c.gnorm_scale = staging.scalar(item.gnorm_scale, "gnorm_scale")
     c.update_scale = staging.scalar(item.update_scale, "update_scale")
     c.numel = item.param.numel()
@@ -369,8 +377,8 @@ class CpuBackend:
 
     def grad_norm_sq(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         out = torch.zeros(len(grads), dtype=torch.float64)
-        native = [i for i, g in enumerate(grads) if g.dtype in DTYPE_CODES and g.device.type == "cpu"]
-        others = [i for i in range(len(grads)) if i not in set(native)]
+        native = [i for i, g in enumerate(grads) if g.dtype in DTYPE_CODES and g.is_cpu]
+        others = sorted(set(range(len(grads))) - set(native))
         if native:
             staging = _Staging()
             flat = [staging.read(grads[i]) for i in native]
