@@ -15,8 +15,7 @@ Example:
 
 from __future__ import annotations
 
-from . import functional, optim, telemetry
-from .backends import cuda as _cuda_backend  # noqa: F401  (registers the lazy "cuda" backend)
+from . import backends, functional, optim, telemetry  # backends: registers the native kernels
 from .config import ConfigError, PagedoptConfig, build_optimizer, load_config
 from .nn import StableEmbedding
 from .optim import *  # noqa: F401,F403  (the optimizer classes)

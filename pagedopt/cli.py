@@ -20,6 +20,7 @@ import sys
 # Subcommand modules, in the order ``--help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "pagedopt.commands.train",
+    "pagedopt.commands.bench",
     "pagedopt.commands.config",
     "pagedopt.commands.kernels",
 )

@@ -53,8 +53,20 @@ def _ema(beta: float, old: Tensor, one_minus_beta: float, new: Tensor) -> Tensor
     return beta * old + one_minus_beta * new
 
 
+def _sqrt(v: Tensor) -> Tensor:
+    """Correctly rounded float32 square root (IEEE ``sqrtf``, CUDA ``__fsqrt_rn``).
+
+    ``torch.sqrt`` on CPU float32 tensors of more than about a thousand elements goes through
+    MKL VML, which is not correctly rounded (1-ulp errors in ~0.7% of elements), so its result
+    would depend on the tensor's size and on the device. The float64 square root rounded to
+    float32 is the correctly rounded result (a float32's square root is never within a float64
+    ulp of a float32 rounding boundary).
+    """
+    return torch.sqrt(v.double()).float()
+
+
 def _adam_denominator(v: Tensor, s: StepScalars) -> Tensor:
-    return torch.sqrt(v) / s.bias_correction2_sqrt + s.eps
+    return _sqrt(v) / s.bias_correction2_sqrt + s.eps
 
 
 def _adam(g: Tensor, states: list[Tensor], s: StepScalars) -> tuple[list[Tensor], Tensor]:
@@ -91,13 +103,13 @@ def _lion(g: Tensor, states: list[Tensor], s: StepScalars) -> tuple[list[Tensor]
 def _rmsprop(g: Tensor, states: list[Tensor], s: StepScalars) -> tuple[list[Tensor], Tensor]:
     (v,) = states
     v = _ema(s.beta1, v, s.one_minus_beta1, g * g)
-    return [v], g / (torch.sqrt(v) + s.eps)
+    return [v], g / (_sqrt(v) + s.eps)
 
 
 def _adagrad(g: Tensor, states: list[Tensor], s: StepScalars) -> tuple[list[Tensor], Tensor]:
     (v,) = states
     v = v + g * g
-    return [v], g / (torch.sqrt(v) + s.eps)
+    return [v], g / (_sqrt(v) + s.eps)
 
 
 _ALGORITHMS: dict[Algorithm, Callable[..., tuple[list[Tensor], Tensor]]] = {

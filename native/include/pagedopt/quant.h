@@ -23,8 +23,10 @@ PO_HD float scale_weight(float x, bool is_signed) {
 PO_HD float normalize(float x, float absmax) { return absmax > 0.0f ? x / absmax : 0.0f; }
 
 // Reference code search: binary search for #{t < x} over the 255 sorted thresholds.
-// Kernels may use faster searches (bit-indexed tables) that must return the same code.
+// Kernels may use faster searches (code_lut.h) that must return the same code.
+// NaN counts as above every threshold (255), like torch.searchsorted in the reference.
 PO_HD int count_below(const float* thresholds, float x) {
+  if (!(x == x)) return 255;
   int lo = 0, hi = 255;  // answer in [lo, hi]
   while (lo < hi) {
     int mid = (lo + hi) >> 1;

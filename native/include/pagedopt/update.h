@@ -18,73 +18,120 @@ PO_HD float po_sqrt(float x) {
 
 PO_HD bool po_isfinite(float x) { return (x - x) == 0.0f; }  // false for NaN and +-Inf
 
-PO_HD float po_sign(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : x); }
+// torch.sign: +0 for +-0 and for NaN.
+PO_HD float po_sign(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
 
 PO_HD float ema(float beta, float old, float one_minus_beta, float value) {
   return beta * old + one_minus_beta * value;
 }
 
 // Skip rule and gradient preprocessing. Returns false when the element must stay unchanged
-// (non-finite gradient, or exactly zero with skip_zeros); otherwise sets g to
-// g * gnorm_scale (+ weight_decay * p for L2 decay).
+// (non-finite gradient, or exactly zero with skip_zeros); sets g to g * gnorm_scale
+// (+ weight_decay * p for L2 decay), which callers must ignore when it returns false.
+// (Written without short-circuit operators or early returns: branch-free code is what SIMD
+// compilers vectorize; the CPU kernels compute g for skipped elements too and discard it.)
 PO_HD bool prepare_gradient(float& g, float p, float gnorm_scale, const StepScalars& s) {
-  if (!po_isfinite(g) || (s.skip_zeros && g == 0.0f)) return false;
+  const bool keep = po_isfinite(g) & !((s.skip_zeros != 0) & (g == 0.0f));
   g = g * gnorm_scale;
   if (s.weight_decay != 0.0f) g = g + s.weight_decay * p;
-  return true;
+  return keep;
+}
+
+// The divisions by the per-step bias corrections. The reference divides; a kernel may pass
+// its own policy with the same two members that computes the same quotients another way
+// (native/cpu/kernels.h: an exact float64 reciprocal product, off the divider unit).
+struct BiasCorrectionDivide {
+  PO_HD float by_bias_correction1(float x, const StepScalars& s) const { return x / s.bias_correction1; }
+  PO_HD float by_bias_correction2_sqrt(float x, const StepScalars& s) const {
+    return x / s.bias_correction2_sqrt;
+  }
+};
+
+template <class DIV>
+PO_HD float adam_denominator(float v, const StepScalars& s, const DIV& div) {
+  return div.by_bias_correction2_sqrt(po_sqrt(v), s) + s.eps;
 }
 
 PO_HD float adam_denominator(float v, const StepScalars& s) {
-  return po_sqrt(v) / s.bias_correction2_sqrt + s.eps;
+  return adam_denominator(v, s, BiasCorrectionDivide());
 }
 
-// state layout per algorithm: s0 = state1 (moment 0), s1 = state1 moment 1 (AdEMAMix slow
-// EMA) or state2, s2 = AdEMAMix state2. Unused slots are ignored.
+// Per-algorithm updates. State layout: s0 = state1 (moment 0), s1 = state1 moment 1
+// (AdEMAMix slow EMA) or state2, s2 = AdEMAMix state2. Unused slots are ignored.
+// AlgoUpdate<ALGO>::apply takes the bias-correction division policy; element_update<ALGO>
+// is the same with the reference division.
 template <int ALGO>
-PO_HD float element_update(float g, float& s0, float& s1, float& s2, const StepScalars& s);
+struct AlgoUpdate;
 
 template <>
-PO_HD float element_update<ALGO_ADAM>(float g, float& m, float& v, float&, const StepScalars& s) {
-  m = ema(s.beta1, m, s.one_minus_beta1, g);
-  v = ema(s.beta2, v, s.one_minus_beta2, g * g);
-  return (m / s.bias_correction1) / adam_denominator(v, s);
-}
+struct AlgoUpdate<ALGO_ADAM> {
+  template <class DIV>
+  static PO_HD float apply(float g, float& m, float& v, float&, const StepScalars& s, const DIV& div) {
+    m = ema(s.beta1, m, s.one_minus_beta1, g);
+    v = ema(s.beta2, v, s.one_minus_beta2, g * g);
+    return div.by_bias_correction1(m, s) / adam_denominator(v, s, div);
+  }
+};
 
 template <>
-PO_HD float element_update<ALGO_ADEMAMIX>(float g, float& m1, float& m2, float& v, const StepScalars& s) {
-  m1 = ema(s.beta1, m1, s.one_minus_beta1, g);
-  m2 = ema(s.beta3, m2, s.one_minus_beta3, g);
-  v = ema(s.beta2, v, s.one_minus_beta2, g * g);
-  return (m1 / s.bias_correction1 + s.alpha * m2) / adam_denominator(v, s);
-}
+struct AlgoUpdate<ALGO_ADEMAMIX> {
+  template <class DIV>
+  static PO_HD float apply(float g, float& m1, float& m2, float& v, const StepScalars& s, const DIV& div) {
+    m1 = ema(s.beta1, m1, s.one_minus_beta1, g);
+    m2 = ema(s.beta3, m2, s.one_minus_beta3, g);
+    v = ema(s.beta2, v, s.one_minus_beta2, g * g);
+    return (div.by_bias_correction1(m1, s) + s.alpha * m2) / adam_denominator(v, s, div);
+  }
+};
 
 template <>
-PO_HD float element_update<ALGO_MOMENTUM>(float g, float& m, float&, float&, const StepScalars& s) {
-  m = s.first_step ? g : s.beta1 * m + s.dampening_factor * g;
-  return s.nesterov ? g + s.beta1 * m : m;
-}
+struct AlgoUpdate<ALGO_MOMENTUM> {
+  template <class DIV>
+  static PO_HD float apply(float g, float& m, float&, float&, const StepScalars& s, const DIV&) {
+    m = s.first_step ? g : s.beta1 * m + s.dampening_factor * g;
+    return s.nesterov ? g + s.beta1 * m : m;
+  }
+};
 
 template <>
-PO_HD float element_update<ALGO_LION>(float g, float& m, float&, float&, const StepScalars& s) {
-  float d = po_sign(ema(s.beta1, m, s.one_minus_beta1, g));
-  m = ema(s.beta2, m, s.one_minus_beta2, g);
-  return d;
-}
+struct AlgoUpdate<ALGO_LION> {
+  template <class DIV>
+  static PO_HD float apply(float g, float& m, float&, float&, const StepScalars& s, const DIV&) {
+    float d = po_sign(ema(s.beta1, m, s.one_minus_beta1, g));
+    m = ema(s.beta2, m, s.one_minus_beta2, g);
+    return d;
+  }
+};
 
 template <>
-PO_HD float element_update<ALGO_RMSPROP>(float g, float& v, float&, float&, const StepScalars& s) {
-  v = ema(s.beta1, v, s.one_minus_beta1, g * g);
-  return g / (po_sqrt(v) + s.eps);
-}
+struct AlgoUpdate<ALGO_RMSPROP> {
+  template <class DIV>
+  static PO_HD float apply(float g, float& v, float&, float&, const StepScalars& s, const DIV&) {
+    v = ema(s.beta1, v, s.one_minus_beta1, g * g);
+    return g / (po_sqrt(v) + s.eps);
+  }
+};
 
 template <>
-PO_HD float element_update<ALGO_ADAGRAD>(float g, float& v, float&, float&, const StepScalars& s) {
-  v = v + g * g;
-  return g / (po_sqrt(v) + s.eps);
+struct AlgoUpdate<ALGO_ADAGRAD> {
+  template <class DIV>
+  static PO_HD float apply(float g, float& v, float&, float&, const StepScalars& s, const DIV&) {
+    v = v + g * g;
+    return g / (po_sqrt(v) + s.eps);
+  }
+};
+
+template <int ALGO>
+PO_HD float element_update(float g, float& s0, float& s1, float& s2, const StepScalars& s) {
+  return AlgoUpdate<ALGO>::apply(g, s0, s1, s2, s, BiasCorrectionDivide());
 }
 
+// The reference skips the decay multiplication when decay_factor is exactly 1; multiplying by
+// 1.0f returns p unchanged (every float, +-0, subnormals; NaN stays NaN and is quieted by the
+// subtraction anyway), so the unconditional form below is bit-identical and keeps a
+// loop-invariant branch out of the vectorized kernels.
 PO_HD float apply_direction(float p, float d, float update_scale, const StepScalars& s) {
-  if (s.decay_factor != 1.0f) p = p * s.decay_factor;
+  p = p * s.decay_factor;
   return p - s.lr * (d * update_scale);
 }
 
@@ -93,7 +140,7 @@ template <int ALGO>
 struct AlgoTraits {
   static constexpr int num_values = (ALGO == ALGO_ADEMAMIX) ? 3 : ((ALGO == ALGO_ADAM) ? 2 : 1);
   // value i uses the signed map?
-  static PO_HD bool value_signed(int i) {
+  static constexpr PO_HD bool value_signed(int i) {
     if (ALGO == ALGO_ADAM) return i == 0;
     if (ALGO == ALGO_ADEMAMIX) return i < 2;
     return !(ALGO == ALGO_RMSPROP || ALGO == ALGO_ADAGRAD);

@@ -1,0 +1,472 @@
+// The fused CPU kernels: one pass over a contiguous range ("unit") of one parameter.
+//
+// All per-element math comes from native/include/pagedopt (shared with the CUDA kernels);
+// this file only arranges the loops so the compiler vectorizes them (simd_avx512.h has
+// hand-written versions of the 8-bit table loops):
+//   * 8-bit state, per 256-element chunk (= one absmax block): dequantize each state into a
+//     small local buffer; pass 1 updates the buffers and writes the parameter; the block's
+//     new max |value| is taken as integer bit patterns (exact, order independent); pass 2
+//     requantizes the buffers with the new absmax. The chunk stays in L1 between the
+//     passes, so memory is streamed once.
+//   * 32-bit state: one loop, states read and written in place.
+//   * prepare mode writes nothing; it returns maxima and float64 partial norms. The norms
+//     use kLanes fixed accumulators indexed by position, so the sum order depends only on
+//     the unit layout, never on the thread count.
+// Skipped elements (non-finite gradient, or zero with skip_zeros) keep their parameter bits
+// and their state value (8-bit: the dequantized old value, requantized like the reference).
+#pragma once
+#include <stdint.h>
+#include <string.h>
+
+#include "pagedopt/code_lut.h"
+#include "pagedopt/common.h"
+#include "pagedopt/convert.h"
+#include "pagedopt/quant.h"
+#include "pagedopt/update.h"
+#include "pagedopt_cpu.h"
+#include "simd_avx512.h"
+#include "tables.h"
+
+namespace pagedopt {
+namespace cpu {
+
+constexpr int kLanes = 8;  // float64 accumulators per partial norm
+
+// 512-bit vectors for the update loop where available (GCC prefers 256 by default; measured
+// faster here). noinline: GCC drops the target attribute of a function it inlines.
+#ifdef PO_HAVE_AVX512
+#define PO_WIDE_VECTORS __attribute__((target("prefer-vector-width=512"), noinline))
+#else
+#define PO_WIDE_VECTORS
+#endif
+
+// A unit's contribution to an item's prepare result / gradient norm.
+struct UnitPartial {
+  uint32_t max_bits[3];  // max magnitude bits (as uint32) of each updated state value
+  double unorm_sq;
+  double pnorm_sq;
+};
+
+enum Mode { MODE_UPDATE = 0, MODE_PREPARE = 1 };
+
+typedef void (*UnitFn)(const po_item& item, int64_t begin, int64_t len, UnitPartial& out);
+
+// fn[quantized][param dtype][grad dtype][mode]
+struct KernelTable {
+  UnitFn fn[2][3][3][2];
+};
+
+// Number of absmax entries per state value.
+inline int64_t absmax_count(const po_item& it) {
+  return it.block_wise ? (it.numel + kBlockSize - 1) / kBlockSize : 1;
+}
+
+// Value j of an element: state1 (moment j for AdEMAMix's two first moments) or state2.
+template <int ALGO, class T>
+inline T* value_storage(const po_item& it, int j) {
+  if (ALGO == ALGO_ADEMAMIX) return j < 2 ? static_cast<T*>(it.state1) + j * it.numel : static_cast<T*>(it.state2);
+  return j == 0 ? static_cast<T*>(it.state1) : static_cast<T*>(it.state2);
+}
+
+template <int ALGO>
+inline float* value_absmax(const po_item& it, int j) {
+  if (ALGO == ALGO_ADEMAMIX) return j < 2 ? it.absmax1 + j * absmax_count(it) : it.absmax2;
+  return j == 0 ? it.absmax1 : it.absmax2;
+}
+
+// Tensor-wise 8-bit: the new absmax of value j (maxima from the prepare pass).
+template <int ALGO>
+inline float given_absmax(const po_item& it, int j) {
+  if (ALGO == ALGO_ADEMAMIX) return j < 2 ? it.new_absmax1[j] : it.new_absmax2[0];
+  return j == 0 ? it.new_absmax1[0] : it.new_absmax2[0];
+}
+
+inline uint32_t magnitude_bits(float x) { return float_bits(x) & 0x7fffffffu; }
+inline uint32_t max_u32(uint32_t a, uint32_t b) { return a > b ? a : b; }
+
+// Everything one element's update produces (kept = the element was not skipped).
+struct ElementOut {
+  float v0, v1, v2;  // new state values (old ones where skipped)
+  float p;           // new parameter (before rounding to the parameter dtype)
+  float d;           // update direction (0 where skipped)
+  bool keep;
+};
+
+template <int ALGO, class DIV = BiasCorrectionDivide>
+inline ElementOut element_step(float g, float p, float v0, float v1, float v2, float gnorm_scale,
+                               float update_scale, const StepScalars& s, const DIV& div = DIV()) {
+  ElementOut o;
+  float gk = g;
+  o.keep = prepare_gradient(gk, p, gnorm_scale, s);
+  float n0 = v0, n1 = v1, n2 = v2;
+  const float d = AlgoUpdate<ALGO>::apply(gk, n0, n1, n2, s, div);
+  o.v0 = o.keep ? n0 : v0;
+  o.v1 = o.keep ? n1 : v1;
+  o.v2 = o.keep ? n2 : v2;
+  o.d = o.keep ? d : 0.0f;
+  o.p = apply_direction(p, d, update_scale, s);
+  return o;
+}
+
+// x / c for float x and a float c != 0, given inv = 1.0 / (double)c: the float64 product
+// rounded to float32 is exactly the float32 quotient whenever that quotient is a normal float
+// (or overflows). Why: inv and the product each err by at most 2^-53 relative, so the float64
+// product is within 2^-52 (relative) of x/c, while a quotient of two floats with 24-bit
+// significands is never closer than 2^-49 (relative) to a float32 rounding boundary: the
+// midpoint M * 2^k (M odd, 25 bits) would need x * 2^j = M * c, impossible as M * c has more
+// than 24 significant bits, and otherwise |x - M c 2^k| >= 2^k ulp-units of M c. Below 2^-126
+// float32 rounds on a fixed grid where exact ties do occur; callers must not use it there.
+inline float divide_by_reciprocal(float x, double inv) { return static_cast<float>(static_cast<double>(x) * inv); }
+
+// Bias-correction division policy of the 8-bit kernels (update.h BiasCorrectionDivide):
+// m / bias_correction1 as the exact reciprocal product above, off the divider unit, which
+// (with sqrt and the division by the denominator) bounds the update's speed. (Doing the same
+// for sqrt(v) / bias_correction2_sqrt measured no faster: the float64 conversions then
+// saturate the vector ports instead.) m / bc1 can be subnormal when |m| < 2^-126: the
+// kernel checks each chunk's new m for 0 < |m| < 2^-120 and then redoes the chunk with true
+// division.
+struct ReciprocalDivide {
+  double inv_bias_correction1;
+  explicit ReciprocalDivide(const StepScalars& s) : inv_bias_correction1(1.0 / static_cast<double>(s.bias_correction1)) {}
+  float by_bias_correction1(float x, const StepScalars&) const { return divide_by_reciprocal(x, inv_bias_correction1); }
+  float by_bias_correction2_sqrt(float x, const StepScalars& s) const { return x / s.bias_correction2_sqrt; }
+};
+
+// Fixed-lane float64 sums of squares of buf[0..kBlockSize) (zero padded past the data).
+inline void accumulate_squares(const float* __restrict__ buf, double* __restrict__ lanes) {
+  for (int64_t i0 = 0; i0 < kBlockSize; i0 += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const double x = static_cast<double>(buf[i0 + l]);
+      lanes[l] += x * x;
+    }
+  }
+}
+
+inline double sum_lanes(const double* lanes) {
+  double total = 0.0;
+  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+// Requantize n fresh values with scale `absmax` into codes (quantization.py rules: the
+// code of x / absmax, or of 0 when absmax is not > 0). BOUNDED: absmax = max |fresh|.
+template <bool SIGNED, bool BOUNDED>
+__attribute__((noinline)) void requantize(const float* __restrict__ fresh, int64_t n, float absmax,
+                                          uint8_t* __restrict__ codes) {
+  if (!(absmax > 0.0f)) {
+    // normalize() gives 0 for every element (also for a NaN absmax, like the reference).
+    memset(codes, static_cast<int>(lut_quantize_value<SIGNED>(lut<SIGNED>(), 0.0f)), static_cast<size_t>(n));
+    return;
+  }
+#ifdef PO_HAVE_AVX512
+  avx512::requantize<SIGNED, BOUNDED>(fresh, n, absmax, codes);
+#else
+  // Codes go to a local buffer first and the table is named as the global array: GCC does
+  // not vectorize table gathers next to stores it cannot prove disjoint (a uint8_t pointer
+  // may alias anything, even a restrict-qualified one). noinline keeps `fresh` restrict.
+  alignas(64) uint32_t local[kBlockSize];
+  for (int64_t i = 0; i < n; ++i) {
+    local[i] = lut_quantize_value<SIGNED>(SIGNED ? g_tables.lut_signed : g_tables.lut_unsigned, fresh[i] / absmax);
+  }
+  for (int64_t i = 0; i < n; ++i) codes[i] = static_cast<uint8_t>(local[i]);
+#endif
+}
+
+template <int ALGO, int J>
+inline void requantize_value(const po_item& it, const float* fresh, int64_t n, float absmax, int64_t c) {
+  constexpr bool kSigned = AlgoTraits<ALGO>::value_signed(J);
+  uint8_t* codes = value_storage<ALGO, uint8_t>(it, J) + c;
+  if (it.block_wise) {
+    requantize<kSigned, true>(fresh, n, absmax, codes);
+  } else {
+    requantize<kSigned, false>(fresh, n, absmax, codes);
+  }
+}
+
+// ---- 8-bit state ---------------------------------------------------------------------------
+
+// dequantize_value() (quant.h) with the map named as a global array: GCC emits hardware
+// gathers for a global array indexed by bytes, but not for a pointer indexed by bytes.
+template <bool SIGNED>
+inline float dequantize_code(uint8_t code, float absmax) {
+  return (SIGNED ? g_tables.qmap_signed[code] : g_tables.qmap_unsigned[code]) * absmax;
+}
+
+// Dequantize one chunk of codes into out (dequantize_value, quant.h).
+template <bool SIGNED>
+inline void dequantize_chunk(const uint8_t* __restrict__ codes, int64_t n, float absmax, float* __restrict__ out) {
+#ifdef PO_HAVE_AVX512_VBMI
+  avx512::dequantize<SIGNED>(codes, n, absmax, out);
+#else
+  for (int64_t i = 0; i < n; ++i) out[i] = dequantize_code<SIGNED>(codes[i], absmax);
+#endif
+}
+
+// Pass 1 of one chunk: states arrive dequantized in f0..f2 and leave updated there; update
+// mode writes the parameter (saving its old bits in p_saved), prepare mode the direction and
+// the old parameter. (restrict-qualified parameters: GCC trusts those, so it vectorizes
+// without runtime alias checks.)
+template <int ALGO, int PE, int GE, int MODE, class DIV>
+PO_WIDE_VECTORS void chunk_8bit_pass1(typename Elem<PE>::storage* __restrict__ pp,
+                                      const typename Elem<GE>::storage* __restrict__ gp, float* __restrict__ f0,
+                                      float* __restrict__ f1, float* __restrict__ f2, float* __restrict__ dir,
+                                      float* __restrict__ pold, typename Elem<PE>::storage* __restrict__ p_saved,
+                                      int64_t n, float gnorm_scale, float update_scale, const StepScalars& s,
+                                      const DIV& div) {
+  constexpr int NV = AlgoTraits<ALGO>::num_values;
+  typedef typename Elem<PE>::storage PS;
+  for (int64_t i = 0; i < n; ++i) {
+    const PS p_raw = pp[i];
+    const float p = Elem<PE>::load(p_raw);
+    const float g = Elem<GE>::load(gp[i]);
+    const ElementOut o = element_step<ALGO>(g, p, f0[i], NV > 1 ? f1[i] : 0.0f, NV > 2 ? f2[i] : 0.0f, gnorm_scale,
+                                            update_scale, s, div);
+    f0[i] = o.v0;
+    if (NV > 1) f1[i] = o.v1;
+    if (NV > 2) f2[i] = o.v2;
+    if (MODE == MODE_UPDATE) {
+      p_saved[i] = p_raw;
+      pp[i] = o.keep ? Elem<PE>::store(o.p) : p_raw;
+    } else {
+      dir[i] = o.d;
+      pold[i] = p;
+    }
+  }
+}
+
+// The block scale of a chunk (quant.h scale_weight(): max of x >= 0, and of -x weighted by
+// kNegativeWeight on the signed map) as float bits, and whether some x has 0 < |x| < 2^-120
+// (separate loop: inside the update loop the reductions defeat GCC's vectorizer). Rounding is
+// monotone, so max(round(-x * w)) == round(max(-x) * w): one multiply per chunk, and the
+// result (a non-negative float) still reduces across chunks and threads as unsigned bits.
+template <bool SIGNED>
+inline uint32_t max_scale_bits(const float* __restrict__ x, int64_t n, uint32_t* __restrict__ tiny) {
+  uint32_t pos = 0, neg = 0;
+#ifdef PO_HAVE_AVX512
+  avx512::max_magnitude_bits_by_sign(x, n, &pos, &neg, tiny);
+#else
+  uint32_t t = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = float_bits(x[i]);
+    const uint32_t mag = bits & 0x7fffffffu;
+    const uint32_t negative = 0u - (bits >> 31);  // all ones for a set sign bit
+    pos = max_u32(pos, mag & ~negative);
+    neg = max_u32(neg, mag & negative);
+    t |= (mag - 1u) < 0x037fffffu ? 1u : 0u;
+  }
+  *tiny = t;
+#endif
+  if (!SIGNED) return max_u32(pos, neg);  // max |x| (the state is non-negative anyway)
+  return max_u32(pos, float_bits(bits_float(neg) * kNegativeWeight));
+}
+
+// max_scale_bits() of each state value of a chunk (value j uses map S<j>).
+template <bool S0, bool S1, bool S2, int NV>
+inline void chunk_scales(float (*fresh)[kBlockSize], int64_t n, uint32_t* maxima, uint32_t* tiny) {
+  maxima[0] = max_scale_bits<S0>(fresh[0], n, &tiny[0]);
+  if (NV > 1) maxima[1] = max_scale_bits<S1>(fresh[1], n, &tiny[1]);
+  if (NV > 2) maxima[2] = max_scale_bits<S2>(fresh[2], n, &tiny[2]);
+}
+
+// Software prefetch of [p, p + bytes) into the cache (the kernels are compute-heavy per byte,
+// so the hardware prefetchers fall behind on the interleaved streams of a chunk).
+inline void prefetch_range(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
+constexpr int64_t kPrefetchChunks = 4;  // how far ahead (in 256-element chunks)
+
+template <int ALGO, int PE, int GE, int MODE>
+void unit_8bit(const po_item& it, int64_t begin, int64_t len, UnitPartial& out) {
+  constexpr int NV = AlgoTraits<ALGO>::num_values;
+  constexpr bool S0 = AlgoTraits<ALGO>::value_signed(0);
+  constexpr bool S1 = AlgoTraits<ALGO>::value_signed(NV > 1 ? 1 : 0);
+  constexpr bool S2 = AlgoTraits<ALGO>::value_signed(NV > 2 ? 2 : 0);
+  constexpr bool kBiasCorrected = ALGO == ALGO_ADAM || ALGO == ALGO_ADEMAMIX;
+  typedef typename Elem<PE>::storage PS;
+  typedef typename Elem<GE>::storage GS;
+  const StepScalars s = it.scalars;
+  const float gnorm_scale = it.gnorm_scale ? *it.gnorm_scale : 1.0f;
+  const float update_scale = it.update_scale ? *it.update_scale : 1.0f;
+  const ReciprocalDivide fast_division(s);
+
+  alignas(64) float fresh[3][kBlockSize];
+  alignas(64) float dir[kBlockSize];
+  alignas(64) float pold[kBlockSize];
+  alignas(64) PS p_saved[kBlockSize];
+  double ulanes[kLanes] = {0}, planes[kLanes] = {0};
+  uint32_t unit_max[3] = {0, 0, 0};
+
+  const int64_t end = begin + len;
+  for (int64_t c = begin; c < end; c += kBlockSize) {
+    const int64_t n = end - c < kBlockSize ? end - c : kBlockSize;
+    const int64_t block = it.block_wise ? c / kBlockSize : 0;
+    PS* pp = static_cast<PS*>(it.param) + c;
+    const GS* gp = static_cast<const GS*>(it.grad) + c;
+    const int64_t ahead = c + kPrefetchChunks * kBlockSize;
+    if (ahead < end) {
+      const int64_t bytes = (end - ahead < kBlockSize ? end - ahead : kBlockSize);
+      prefetch_range(static_cast<PS*>(it.param) + ahead, bytes * static_cast<int64_t>(sizeof(PS)));
+      prefetch_range(static_cast<const GS*>(it.grad) + ahead, bytes * static_cast<int64_t>(sizeof(GS)));
+      for (int j = 0; j < NV; ++j) prefetch_range(value_storage<ALGO, uint8_t>(it, j) + ahead, bytes);
+    }
+    auto dequantize_all = [&]() {
+      dequantize_chunk<S0>(value_storage<ALGO, uint8_t>(it, 0) + c, n, value_absmax<ALGO>(it, 0)[block], fresh[0]);
+      if (NV > 1) dequantize_chunk<S1>(value_storage<ALGO, uint8_t>(it, 1) + c, n, value_absmax<ALGO>(it, 1)[block], fresh[1]);
+      if (NV > 2) dequantize_chunk<S2>(value_storage<ALGO, uint8_t>(it, 2) + c, n, value_absmax<ALGO>(it, 2)[block], fresh[2]);
+    };
+
+    // Pass 1: update, write the parameter, keep the new states.
+    dequantize_all();
+    chunk_8bit_pass1<ALGO, PE, GE, MODE>(pp, gp, fresh[0], fresh[1], fresh[2], dir, pold, p_saved, n, gnorm_scale,
+                                         update_scale, s, fast_division);
+    uint32_t maxima[3] = {0, 0, 0}, tiny[3] = {0, 0, 0};
+    chunk_scales<S0, S1, S2, NV>(fresh, n, maxima, tiny);
+    if (kBiasCorrected && tiny[0]) {
+      // Some m / bias_correction1 may be subnormal: redo the chunk with true division.
+      if (MODE == MODE_UPDATE) memcpy(pp, p_saved, static_cast<size_t>(n) * sizeof(PS));
+      dequantize_all();
+      chunk_8bit_pass1<ALGO, PE, GE, MODE>(pp, gp, fresh[0], fresh[1], fresh[2], dir, pold, p_saved, n, gnorm_scale,
+                                           update_scale, s, BiasCorrectionDivide());
+      chunk_scales<S0, S1, S2, NV>(fresh, n, maxima, tiny);
+    }
+
+    if (MODE == MODE_PREPARE) {
+      for (int64_t i = n; i < kBlockSize; ++i) dir[i] = pold[i] = 0.0f;
+      accumulate_squares(dir, ulanes);
+      accumulate_squares(pold, planes);
+      for (int j = 0; j < 3; ++j) unit_max[j] = max_u32(unit_max[j], maxima[j]);
+      continue;
+    }
+
+    // Pass 2: new absmax (block-wise: this block's max; tensor-wise: from prepare), requantize.
+    for (int j = 0; j < NV; ++j) {
+      const float absmax = it.block_wise ? bits_float(maxima[j]) : given_absmax<ALGO>(it, j);
+      if (j == 0) requantize_value<ALGO, 0>(it, fresh[0], n, absmax, c);
+      if (j == 1) requantize_value<ALGO, (NV > 1 ? 1 : 0)>(it, fresh[1], n, absmax, c);
+      if (j == 2) requantize_value<ALGO, (NV > 2 ? 2 : 0)>(it, fresh[2], n, absmax, c);
+      if (it.block_wise) value_absmax<ALGO>(it, j)[block] = absmax;
+    }
+  }
+  if (MODE == MODE_PREPARE) {
+    for (int j = 0; j < 3; ++j) out.max_bits[j] = unit_max[j];
+    out.unorm_sq = sum_lanes(ulanes);
+    out.pnorm_sq = sum_lanes(planes);
+  }
+}
+
+// ---- 32-bit state --------------------------------------------------------------------------
+
+template <int ALGO, int PE, int GE>
+inline void range_32bit_update(typename Elem<PE>::storage* __restrict__ pp,
+                               const typename Elem<GE>::storage* __restrict__ gp, float* __restrict__ s0,
+                               float* __restrict__ s1, float* __restrict__ s2, int64_t n, float gnorm_scale,
+                               float update_scale, const StepScalars& s) {
+  constexpr int NV = AlgoTraits<ALGO>::num_values;
+  typedef typename Elem<PE>::storage PS;
+  for (int64_t i = 0; i < n; ++i) {
+    const PS p_raw = pp[i];
+    const ElementOut o = element_step<ALGO>(Elem<GE>::load(gp[i]), Elem<PE>::load(p_raw), s0[i],
+                                            NV > 1 ? s1[i] : 0.0f, NV > 2 ? s2[i] : 0.0f, gnorm_scale,
+                                            update_scale, s);
+    s0[i] = o.v0;
+    if (NV > 1) s1[i] = o.v1;
+    if (NV > 2) s2[i] = o.v2;
+    pp[i] = o.keep ? Elem<PE>::store(o.p) : p_raw;
+  }
+}
+
+template <int ALGO, int PE, int GE>
+inline void chunk_32bit_prepare(const typename Elem<PE>::storage* __restrict__ pp,
+                                const typename Elem<GE>::storage* __restrict__ gp, const float* __restrict__ s0,
+                                const float* __restrict__ s1, const float* __restrict__ s2, int64_t n,
+                                float gnorm_scale, float update_scale, const StepScalars& s,
+                                float* __restrict__ dir, float* __restrict__ pold) {
+  constexpr int NV = AlgoTraits<ALGO>::num_values;
+  for (int64_t i = 0; i < n; ++i) {
+    const float p = Elem<PE>::load(pp[i]);
+    const ElementOut o = element_step<ALGO>(Elem<GE>::load(gp[i]), p, s0[i], NV > 1 ? s1[i] : 0.0f,
+                                            NV > 2 ? s2[i] : 0.0f, gnorm_scale, update_scale, s);
+    dir[i] = o.d;
+    pold[i] = p;
+  }
+}
+
+template <int ALGO, int PE, int GE, int MODE>
+void unit_32bit(const po_item& it, int64_t begin, int64_t len, UnitPartial& out) {
+  constexpr int NV = AlgoTraits<ALGO>::num_values;
+  typedef typename Elem<PE>::storage PS;
+  typedef typename Elem<GE>::storage GS;
+  const StepScalars s = it.scalars;
+  const float gnorm_scale = it.gnorm_scale ? *it.gnorm_scale : 1.0f;
+  const float update_scale = it.update_scale ? *it.update_scale : 1.0f;
+  PS* pp = static_cast<PS*>(it.param) + begin;
+  const GS* gp = static_cast<const GS*>(it.grad) + begin;
+  float* s0 = value_storage<ALGO, float>(it, 0) + begin;
+  float* s1 = NV > 1 ? value_storage<ALGO, float>(it, 1) + begin : s0;
+  float* s2 = NV > 2 ? value_storage<ALGO, float>(it, 2) + begin : s0;
+
+  if (MODE == MODE_UPDATE) {
+    range_32bit_update<ALGO, PE, GE>(pp, gp, s0, s1, s2, len, gnorm_scale, update_scale, s);
+    return;
+  }
+  // Prepare (trust ratio norms; 32-bit state needs no maxima).
+  alignas(64) float dir[kBlockSize];
+  alignas(64) float pold[kBlockSize];
+  double ulanes[kLanes] = {0}, planes[kLanes] = {0};
+  for (int64_t c = 0; c < len; c += kBlockSize) {
+    const int64_t n = len - c < kBlockSize ? len - c : kBlockSize;
+    chunk_32bit_prepare<ALGO, PE, GE>(pp + c, gp + c, s0 + c, s1 + c, s2 + c, n, gnorm_scale, update_scale, s, dir,
+                                      pold);
+    for (int64_t i = n; i < kBlockSize; ++i) dir[i] = pold[i] = 0.0f;
+    accumulate_squares(dir, ulanes);
+    accumulate_squares(pold, planes);
+  }
+  out.unorm_sq = sum_lanes(ulanes);
+  out.pnorm_sq = sum_lanes(planes);
+}
+
+template <int ALGO, int Q, int PE, int GE, int MODE>
+void unit_kernel(const po_item& it, int64_t begin, int64_t len, UnitPartial& out) {
+  if (Q) {
+    unit_8bit<ALGO, PE, GE, MODE>(it, begin, len, out);
+  } else {
+    unit_32bit<ALGO, PE, GE, MODE>(it, begin, len, out);
+  }
+}
+
+template <int ALGO, int Q, int PE>
+void fill_param_dtype(KernelTable& t) {
+  t.fn[Q][PE][ELEM_F32][MODE_UPDATE] = &unit_kernel<ALGO, Q, PE, ELEM_F32, MODE_UPDATE>;
+  t.fn[Q][PE][ELEM_F32][MODE_PREPARE] = &unit_kernel<ALGO, Q, PE, ELEM_F32, MODE_PREPARE>;
+  t.fn[Q][PE][ELEM_F16][MODE_UPDATE] = &unit_kernel<ALGO, Q, PE, ELEM_F16, MODE_UPDATE>;
+  t.fn[Q][PE][ELEM_F16][MODE_PREPARE] = &unit_kernel<ALGO, Q, PE, ELEM_F16, MODE_PREPARE>;
+  t.fn[Q][PE][ELEM_BF16][MODE_UPDATE] = &unit_kernel<ALGO, Q, PE, ELEM_BF16, MODE_UPDATE>;
+  t.fn[Q][PE][ELEM_BF16][MODE_PREPARE] = &unit_kernel<ALGO, Q, PE, ELEM_BF16, MODE_PREPARE>;
+}
+
+template <int ALGO>
+KernelTable make_kernel_table() {
+  KernelTable t;
+  memset(&t, 0, sizeof(t));
+  fill_param_dtype<ALGO, 0, ELEM_F32>(t);
+  fill_param_dtype<ALGO, 0, ELEM_F16>(t);
+  fill_param_dtype<ALGO, 0, ELEM_BF16>(t);
+  fill_param_dtype<ALGO, 1, ELEM_F32>(t);
+  fill_param_dtype<ALGO, 1, ELEM_F16>(t);
+  fill_param_dtype<ALGO, 1, ELEM_BF16>(t);
+  return t;
+}
+
+// One translation unit per algorithm (kernels_<algo>.cpp) defines these, so the build
+// compiles them in parallel.
+const KernelTable& kernels_adam();
+const KernelTable& kernels_ademamix();
+const KernelTable& kernels_momentum();
+const KernelTable& kernels_lion();
+const KernelTable& kernels_rmsprop();
+const KernelTable& kernels_adagrad();
+
+}  // namespace cpu
+}  // namespace pagedopt

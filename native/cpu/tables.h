@@ -1,0 +1,32 @@
+// Process-wide constant tables: the two dynamic maps, their decision thresholds and the
+// bit-indexed code search tables (code_lut.h). Filled once by po_init() from the Python
+// reference's own tensors, so the maps exist in exactly one place (pagedopt/functional/qmap.py).
+#pragma once
+#include "pagedopt/code_lut.h"
+
+namespace pagedopt {
+namespace cpu {
+
+struct Tables {
+  alignas(64) float qmap_signed[256];
+  alignas(64) float qmap_unsigned[256];
+  alignas(64) float thresholds_signed[256];    // 255 used
+  alignas(64) float thresholds_unsigned[256];  // 255 used
+  // Byte planes of the maps (plane k holds byte k of every value): AVX-512 VBMI dequantizes
+  // 64 codes with byte-table permutes instead of a gather (simd_avx512.h).
+  alignas(64) uint8_t qmap_planes_signed[4][256];
+  alignas(64) uint8_t qmap_planes_unsigned[4][256];
+  alignas(64) uint32_t lut_signed[CodeLut<true>::kEntries];
+  alignas(64) uint32_t lut_unsigned[CodeLut<false>::kEntries];
+  bool ready;
+};
+
+extern Tables g_tables;
+
+template <bool SIGNED>
+inline const uint32_t* lut() {
+  return SIGNED ? g_tables.lut_signed : g_tables.lut_unsigned;
+}
+
+}  // namespace cpu
+}  // namespace pagedopt

@@ -1,0 +1,442 @@
+"""The native CPU backend: fused C++/OpenMP kernels (``native/cpu``) behind ctypes.
+
+The package install compiles ``native/cpu`` into ``libpagedopt_cpu.so`` next to this file
+(see ``setup.py``). Importing :mod:`pagedopt` registers :func:`load` for CPU tensors with
+:func:`pagedopt.functional.dispatch.register_backend`; the first CPU step loads the library.
+When it is missing, was built for another CPU, or fails to load, pagedopt keeps working on
+the pure-torch reference path and warns once with the reason and how to rebuild.
+``PAGEDOPT_BACKEND=reference`` skips the library altogether.
+
+The kernels compute exactly what :mod:`pagedopt.functional.reference` computes (same float32
+operations in the same order, bit for bit; float64 norms up to summation order). This module
+only marshals tensors: strided parameters, gradients and states are copied to contiguous
+buffers and back, items the kernels do not take (float64 parameters) go to the reference.
+
+Example:
+    >>> import torch, pagedopt
+    >>> from pagedopt.functional.dispatch import backend_for
+    >>> backend_for(torch.device("cpu")).name in ("cpu", "reference")
+    True
+    >>> from pagedopt.backends import cpu
+    >>> lib = cpu.library()          # None when the native library is unavailable
+    >>> lib is None or lib.abi_version == cpu.ABI_VERSION
+    True
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..functional import dispatch, reference
+from ..functional.items import PrepareResult, UpdateItem
+from ..functional.kinds import UpdateKind
+from ..functional.qmap import decision_thresholds, dynamic_map
+from ..functional.quantization import num_blocks
+from ..functional.scalars import StepScalars
+
+ABI_VERSION = 1  # PO_ABI_VERSION in native/cpu/pagedopt_cpu.h
+LIBRARY_FILE = "libpagedopt_cpu.so"
+LIBRARY_ENV = "PAGEDOPT_CPU_LIBRARY"  # load this file instead of the packaged one
+REBUILD_HINT = (
+    "rebuild it with `pip install -e .` (or `python setup.py build_ext --inplace`) in the pagedopt "
+    "source tree"
+)
+
+# torch dtype -> ElemType of native/include/pagedopt/common.h
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+class NativeUnavailable(RuntimeError):
+    """The native library cannot be used (the message says why)."""
+
+
+class NativeError(RuntimeError):
+    """A native call rejected its arguments or failed (the message is the library's)."""
+
+
+# ---- C structs (mirror native/cpu/pagedopt_cpu.h) ------------------------------------------
+
+
+def _scalar_fields() -> list[tuple[str, Any]]:
+    kinds = {"float": ctypes.c_float, "int": ctypes.c_int32}
+    return [(f.name, kinds[f.type if isinstance(f.type, str) else f.type.__name__]) for f in dataclasses.fields(StepScalars)]
+
+
+class _CStepScalars(ctypes.Structure):
+    _fields_ = _scalar_fields()
+
+
+_SCALAR_NAMES = tuple(name for name, _ in _CStepScalars._fields_)
+
+
+def _c_scalars(s: StepScalars) -> _CStepScalars:
+    # (not dataclasses.astuple: it deep-copies, and this runs for every parameter every step)
+    return _CStepScalars(*[getattr(s, name) for name in _SCALAR_NAMES])
+
+
+class _CItem(ctypes.Structure):
+    _fields_ = [
+        ("param", ctypes.c_void_p),
+        ("grad", ctypes.c_void_p),
+        ("state1", ctypes.c_void_p),
+        ("state2", ctypes.c_void_p),
+        ("absmax1", ctypes.c_void_p),
+        ("absmax2", ctypes.c_void_p),
+        ("new_absmax1", ctypes.c_void_p),
+        ("new_absmax2", ctypes.c_void_p),
+        ("gnorm_scale", ctypes.c_void_p),
+        ("update_scale", ctypes.c_void_p),
+        ("numel", ctypes.c_int64),
+        ("param_dtype", ctypes.c_int32),
+        ("grad_dtype", ctypes.c_int32),
+        ("quantized", ctypes.c_int32),
+        ("block_wise", ctypes.c_int32),
+        ("scalars", _CStepScalars),
+    ]
+
+
+class _CPrepareOut(ctypes.Structure):
+    _fields_ = [
+        ("max1", ctypes.c_float * 2),
+        ("max2", ctypes.c_float),
+        ("reserved", ctypes.c_int32),
+        ("unorm_sq", ctypes.c_double),
+        ("pnorm_sq", ctypes.c_double),
+    ]
+
+
+# ---- the library ---------------------------------------------------------------------------
+
+
+def default_library_path() -> Path:
+    """Where the library is looked for (``$PAGEDOPT_CPU_LIBRARY`` overrides)."""
+    override = os.environ.get(LIBRARY_ENV)
+    return Path(override) if override else Path(__file__).with_name(LIBRARY_FILE)
+
+
+def _cpu_flags() -> set[str] | None:
+    """This machine's CPU feature flags (Linux), or None when they cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+class NativeLibrary:
+    """The loaded ``libpagedopt_cpu.so`` with typed entry points, initialised with the maps."""
+
+    def __init__(self, path: Path):
+        if not path.exists():
+            raise NativeUnavailable(f"{path} does not exist")
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as e:
+            raise NativeUnavailable(f"loading {path} failed: {e}") from e
+        self.path = path
+        self._lib = lib
+        self._declare()
+        self.abi_version = int(lib.po_abi_version())
+        if self.abi_version != ABI_VERSION:
+            raise NativeUnavailable(f"{path} has ABI version {self.abi_version}, this pagedopt needs {ABI_VERSION}")
+        self.build_info = lib.po_build_info().decode()
+        self.required_cpu_flags = lib.po_required_cpu_flags().decode().split()
+        have = _cpu_flags()
+        missing = sorted(set(self.required_cpu_flags) - have) if have is not None else []
+        if missing:
+            raise NativeUnavailable(f"{path} was built for a CPU with {', '.join(missing)}, which this CPU lacks")
+        self._init_tables()
+
+    def _declare(self) -> None:
+        lib = self._lib
+        c_int, c_i64, vp = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
+        signatures = {
+            "po_abi_version": (c_int, []),
+            "po_build_info": (ctypes.c_char_p, []),
+            "po_required_cpu_flags": (ctypes.c_char_p, []),
+            "po_last_error": (ctypes.c_char_p, []),
+            "po_init": (c_int, [vp, vp, vp, vp]),
+            "po_update": (c_int, [ctypes.c_int32, vp, c_i64, ctypes.c_int32]),
+            "po_prepare": (c_int, [ctypes.c_int32, vp, c_i64, ctypes.c_int32, vp, ctypes.c_int32]),
+            "po_grad_norm_sq": (c_int, [vp, vp, vp, c_i64, vp, ctypes.c_int32]),
+            "po_check_code_search": (c_i64, [ctypes.c_int32, ctypes.c_uint32, ctypes.c_uint32, vp, ctypes.c_int32]),
+            "po_quantize_normalized": (c_int, [ctypes.c_int32, vp, vp, c_i64]),
+            "po_dequantize": (c_int, [ctypes.c_int32, vp, c_i64, ctypes.c_float, vp]),
+            "po_convert_from_float": (c_int, [ctypes.c_int32, vp, vp, c_i64]),
+            "po_convert_to_float": (c_int, [ctypes.c_int32, vp, vp, c_i64]),
+            "po_count_conversion_mismatches": (c_i64, [ctypes.c_int32, vp, vp, c_i64]),
+        }
+        for name, (restype, argtypes) in signatures.items():
+            try:
+                fn = getattr(lib, name)
+            except AttributeError as e:
+                raise NativeUnavailable(f"{self.path} lacks the entry point {name} (stale build?)") from e
+            fn.restype, fn.argtypes = restype, argtypes
+
+    def _init_tables(self) -> None:
+        tensors = [dynamic_map(True), dynamic_map(False), decision_thresholds(True), decision_thresholds(False)]
+        tensors = [t.contiguous() for t in tensors]
+        status = self._lib.po_init(*[t.data_ptr() for t in tensors])
+        if status != 0:
+            raise NativeUnavailable(f"{self.path}: po_init failed: {self.last_error()}")
+
+    def last_error(self) -> str:
+        return self._lib.po_last_error().decode(errors="replace")
+
+    def check(self, status: int, what: str) -> None:
+        if status != 0:
+            raise NativeError(f"pagedopt native {what} failed: {self.last_error()}")
+
+    # raw entry points (pointers and counts; the backend below builds them)
+    def __getattr__(self, name: str):
+        if name.startswith("po_"):
+            return getattr(self._lib, name)
+        raise AttributeError(name)
+
+
+_lock = threading.Lock()
+_library: NativeLibrary | None = None
+_failure: str | None = None
+_warned = False
+
+
+def _warn_unavailable(reason: str) -> None:
+    global _warned
+    if _warned:
+        return
+    _warned = True
+    warnings.warn(
+        f"pagedopt: the native CPU kernels are unavailable ({reason}); CPU optimizer steps use the "
+        f"pure-torch reference path, which computes the same results much more slowly. To fix: {REBUILD_HINT}.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def library() -> NativeLibrary | None:
+    """The loaded native library (loaded once per process), or None when it is unavailable."""
+    global _library, _failure
+    with _lock:
+        if _library is None and _failure is None:
+            try:
+                _library = NativeLibrary(default_library_path())
+            except NativeUnavailable as e:
+                _failure = str(e)
+        return _library
+
+
+def unavailable_reason() -> str | None:
+    """Why the native library could not be loaded (None when it loaded or was not tried)."""
+    return _failure
+
+
+def load() -> "CpuBackend | None":
+    """The dispatch loader for ``"cpu"``: the native backend, or None (after one warning)."""
+    lib = library()
+    if lib is None:
+        _warn_unavailable(_failure or "unknown reason")
+        return None
+    return CpuBackend(lib)
+
+
+# ---- marshalling ---------------------------------------------------------------------------
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return t.data_ptr() if t is not None and t.numel() > 0 else None
+
+
+class _Staging:
+    """Contiguous stand-ins for strided tensors, copied back after the call."""
+
+    def __init__(self) -> None:
+        self.keep: list[torch.Tensor] = []
+        self.write_back: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def read(self, t: torch.Tensor) -> torch.Tensor:
+        if not t.is_contiguous():
+            t = t.detach().contiguous()
+            self.keep.append(t)
+        return t
+
+    def read_float32(self, t: torch.Tensor) -> torch.Tensor:
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            t = t.detach().to(torch.float32).contiguous()
+            self.keep.append(t)
+        return t
+
+    def read_write(self, t: torch.Tensor) -> torch.Tensor:
+        if t.is_contiguous():
+            return t
+        t = t.detach()
+        work = t.contiguous()
+        self.write_back.append((t, work))
+        return work
+
+    def scalar(self, t: torch.Tensor | None, name: str) -> int | None:
+        if t is None:
+            return None
+        if t.numel() != 1:
+            raise ValueError(f"{name} must be a 0-d float32 tensor, got shape {tuple(t.shape)}")
+        if t.dtype != torch.float32 or not t.is_cpu:
+            t = t.detach().to(device="cpu", dtype=torch.float32)
+            self.keep.append(t)
+        return t.data_ptr()
+
+    def finish(self) -> None:
+        for original, work in self.write_back:
+            original.copy_(work)
+
+
+def _supported(item: UpdateItem) -> bool:
+    return item.param.dtype in DTYPE_CODES and item.grad.dtype in DTYPE_CODES
+
+
+def _expect_numel(t: torch.Tensor | None, numel: int, name: str, dtype: torch.dtype) -> None:
+    if t is None:
+        raise ValueError(f"UpdateItem.{name} is None but the update needs it")
+    if t.numel() != numel:
+        raise ValueError(f"UpdateItem.{name} has {t.numel()} elements, expected {numel}")
+    if t.dtype != dtype:
+        raise ValueError(f"UpdateItem.{name} has dtype {t.dtype}, expected {dtype}")
+    if not t.is_cpu:
+        raise ValueError(f"UpdateItem.{name} is on {t.device}, expected cpu")
+
+
+def _check_item(kind: UpdateKind, item: UpdateItem, updating: bool) -> None:
+    """Shape/dtype checks: the C side trusts every pointer and length."""
+    numel = item.param.numel()
+    if item.grad.numel() != numel:
+        raise ValueError(f"UpdateItem.grad has {item.grad.numel()} elements, the parameter {numel}")
+    state_dtype = torch.uint8 if item.quantized else torch.float32
+    moments = kind.state1_moments
+    _expect_numel(item.state1, numel * moments, "state1", state_dtype)
+    if kind.num_states == 2:
+        _expect_numel(item.state2, numel, "state2", state_dtype)
+    if not item.quantized:
+        return
+    blocks = num_blocks(numel, item.block_wise)
+    _expect_numel(item.absmax1, blocks * moments, "absmax1", torch.float32)
+    if kind.num_states == 2:
+        _expect_numel(item.absmax2, blocks, "absmax2", torch.float32)
+    if updating and not item.block_wise:
+        for name, count in (("new_absmax1", moments), ("new_absmax2", 1))[: kind.num_states]:
+            given = getattr(item, name)
+            # any float dtype, like the reference (a sharded run may hand in reduced maxima)
+            _expect_numel(given, count, name, given.dtype if given is not None and given.is_floating_point() else torch.float32)
+
+
+def _c_item(kind: UpdateKind, item: UpdateItem, staging: _Staging, updating: bool) -> _CItem:
+    _check_item(kind, item, updating)
+    rw = staging.read_write if updating else staging.read
+    c = _CItem()
+    c.param = _ptr(rw(item.param))
+    c.grad = _ptr(staging.read(item.grad))
+    c.state1 = _ptr(rw(item.state1))
+    c.state2 = _ptr(rw(item.state2)) if item.state2 is not None else None
+    if item.quantized:
+        c.absmax1 = _ptr(rw(item.absmax1))
+        c.absmax2 = _ptr(rw(item.absmax2)) if item.absmax2 is not None else None
+        if updating and not item.block_wise:
+            c.new_absmax1 = _ptr(staging.read_float32(item.new_absmax1))
+            if item.new_absmax2 is not None:
+                c.new_absmax2 = _ptr(staging.read_float32(item.new_absmax2))
+    c.gnorm_scale = staging.scalar(item.gnorm_scale, "gnorm_scale")
+    c.update_scale = staging.scalar(item.update_scale, "update_scale")
+    c.numel = item.param.numel()
+    c.param_dtype = DTYPE_CODES[item.param.dtype]
+    c.grad_dtype = DTYPE_CODES[item.grad.dtype]
+    c.quantized = int(item.quantized)
+    c.block_wise = int(item.block_wise)
+    c.scalars = _c_scalars(item.scalars)
+    return c
+
+
+class CpuBackend:
+    """:class:`~pagedopt.functional.dispatch.Backend` running the native kernels on CPU tensors.
+
+    Every call handles all items in one native call (one OpenMP region), on
+    ``torch.get_num_threads()`` threads; results do not depend on the thread count.
+    """
+
+    name = "cpu"
+
+    def __init__(self, lib: NativeLibrary):
+        self.lib = lib
+
+    def grad_norm_sq(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        out = torch.zeros(len(grads), dtype=torch.float64)
+        native = [i for i, g in enumerate(grads) if g.dtype in DTYPE_CODES and g.is_cpu]
+        others = sorted(set(range(len(grads))) - set(native))
+        if native:
+            staging = _Staging()
+            flat = [staging.read(grads[i]) for i in native]
+            n = len(flat)
+            ptrs = (ctypes.c_void_p * n)(*[_ptr(g) for g in flat])
+            numels = (ctypes.c_int64 * n)(*[g.numel() for g in flat])
+            dtypes = (ctypes.c_int32 * n)(*[DTYPE_CODES[g.dtype] for g in flat])
+            result = torch.zeros(n, dtype=torch.float64)
+            status = self.lib.po_grad_norm_sq(ptrs, numels, dtypes, n, result.data_ptr(), torch.get_num_threads())
+            self.lib.check(status, "grad_norm_sq")
+            out[native] = result
+        results = list(out.unbind(0))
+        for i, r in zip(others, reference.grad_norm_sq([grads[i] for i in others])):
+            results[i] = r
+        return results
+
+    def prepare(self, kind: UpdateKind, items: Sequence[UpdateItem], want_norms: bool) -> list[PrepareResult]:
+        native = [i for i, item in enumerate(items) if _supported(item)]
+        results: list[PrepareResult | None] = [None] * len(items)
+        if native:
+            staging = _Staging()
+            c_items = (_CItem * len(native))(*[_c_item(kind, items[i], staging, updating=False) for i in native])
+            outs = (_CPrepareOut * len(native))()
+            status = self.lib.po_prepare(
+                int(kind.algorithm), c_items, len(native), int(want_norms), outs, torch.get_num_threads()
+            )
+            self.lib.check(status, "prepare")
+            for i, o in zip(native, outs):
+                results[i] = self._prepare_result(kind, items[i], o, want_norms)
+        rest = [i for i in range(len(items)) if results[i] is None]
+        for i, r in zip(rest, reference.prepare(kind, [items[i] for i in rest], want_norms)):
+            results[i] = r
+        return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _prepare_result(kind: UpdateKind, item: UpdateItem, o: _CPrepareOut, want_norms: bool) -> PrepareResult:
+        result = PrepareResult()
+        if item.quantized and not item.block_wise:
+            result.max1 = torch.tensor(list(o.max1)[: kind.state1_moments], dtype=torch.float32)
+            if kind.num_states == 2:
+                result.max2 = torch.tensor([o.max2], dtype=torch.float32)
+        if want_norms:
+            result.unorm_sq = torch.tensor(o.unorm_sq, dtype=torch.float64)
+            result.pnorm_sq = torch.tensor(o.pnorm_sq, dtype=torch.float64)
+        return result
+
+    @torch.no_grad()
+    def update(self, kind: UpdateKind, items: Sequence[UpdateItem]) -> None:
+        native = [item for item in items if _supported(item)]
+        if native:
+            staging = _Staging()
+            c_items = (_CItem * len(native))(*[_c_item(kind, item, staging, updating=True) for item in native])
+            status = self.lib.po_update(int(kind.algorithm), c_items, len(native), torch.get_num_threads())
+            self.lib.check(status, "update")
+            staging.finish()
+        rest = [item for item in items if not _supported(item)]
+        if rest:
+            reference.update(kind, rest)
+
+
+dispatch.register_backend("cpu", load)

@@ -1,0 +1,662 @@
+"""The native CPU kernels against the pure-torch reference (pagedopt.functional.reference).
+
+Tolerance tiers (DESIGN.md "Numerics contract"):
+
+* **exact** - the kernels perform the reference's float32 operations in the same order
+  (``native/include/pagedopt``), so parameters, float32 states, 8-bit codes and absmax must be
+  bit-identical to the reference, over many steps without re-syncing (no drift allowed).
+  Quantization codes would be allowed to differ on counted rounding ties, but pagedopt defines
+  the code through float32 decision thresholds in both places, so there are none: we assert 0.
+* **float64 order** - squared norms are float64 sums; the kernels add in a different order
+  than torch, so they agree to float64 rounding (rtol 1e-12), and exactly between thread counts.
+* **fp32 rounding** - optimizer steps whose scales come from float64 norms (percentile clipping,
+  trust ratio) can see a scale one float32 ulp apart; those compare within a few ulps.
+
+The library is built by ``pip install -e .`` (``setup.py``); these tests skip only when it was
+not built at all, and fail when it exists but does not load.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import warnings
+
+import pytest
+import torch
+
+import pagedopt
+from pagedopt.backends import cpu
+from pagedopt.functional import dispatch, reference
+from pagedopt.functional.items import UpdateItem
+from pagedopt.functional.kinds import kind_for
+from pagedopt.functional.qmap import decision_thresholds, dynamic_map
+from pagedopt.functional.quantization import codes_for, dequantize, num_blocks
+from pagedopt.functional.scalars import step_scalars
+
+LIB = cpu.library()
+if LIB is None and not cpu.default_library_path().exists():
+    pytest.skip(
+        f"native CPU library not built ({cpu.unavailable_reason()}); build it with `pip install -e .` "
+        "or `python setup.py build_ext --inplace`",
+        allow_module_level=True,
+    )
+if LIB is None:
+    raise RuntimeError(f"the native CPU library exists but does not load: {cpu.unavailable_reason()}")
+
+BACKEND = cpu.CpuBackend(LIB)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KINDS = ("adam", "adamw", "lamb", "ademamix", "momentum", "lars", "lion", "rmsprop", "adagrad")
+MODES = ("32bit", "8bit-blockwise", "8bit-tensorwise")
+SHAPES = ((4097,), (257, 3), (1,), (0,))
+
+HYPER = {
+    "adam": dict(lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1),
+    "adamw": dict(lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1),
+    "lamb": dict(lr=3e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01),
+    "ademamix": dict(lr=3e-3, betas=(0.9, 0.999, 0.9999), eps=1e-8, weight_decay=0.1, alpha=5.0, t_alpha=10,
+                     t_beta3=10),
+    "momentum": dict(lr=1e-2, betas=(0.9, 0.1), weight_decay=0.1, nesterov=True),
+    "lars": dict(lr=1e-2, betas=(0.9, 0.0), weight_decay=0.01),
+    "lion": dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
+    "rmsprop": dict(lr=1e-3, betas=(0.99, 0.0), eps=1e-8, weight_decay=0.1),
+    "adagrad": dict(lr=1e-2, eps=1e-10, weight_decay=0.1, lr_decay=0.01),
+}
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Run on one intra-op thread unless a test sets more: the reference's small-tensor ops pay
+    milliseconds of OpenMP wake-up per op on a busy 2-core machine. The kernels' own threading
+    is exercised where a test sets the thread count (same results for any count)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+
+class Slot:
+    """One parameter's tensors for the functional API (one per backend under test)."""
+
+    def __init__(self, kind, shape, dtype, mode, seed):
+        gen = torch.Generator().manual_seed(seed)
+        self.kind, self.mode = kind, mode
+        numel = math.prod(shape)
+        self.param = (torch.randn(shape, generator=gen) * 0.1).to(dtype)
+        quantized = mode != "32bit"
+        self.block_wise = mode != "8bit-tensorwise"
+        state_dtype = torch.uint8 if quantized else torch.float32
+        moments = kind.state1_moments
+        self.state1 = torch.zeros((moments, *shape) if moments > 1 else shape, dtype=state_dtype)
+        self.state2 = torch.zeros(shape, dtype=state_dtype) if kind.num_states == 2 else None
+        blocks = num_blocks(numel, self.block_wise)
+        self.absmax1 = torch.zeros((moments, blocks) if moments > 1 else (blocks,)) if quantized else None
+        self.absmax2 = torch.zeros(blocks) if quantized and kind.num_states == 2 else None
+
+    def clone(self):
+        other = object.__new__(Slot)
+        other.__dict__ = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return other
+
+    def item(self, grad, scalars, gnorm_scale=None, update_scale=None):
+        return UpdateItem(self.param, grad, self.state1, self.state2, self.absmax1, self.absmax2, scalars,
+                          block_wise=self.block_wise, gnorm_scale=gnorm_scale, update_scale=update_scale)
+
+    def tensors(self):
+        return {k: v for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)}
+
+
+def gradient(shape, dtype, step, seed, special=True):
+    """Gradients with NaN, +-Inf and exact zeros at fixed places (when the tensor is big enough)."""
+    gen = torch.Generator().manual_seed(seed * 1000 + step)
+    g = torch.randn(shape, generator=gen) * 0.01
+    flat = g.view(-1)
+    if special and flat.numel() > 20:
+        flat[3] = float("nan")
+        flat[11] = float("inf") if step % 2 else -float("inf")
+        flat[5:9] = 0.0
+    return g.to(dtype)
+
+
+def run_step(backend, kind, items):
+    """One optimizer step through ``backend``, as Optimizer8bit.step drives it."""
+    tensorwise = [it for it in items if it.quantized and not it.block_wise]
+    if tensorwise:
+        results = backend.prepare(kind, tensorwise, want_norms=False)
+        for it, r in zip(tensorwise, results):
+            it.new_absmax1, it.new_absmax2 = r.max1, r.max2
+    backend.update(kind, items)
+    return [(r.max1, r.max2) for r in results] if tensorwise else []
+
+
+def assert_bitwise_equal(a: torch.Tensor, b: torch.Tensor, what: str):
+    """Exact tier: identical bits (NaN payloads included)."""
+    assert a.shape == b.shape and a.dtype == b.dtype, what
+    if a.dtype == torch.uint8:
+        bad = int((a != b).sum())
+        assert bad == 0, f"{what}: {bad} of {a.numel()} codes differ (rounding ties must not exist)"
+        return
+    view = {4: torch.int32, 2: torch.int16}[a.element_size()]
+    bad = int((a.contiguous().view(view) != b.contiguous().view(view)).sum())
+    if bad:
+        diff = (a.double() - b.double()).abs().nan_to_num(0).max().item()
+        pytest.fail(f"{what}: {bad} of {a.numel()} elements differ (max abs diff {diff:.3g})")
+
+
+def assert_slots_equal(ref: Slot, nat: Slot, where: str):
+    for name, t in ref.tensors().items():
+        assert_bitwise_equal(t, nat.tensors()[name], f"{where}: {name}")
+
+
+# ---- the fast code search --------------------------------------------------------------------
+
+ONE_BITS = 0x3F800000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_code_search_is_exact_for_every_float_in_minus_one_to_one(signed):
+    """Every float32 in [-1, 1] (2 x 1.07e9 values): the table search (portable and, where
+    built, AVX-512) gives quantize_value()'s code (count_below over the thresholds, then the
+    no-collapse rule). Exact tier."""
+    first = ctypes.c_uint32()
+    for lo, hi in ((0, ONE_BITS), (0x80000000, 0x80000000 | ONE_BITS)):
+        bad = LIB.po_check_code_search(int(signed), lo, hi, ctypes.byref(first), torch.get_num_threads())
+        assert bad == 0, f"{bad} mismatches, first at bits {first.value:#010x}"
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_code_search_dense_sample_and_bad_range(signed):
+    """A dense sample of all floats (every 8191st bit pattern, both signs, beyond [-1, 1],
+    infinities and NaNs) - the quick version of the exhaustive test above."""
+    first = ctypes.c_uint32()
+    for lo, hi in ((0, 0x7FFFFFFF), (0x80000000, 0xFFFFFFFF)):
+        for start in range(lo, hi, 1 << 24):
+            end = min(start + 2047, hi)
+            assert LIB.po_check_code_search(int(signed), start, end, ctypes.byref(first), 2) == 0
+    assert LIB.po_check_code_search(int(signed), 0x7FFFFFFF, 0x80000000, ctypes.byref(first), 1) == -1
+
+
+def _codes_native(x: torch.Tensor, signed: bool) -> torch.Tensor:
+    x = x.contiguous()
+    out = torch.empty(x.numel(), dtype=torch.uint8)
+    LIB.check(LIB.po_quantize_normalized(int(signed), x.data_ptr(), out.data_ptr(), x.numel()), "quantize")
+    return out
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_code_search_matches_python_reference_at_thresholds(signed):
+    """The kernels' search against quantization.codes_for (torch.searchsorted + rule) on every
+    decision threshold and its float neighbours, the map values, specials and random values.
+    Exact tier."""
+    t = decision_thresholds(signed)
+    bits = t.view(torch.int32)
+    near = torch.cat([(bits + k).view(torch.float32) for k in range(-3, 4)])
+    q = dynamic_map(signed)
+    specials = torch.tensor([0.0, -0.0, 1.0, -1.0, 1.5, -2.0, 1e-30, -1e-30, 1.4e-45, -1.4e-45, float("inf"),
+                             -float("inf"), float("nan"), -float("nan"), 2.7e-7, -2.7e-7])
+    rand = torch.rand(100_000, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    for x in (near, -near, q, -q, specials, rand, rand * 1e-4, rand * 1e-6):
+        assert torch.equal(_codes_native(x, signed), codes_for(x, signed))
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_dequantize_every_code(signed):
+    """qmap[code] * absmax for all 256 codes and awkward scales. Exact tier."""
+    codes = torch.arange(256, dtype=torch.uint8).repeat(3)  # several chunks, odd tail below
+    codes = torch.cat([codes, codes[:37]])
+    for absmax in (0.0, 1.0, 0.3721, 3.4e38, 1e-40, 7e5):
+        out = torch.empty(codes.numel())
+        LIB.check(LIB.po_dequantize(int(signed), codes.data_ptr(), codes.numel(), absmax, out.data_ptr()), "dq")
+        expected = dequantize(codes, torch.tensor([absmax]), signed=signed, block_wise=False)
+        assert_bitwise_equal(out, expected, f"absmax={absmax}")
+
+
+# ---- fp16 / bf16 conversions -----------------------------------------------------------------
+
+
+def _native_from_float(dtype_code, x):
+    out = torch.empty(x.numel(), dtype=torch.int16)
+    LIB.check(LIB.po_convert_from_float(dtype_code, x.data_ptr(), out.data_ptr(), x.numel()), "convert")
+    return out
+
+
+def _compare_from_float(x, torch_dtype, dtype_code, what):
+    ours = _native_from_float(dtype_code, x)
+    theirs = x.to(torch_dtype).view(torch.int16)
+    nan = torch.isnan(x)
+    bad = int(((ours != theirs) & ~nan).sum())
+    assert bad == 0, f"{what}: {bad} conversions differ from torch"
+    # NaN stays NaN (payload bits may differ between torch's own scalar and vector paths)
+    assert bool(torch.isnan(ours[nan].view(torch_dtype)).all()), what
+
+
+@pytest.mark.parametrize("torch_dtype,code", [(torch.float16, 1), (torch.bfloat16, 2)], ids=["fp16", "bf16"])
+def test_to_float_every_value(torch_dtype, code):
+    """All 65536 fp16/bf16 values to float32 against torch. Exact tier (NaN: stays NaN)."""
+    h = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    out = torch.empty(h.numel())
+    LIB.check(LIB.po_convert_to_float(code, h.data_ptr(), out.data_ptr(), h.numel()), "convert")
+    expected = h.view(torch_dtype).float()
+    nan = torch.isnan(expected)
+    assert torch.equal(out[~nan].view(torch.int32), expected[~nan].view(torch.int32))
+    assert bool(torch.isnan(out[nan]).all())
+
+
+@pytest.mark.parametrize("torch_dtype,code", [(torch.float16, 1), (torch.bfloat16, 2)], ids=["fp16", "bf16"])
+def test_from_float_dense_and_boundaries(torch_dtype, code):
+    """float32 -> fp16/bf16 against torch: every bit pattern near the subnormal, overflow and
+    rounding boundaries, plus a dense sample of all floats. Exact tier."""
+    parts = [torch.arange(start, start + (1 << 16), dtype=torch.int64)
+             for start in (0x33000000 - 100, 0x387FE000, 0x38800000 - 100, 0x477FE000, 0x7F7F0000, 0x7F800000 - 10)]
+    parts.append(torch.arange(0, 1 << 32, 4093, dtype=torch.int64))
+    bits = torch.cat(parts)
+    bits = torch.cat([bits, bits | 0x80000000]) & 0xFFFFFFFF
+    x = (bits - ((bits >> 31) << 32)).to(torch.int32).view(torch.float32)  # uint32 -> int32 bits
+    _compare_from_float(x.contiguous(), torch_dtype, code, "sample")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("torch_dtype,code", [(torch.float16, 1), (torch.bfloat16, 2)], ids=["fp16", "bf16"])
+def test_from_float_every_value(torch_dtype, code):
+    """All 2^32 float32 bit patterns to fp16/bf16 against torch (in chunks). Exact tier."""
+    chunk = 1 << 24
+    torch.set_num_threads(2)
+    bits, converted = torch.empty(chunk, dtype=torch.int32), torch.empty(chunk, dtype=torch_dtype)
+    step = torch.full((chunk,), chunk, dtype=torch.int32)
+    torch.arange(-(1 << 31), -(1 << 31) + chunk, dtype=torch.int32, out=bits)
+    for start in range(-(1 << 31), 1 << 31, chunk):
+        x = bits.view(torch.float32)
+        converted.copy_(x)
+        bad = LIB.po_count_conversion_mismatches(code, x.data_ptr(), converted.data_ptr(), chunk)
+        assert bad == 0, f"{bad} conversions differ from torch in the chunk at {start & 0xFFFFFFFF:#010x}"
+        bits.add_(step)  # next chunk (wraps at the end, harmlessly)
+
+
+# ---- kernels vs reference: the functional API ------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)) or "scalar")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", KINDS)
+def test_kernels_match_reference_over_many_steps(name, mode, dtype, shape):
+    """22 steps of every update kind x state precision x dtype x odd shape, with NaN/Inf and zero
+    gradient elements, skip_zeros on odd kinds, gradient scales and update scales given as 0-d
+    views into larger tensors. Parameters, states, codes and absmax: exact tier, no re-sync."""
+    kind = kind_for(name)
+    seed = hash((name, mode, str(dtype), shape)) % 10_000
+    ref = Slot(kind, shape, dtype, mode, seed)
+    nat = ref.clone()
+    skip_zeros = KINDS.index(name) % 2 == 1
+    scales = torch.tensor([0.25, 0.8, 1.0, 0.5])
+    for step in range(1, 23):
+        g = gradient(shape, dtype, step, seed)
+        s = step_scalars(kind, HYPER[name], step, skip_zeros=skip_zeros)
+        gs, us = scales[step % 4], scales[(step + 1) % 4]  # 0-d views, storage offset != 0
+        ref_max = run_step(dispatch.REFERENCE, kind, [ref.item(g, s, gs, us)])
+        nat_max = run_step(BACKEND, kind, [nat.item(g, s, gs, us)])
+        for (r1, r2), (n1, n2) in zip(ref_max, nat_max):
+            assert_bitwise_equal(r1, n1, f"step {step}: prepare max1")
+            if r2 is not None:
+                assert_bitwise_equal(r2, n2, f"step {step}: prepare max2")
+        if step in (1, 2, 22):
+            assert_slots_equal(ref, nat, f"step {step}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["adamw", "ademamix", "lion", "adagrad"])
+def test_many_items_in_one_call_with_multi_unit_tensors(name, mode):
+    """One native call over several parameters of different sizes and dtypes, some spanning
+    several work units (16384 elements) and ending in partial blocks, on 2 threads. Exact tier,
+    20 steps."""
+    kind = kind_for(name)
+    specs = [((130, 257), torch.float32), ((3,), torch.float16), ((0,), torch.float32), ((16384,), torch.bfloat16),
+             ((16385,), torch.float16)]
+    refs = [Slot(kind, shape, dtype, mode, 100 + i) for i, (shape, dtype) in enumerate(specs)]
+    nats = [r.clone() for r in refs]
+    for step in range(1, 21):
+        s = step_scalars(kind, HYPER[name], step)
+        grads = [gradient(shape, dtype, step, 100 + i) for i, (shape, dtype) in enumerate(specs)]
+        run_step(dispatch.REFERENCE, kind, [r.item(g, s) for r, g in zip(refs, grads)])
+        torch.set_num_threads(2)  # the kernels' OpenMP path
+        run_step(BACKEND, kind, [n.item(g, s) for n, g in zip(nats, grads)])
+        torch.set_num_threads(1)
+    for i, (r, n) in enumerate(zip(refs, nats)):
+        assert_slots_equal(r, n, f"param {i} {specs[i]}")
+
+
+@pytest.mark.parametrize("name", ["adamw", "ademamix", "momentum"])
+def test_tiny_first_moments_take_the_exact_division_path(name):
+    """First moments below 2^-120 (decayed rows) make m / bias_correction1 subnormal, where the
+    kernels' fast reciprocal division is not exact; those chunks are recomputed with true
+    division. Exact tier against the reference."""
+    kind = kind_for(name)
+    for mode in ("8bit-blockwise", "8bit-tensorwise"):
+        ref = Slot(kind, (1000,), torch.float32, mode, 7)
+        nat = ref.clone()
+        for step in range(1, 12):
+            g = torch.randn(1000, generator=torch.Generator().manual_seed(step)) * 1e-38
+            g[::7] *= 1e-8  # subnormal gradients
+            g[500:] = torch.randn(500, generator=torch.Generator().manual_seed(99 + step)) * 1e-3  # normal block
+            s = step_scalars(kind, HYPER[name], step)
+            run_step(dispatch.REFERENCE, kind, [ref.item(g, s)])
+            run_step(BACKEND, kind, [nat.item(g, s)])
+            assert_slots_equal(ref, nat, f"{mode} step {step}")
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """1 and 2 threads (and 3 on 2 cores): identical parameters, states and float64 norms.
+    Exact tier - units and their reduction order are fixed by the data, not by threads."""
+    kind = kind_for("lamb")
+    specs = [((300, 257), torch.float32), ((5000,), torch.bfloat16), ((70_000,), torch.float16)]
+    outputs = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            slots = [Slot(kind, shape, dtype, mode, 5) for (shape, dtype), mode in zip(specs, MODES)]
+            norms = []
+            for step in range(1, 6):
+                grads = [gradient(shape, dtype, step, 5) for shape, dtype in specs]
+                s = step_scalars(kind, HYPER["lamb"], step)
+                items = [sl.item(g, s) for sl, g in zip(slots, grads)]
+                prepared = BACKEND.prepare(kind, items, want_norms=True)
+                norms += [(p.unorm_sq, p.pnorm_sq) for p in prepared]
+                norms += [tuple(BACKEND.grad_norm_sq(grads))]
+                run_step(BACKEND, kind, items)
+            outputs.append((slots, norms))
+    finally:
+        torch.set_num_threads(old)
+    (first_slots, first_norms), others = outputs[0], outputs[1:]
+    for slots, norms in others:
+        for a, b in zip(first_slots, slots):
+            assert_slots_equal(a, b, "threads")
+        for na, nb in zip(first_norms, norms):
+            for x, y in zip(na, nb):
+                assert torch.equal(x, y)
+
+
+# ---- norms -----------------------------------------------------------------------------------
+
+
+def test_grad_norm_sq_matches_reference():
+    """float64 sum of squares of the finite elements: fp32 (strided), fp16 with Inf, bf16 with
+    NaN, empty, and float64 (handed to the reference). float64-order tier (rtol 1e-12)."""
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(300, 129, generator=gen).t()  # non-contiguous
+    b = torch.randn(70_001, generator=gen).half()
+    b[17] = float("inf")
+    c = torch.randn(1000, generator=gen).bfloat16()
+    c[::9] = float("nan")
+    grads = [a, b, c, torch.zeros(0), torch.randn(33, generator=gen).double()]
+    ours = BACKEND.grad_norm_sq(grads)
+    theirs = reference.grad_norm_sq(grads)
+    for x, y in zip(ours, theirs):
+        assert x.dtype == torch.float64 and x.dim() == 0
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_prepare_norms_and_maxima_match_reference(mode):
+    """Update / parameter norms (float64-order tier) and tensor-wise maxima (exact tier) of the
+    prepare pass, after a few steps so the states are nonzero."""
+    kind = kind_for("ademamix")
+    ref = Slot(kind, (3000, 7), torch.bfloat16, mode, 11)
+    nat = ref.clone()
+    for step in range(1, 5):
+        g = gradient((3000, 7), torch.bfloat16, step, 11)
+        s = step_scalars(kind, HYPER["ademamix"], step)
+        r = dispatch.REFERENCE.prepare(kind, [ref.item(g, s)], want_norms=True)[0]
+        n = BACKEND.prepare(kind, [nat.item(g, s)], want_norms=True)[0]
+        torch.testing.assert_close(n.unorm_sq, r.unorm_sq, rtol=1e-12, atol=0)
+        torch.testing.assert_close(n.pnorm_sq, r.pnorm_sq, rtol=1e-12, atol=0)
+        if mode == "8bit-tensorwise":
+            assert_bitwise_equal(r.max1, n.max1, "max1")
+            assert_bitwise_equal(r.max2, n.max2, "max2")
+        else:
+            assert n.max1 is None and n.max2 is None
+        run_step(dispatch.REFERENCE, kind, [ref.item(g, s)])
+        run_step(BACKEND, kind, [nat.item(g, s)])
+    assert_slots_equal(ref, nat, mode)
+
+
+# ---- marshalling, errors ---------------------------------------------------------------------
+
+
+def test_strided_tensors_are_copied_in_and_back():
+    """Non-contiguous parameter, gradient and 32-bit states (views with strides). Exact tier."""
+    kind = kind_for("adamw")
+    base = torch.randn(64, 48) * 0.1
+    ref_p, nat_p = base.clone(), base.clone()
+    ref_m, ref_v, nat_m, nat_v = (torch.zeros(48, 64) for _ in range(4))
+    for step in range(1, 6):
+        g = (torch.randn(48, 64, generator=torch.Generator().manual_seed(step)) * 0.01).t()
+        s = step_scalars(kind, HYPER["adamw"], step)
+        reference.update(kind, [UpdateItem(ref_p.t(), g.t(), ref_m.t()[::1], ref_v.t(), None, None, s)])
+        BACKEND.update(kind, [UpdateItem(nat_p.t(), g.t(), nat_m.t(), nat_v.t(), None, None, s)])
+    assert_bitwise_equal(ref_p, nat_p, "param")
+    assert_bitwise_equal(ref_m, nat_m, "m")
+    assert_bitwise_equal(ref_v, nat_v, "v")
+
+
+def test_float64_parameters_go_to_the_reference():
+    kind = kind_for("lion")
+    p = torch.randn(100, dtype=torch.float64)
+    q = p.clone()
+    g = torch.randn(100, dtype=torch.float64)
+    s = step_scalars(kind, HYPER["lion"], 1)
+    reference.update(kind, [UpdateItem(p, g, torch.zeros(100), None, None, None, s)])
+    BACKEND.update(kind, [UpdateItem(q, g, torch.zeros(100), None, None, None, s)])
+    assert torch.equal(p, q)
+
+
+def test_tensorwise_maxima_of_another_float_dtype_are_accepted():
+    """The reference takes new_absmax in any float dtype (``.float()``); so do the kernels.
+    Exact tier."""
+    kind = kind_for("rmsprop")
+    ref = Slot(kind, (5000,), torch.float32, "8bit-tensorwise", 21)
+    nat = ref.clone()
+    for step in range(1, 4):
+        g = gradient((5000,), torch.float32, step, 21)
+        s = step_scalars(kind, HYPER["rmsprop"], step)
+        items = [ref.item(g, s)], [nat.item(g, s)]
+        for backend, its in zip((dispatch.REFERENCE, BACKEND), items):
+            maxima = backend.prepare(kind, its, want_norms=False)[0]
+            its[0].new_absmax1 = maxima.max1.double()  # as a float64 all-reduce might return it
+            backend.update(kind, its)
+    assert_slots_equal(ref, nat, "float64 maxima")
+
+
+def test_bad_items_raise_errors_naming_the_field():
+    kind = kind_for("adamw")
+    s = step_scalars(kind, HYPER["adamw"], 1)
+    p, g = torch.zeros(600), torch.zeros(600)
+    with pytest.raises(ValueError, match="state2"):
+        BACKEND.update(kind, [UpdateItem(p, g, torch.zeros(600), torch.zeros(599), None, None, s)])
+    with pytest.raises(ValueError, match="absmax1"):
+        BACKEND.update(kind, [UpdateItem(p, g, torch.zeros(600, dtype=torch.uint8), torch.zeros(600, dtype=torch.uint8),
+                                         torch.zeros(2), torch.zeros(3), s)])
+    with pytest.raises(ValueError, match="new_absmax1"):
+        BACKEND.update(kind, [UpdateItem(p, g, torch.zeros(600, dtype=torch.uint8), torch.zeros(600, dtype=torch.uint8),
+                                         torch.zeros(1), torch.zeros(1), s, block_wise=False)])
+    with pytest.raises(ValueError, match="gnorm_scale"):
+        BACKEND.update(kind, [UpdateItem(p, g, torch.zeros(600), torch.zeros(600), None, None, s,
+                                         gnorm_scale=torch.ones(2))])
+
+
+def test_native_errors_raise_with_the_library_message():
+    item = cpu._CItem()
+    status = LIB.po_update(42, ctypes.byref(item), 1, 1)
+    with pytest.raises(cpu.NativeError, match="algorithm 42 is unknown"):
+        LIB.check(status, "update")
+    item.numel = 10
+    status = LIB.po_update(0, ctypes.byref(item), 1, 1)
+    with pytest.raises(cpu.NativeError, match="item 0: param is NULL"):
+        LIB.check(status, "update")
+
+
+# ---- loading and dispatch --------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_loader(monkeypatch):
+    """Forget the loaded library and the one-warning flag for one test, then restore them."""
+    saved = (cpu._library, cpu._failure, cpu._warned)
+    cpu._library, cpu._failure, cpu._warned = None, None, False
+    monkeypatch.delenv(dispatch.FORCE_ENV, raising=False)  # the suite may run with it set
+    dispatch.reset_backends()
+    yield
+    cpu._library, cpu._failure, cpu._warned = saved
+    dispatch.reset_backends()
+
+
+def test_missing_library_falls_back_with_one_warning(fresh_loader, monkeypatch, tmp_path):
+    monkeypatch.setenv(cpu.LIBRARY_ENV, str(tmp_path / "missing.so"))
+    with pytest.warns(RuntimeWarning, match=r"missing\.so does not exist.*pip install -e"):
+        assert dispatch.backend_for(torch.device("cpu")).name == "reference"
+    dispatch.reset_backends()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second resolution must not warn again
+        assert cpu.load() is None
+    # and the optimizers still work, on the reference path
+    p = torch.nn.Parameter(torch.randn(5000))
+    p.grad = torch.randn(5000)
+    pagedopt.AdamW8bit([p]).step()
+
+
+def test_broken_library_file_falls_back(fresh_loader, monkeypatch, tmp_path):
+    bogus = tmp_path / "libpagedopt_cpu.so"
+    bogus.write_bytes(b"not an ELF file")
+    monkeypatch.setenv(cpu.LIBRARY_ENV, str(bogus))
+    with pytest.warns(RuntimeWarning, match="loading .* failed"):
+        assert cpu.load() is None
+
+
+def test_library_built_for_another_cpu_is_refused(fresh_loader, monkeypatch):
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: set())
+    if not LIB.required_cpu_flags:
+        pytest.skip("this build records no required CPU flags")
+    with pytest.warns(RuntimeWarning, match="built for a CPU with"):
+        assert cpu.load() is None
+
+
+def test_import_registers_the_native_backend_and_env_forces_reference(fresh_loader, monkeypatch):
+    assert dispatch.backend_for(torch.device("cpu")).name == "cpu"
+    monkeypatch.setenv(dispatch.FORCE_ENV, "reference")
+    dispatch.reset_backends()
+    assert dispatch.backend_for(torch.device("cpu")).name == "reference"
+
+
+def test_library_reports_its_build():
+    assert LIB.abi_version == cpu.ABI_VERSION
+    assert "march" in LIB.build_info
+
+
+# ---- through the optimizer classes -----------------------------------------------------------
+
+
+def _model_params(dtype):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(129, 33), (4097,), (64, 16), (1,), (0,), (8, 8)]
+    params = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.1).to(dtype)) for s in shapes]
+    # a non-contiguous parameter (a transposed view)
+    params.append(torch.nn.Parameter((torch.randn(40, 70, generator=gen) * 0.1).to(dtype).t()))
+    return params
+
+
+def _run_optimizer(cls, kwargs, dtype, steps, backend_name, monkeypatch):
+    if backend_name == "reference":
+        monkeypatch.setenv(dispatch.FORCE_ENV, "reference")
+    else:
+        monkeypatch.delenv(dispatch.FORCE_ENV, raising=False)
+    dispatch.reset_backends()
+    assert dispatch.backend_for(torch.device("cpu")).name == backend_name
+    params = _model_params(dtype)
+    opt = cls(params, **kwargs)
+    for step in range(1, steps + 1):
+        gen = torch.Generator().manual_seed(step)
+        for i, p in enumerate(params):
+            if i == 2 and step % 3 == 0:
+                p.grad = None  # frozen this step
+                continue
+            g = (torch.randn(p.shape, generator=gen) * 0.01).to(dtype)
+            if g.numel() > 50:
+                g.view(-1)[7] = float("nan")
+                g.view(-1)[9] = 0.0
+            p.grad = g
+        opt.step()
+    monkeypatch.delenv(dispatch.FORCE_ENV, raising=False)
+    dispatch.reset_backends()
+    return params, opt
+
+
+def _assert_optimizers_equal(ref, nat, exact=True):
+    (rp, ro), (np_, no) = ref, nat
+    for a, b in zip(rp, np_):
+        if exact:
+            assert_bitwise_equal(a.detach(), b.detach(), "param")
+        else:
+            torch.testing.assert_close(b.detach(), a.detach(), rtol=4e-6, atol=1e-7)
+    for a, b in zip(rp, np_):
+        sa, sb = ro.state[a], no.state[b]
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            if not isinstance(sa[key], torch.Tensor):
+                assert sa[key] == sb[key]
+                continue
+            if exact:
+                assert_bitwise_equal(sa[key], sb[key], key)
+            elif sa[key].dtype == torch.uint8:
+                frac = (sa[key].int() - sb[key].int()).abs().gt(0).float().mean().item() if sa[key].numel() else 0
+                assert frac <= 0.005 and (sa[key].int() - sb[key].int()).abs().max() <= 1, key
+            else:
+                torch.testing.assert_close(sb[key], sa[key], rtol=1e-5, atol=1e-9)
+
+
+OPTIMIZER_CASES = [
+    ("AdamW8bit", {"lr": 1e-2, "min_8bit_size": 64}),
+    ("Adam8bit", {"lr": 1e-2, "weight_decay": 0.1, "min_8bit_size": 64, "block_wise": False}),
+    ("AdEMAMix8bit", {"lr": 1e-2, "min_8bit_size": 64, "t_alpha": 5, "t_beta3": 5, "skip_zeros": True}),
+    ("Lion8bit", {"lr": 1e-3, "weight_decay": 0.1, "min_8bit_size": 64}),
+    ("SGD8bit", {"lr": 1e-2, "momentum": 0.9, "nesterov": True, "min_8bit_size": 64}),
+    ("RMSprop8bit", {"lr": 1e-3, "weight_decay": 0.1, "min_8bit_size": 64, "block_wise": False}),
+    ("Adagrad8bit", {"lr": 1e-2, "min_8bit_size": 64}),
+    ("AdamW32bit", {"lr": 1e-2}),
+    ("Lion32bit", {"lr": 1e-3}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name,kwargs", OPTIMIZER_CASES, ids=[c[0] for c in OPTIMIZER_CASES])
+def test_optimizer_classes_native_equals_reference(name, kwargs, dtype, monkeypatch):
+    """The optimizer classes (odd shapes, a strided parameter, a frozen-some-steps parameter,
+    empty and one-element parameters, NaN and zero gradient elements) stepped 20 times on the
+    native and on the forced reference path. Exact tier."""
+    cls = pagedopt.optim.get_optimizer_class(name)
+    ref = _run_optimizer(cls, kwargs, dtype, 20, "reference", monkeypatch)
+    nat = _run_optimizer(cls, kwargs, dtype, 20, "cpu", monkeypatch)
+    _assert_optimizers_equal(ref, nat, exact=True)
+
+
+NORM_CASES = [
+    ("AdamW8bit", {"lr": 1e-2, "min_8bit_size": 64, "percentile_clipping": 5}),
+    ("LAMB8bit", {"lr": 1e-2, "min_8bit_size": 64}),
+    ("LARS8bit", {"lr": 1e-2, "momentum": 0.9, "min_8bit_size": 64, "block_wise": False}),
+    ("LAMB32bit", {"lr": 1e-2, "percentile_clipping": 10}),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", NORM_CASES, ids=[c[0] for c in NORM_CASES])
+def test_optimizer_classes_with_norm_scales(name, kwargs, monkeypatch):
+    """Percentile clipping and trust ratios scale the step by float64 norms; the kernels sum in
+    another order, which may move a float32 scale by an ulp. fp32-rounding tier: parameters
+    within a few ulps, at most 0.5% of codes one step apart."""
+    cls = pagedopt.optim.get_optimizer_class(name)
+    ref = _run_optimizer(cls, kwargs, torch.float32, 15, "reference", monkeypatch)
+    nat = _run_optimizer(cls, kwargs, torch.float32, 15, "cpu", monkeypatch)
+    _assert_optimizers_equal(ref, nat, exact=False)
