@@ -192,7 +192,8 @@ def test_late_state_shaping_override_warns_and_keeps_the_state(mng):
 
 
 def test_per_parameter_lr_matches_torch_with_param_groups(mng):
-    # Tolerance tier: fp32 math vs torch.optim.AdamW (same precision, a few ulps).
+    # Tolerance tier FP32: fp32 math vs torch.optim.AdamW; the absolute part is ~3e-5 of one
+    # lr=3e-2 step (operation order differs, e.g. pagedopt's correctly rounded sqrt).
     torch.manual_seed(1)
     ours, ref = TwoLayer(), TwoLayer()
     ref.load_state_dict(ours.state_dict())
@@ -206,7 +207,7 @@ def test_per_parameter_lr_matches_torch_with_param_groups(mng):
         train_step(ours, opt, seed)
         train_step(ref, torch_opt, seed)
     for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-7, msg=name)
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-6, msg=name)
 
 
 def test_module_override_follows_replaced_parameters(mng):
