@@ -683,6 +683,20 @@ def test_distributed_world_of_one_trains_like_a_single_process(mode):
     assert not torch.distributed.is_initialized()  # the world of one was torn down
 
 
+@pytest.mark.distributed
+def test_fsdp_save_path_must_be_a_directory_and_is_checked_before_training(tmp_path, capsys):
+    a_file = tmp_path / "ckpt.pt"
+    a_file.write_bytes(b"x")
+    assert cli_main(["train", "--distributed", "fsdp", "--save", str(a_file), "--steps", "1", *TINY_FLAGS]) == 2
+    captured = capsys.readouterr()
+    assert f"--save {a_file}: is a file; a sharded (FSDP) checkpoint is a directory" in captured.err
+    assert "eval step" not in captured.out and not torch.distributed.is_initialized()
+    missing = tmp_path / "new" / "ckpt"
+    assert cli_main(["train", "--distributed", "fsdp", "--save", str(missing), "--steps", "1", *TINY_FLAGS,
+                     "--progress", "off"]) == 0
+    assert (missing / ".metadata").is_file()
+
+
 def _torchrun_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -719,13 +733,14 @@ def test_torchrun_fsdp_metrics_per_rank_and_a_resharding_checkpoint(tmp_path):
     and gives the run's final validation loss."""
     port = free_port(consecutive=2)
     summary_path, ckpt = tmp_path / "summary.json", tmp_path / "ckpt"
-    proc = _torchrun(2, "--distributed", "fsdp", *TORCHRUN_FLAGS, "--metrics-port", str(port), "--linger", "20",
+    # Each rank lingers 8 s after training on its own port: time to scrape both, then the job ends.
+    proc = _torchrun(2, "--distributed", "fsdp", *TORCHRUN_FLAGS, "--metrics-port", str(port), "--linger", "8",
                      "--json", str(summary_path), "--save", str(ckpt))
     try:
         lines = _read_until(proc, r"^serving the final metrics")
         ranks = {}
-        for local_rank in (0, 1):  # each rank lingers on its own port
-            deadline = time.monotonic() + 30
+        for local_rank in (0, 1):
+            deadline = time.monotonic() + 8
             while True:
                 try:
                     samples = scrape(port + local_rank)
@@ -738,11 +753,11 @@ def test_torchrun_fsdp_metrics_per_rank_and_a_resharding_checkpoint(tmp_path):
             steps_key = next(k for k in samples if k.startswith("pagedopt_steps_total{"))
             ranks[local_rank] = (re.search(r'rank="(\d+)"', steps_key).group(1), samples[steps_key])
         assert ranks == {0: ("0", 5.0), 1: ("1", 5.0)}
-        proc.send_signal(signal.SIGTERM)  # ends the linger
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert proc.returncode == 0, err[-4000:]
     out = "".join(lines) + out
     _check_torchrun_output(out, "fsdp")
     assert "each holds its shards" in out

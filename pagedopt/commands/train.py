@@ -270,7 +270,8 @@ class ReportedMetrics:
 
     def on_train_end(self, run: Any, result: Any) -> None:
         try:
-            if self.metrics.exporter is not None and self.metrics.linger > 0:
+            exporter = self.metrics.exporter
+            if exporter is not None and exporter.url and self.metrics.linger > 0:
                 self._say(run, f"serving the final metrics for {self.metrics.linger:g} s (--linger); "
                                "Ctrl-C or SIGTERM ends it")
             self.metrics.on_train_end(run, result)
