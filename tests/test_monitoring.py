@@ -388,12 +388,12 @@ def render_config(tmp_path: Path, metrics_port: int) -> Path:
     """monitoring/prometheus/prometheus.yml with 1 s intervals, the rules by absolute path and
     the test's training run as the only pagedopt target."""
     config = yaml.safe_load(PROM_CONFIG.read_text())
-    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    config["global"].update(scrape_interval=SCRAPE_INTERVAL, evaluation_interval=SCRAPE_INTERVAL)
     config["rule_files"] = [str(RULES.parent / Path(p).name) for p in config["rule_files"]]
     targets = tmp_path / "targets"
     targets.mkdir()
     for job in config["scrape_configs"]:
-        job["scrape_interval"], job["scrape_timeout"] = "1s", "1s"
+        job["scrape_interval"], job["scrape_timeout"] = SCRAPE_INTERVAL, SCRAPE_INTERVAL
         for sd in job.get("file_sd_configs", []):
             sd["files"] = [str(targets / Path(f).name) for f in sd["files"]]
     (targets / "pagedopt.yml").write_text(yaml.safe_dump([{"targets": [f"127.0.0.1:{metrics_port}"],
@@ -413,10 +413,12 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=30)
 
 
-# The training run Prometheus scrapes: the main job on the tiny model. 200 steps (about 5 s on
-# two cores): long enough for several 1 s scrapes while training runs, which the dashboard's
-# rates need to be finite, and for the quantization-error probe (every 50 steps) to sample.
-TRAIN_STEPS = 200
+# The training run Prometheus scrapes: the main job on the tiny model. The dashboard's rates
+# are finite only if Prometheus scrapes several times while training runs, so scrapes are
+# 250 ms apart and the run has 1000 steps (about 5 s of training with the native kernels on
+# two cores, longer on the reference path); the quantization-error probe samples every 50.
+SCRAPE_INTERVAL = "250ms"
+TRAIN_STEPS = 1000
 TRAIN_COMMAND = ["-m", "pagedopt", "train", "--steps", str(TRAIN_STEPS), "--model-size", "tiny", "--seq-len", "64",
                  "--batch-size", "8", "--max-corpus-bytes", "400000", "--eval-batches", "2", "--threads", "1",
                  "--progress", "lines"]
