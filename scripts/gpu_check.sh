@@ -3,7 +3,7 @@
 # already installed and no network. Runs, each under a time limit (the whole script stays
 # under 8 minutes on one H200):
 #   1. `pagedopt kernels` for this GPU's architecture (fills the kernel cache in parallel);
-#   2. the GPU tests, `pytest -m cuda tests/test_cuda.py`;
+#   2. the GPU tests (`pytest -m cuda`: kernels, managed-memory paging, telemetry, manager);
 #   3. the GPU benchmark, benchmarks/gpu_bench.py;
 # and prints a summary table last. Results go to $OUT (or ./gpu-check-out): kernels.log,
 # pytest.log, junit.xml, bench.log, gpu_bench.json, summary.txt.
@@ -48,7 +48,8 @@ PYEOF
 ARCH=$("$PY" -c "import torch; p = torch.cuda.get_device_capability(); print(f'sm_{p[0]}{p[1]}')" 2>/dev/null || echo none)
 
 stage kernels 120 "$OUT_DIR/kernels.log" "$PY" -m pagedopt kernels --arch "$ARCH" --verbose
-stage gpu-tests 210 "$OUT_DIR/pytest.log" "$PY" -m pytest -m cuda tests/test_cuda.py -q -rs \
+stage gpu-tests 210 "$OUT_DIR/pytest.log" "$PY" -m pytest -m cuda tests/test_cuda.py tests/test_paging_cuda.py \
+  tests/test_manager.py tests/test_telemetry_exporter.py -q -rs \
   -p no:cacheprovider --junitxml="$OUT_DIR/junit.xml"
 stage benchmark 120 "$OUT_DIR/bench.log" "$PY" benchmarks/gpu_bench.py --json "$OUT_DIR/gpu_bench.json"
 
