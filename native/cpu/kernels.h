@@ -92,14 +92,14 @@ struct ElementOut {
   bool keep;
 };
 
-template <int ALGO, class DIV = BiasCorrectionDivide>
+template <int ALGO>
 inline ElementOut element_step(float g, float p, float v0, float v1, float v2, float gnorm_scale,
-                               float update_scale, const StepScalars& s, const DIV& div = DIV()) {
+                               float update_scale, const StepScalars& s) {
   ElementOut o;
   float gk = g;
   o.keep = prepare_gradient(gk, p, gnorm_scale, s);
   float n0 = v0, n1 = v1, n2 = v2;
-  const float d = AlgoUpdate<ALGO>::apply(gk, n0, n1, n2, s, div);
+  const float d = AlgoUpdate<ALGO>::apply(gk, n0, n1, n2, s);
   o.v0 = o.keep ? n0 : v0;
   o.v1 = o.keep ? n1 : v1;
   o.v2 = o.keep ? n2 : v2;
@@ -107,30 +107,6 @@ inline ElementOut element_step(float g, float p, float v0, float v1, float v2, f
   o.p = apply_direction(p, d, update_scale, s);
   return o;
 }
-
-// x / c for float x and a float c != 0, given inv = 1.0 / (double)c: the float64 product
-// rounded to float32 is exactly the float32 quotient whenever that quotient is a normal float
-// (or overflows). Why: inv and the product each err by at most 2^-53 relative, so the float64
-// product is within 2^-52 (relative) of x/c, while a quotient of two floats with 24-bit
-// significands is never closer than 2^-49 (relative) to a float32 rounding boundary: the
-// midpoint M * 2^k (M odd, 25 bits) would need x * 2^j = M * c, impossible as M * c has more
-// than 24 significant bits, and otherwise |x - M c 2^k| >= 2^k ulp-units of M c. Below 2^-126
-// float32 rounds on a fixed grid where exact ties do occur; callers must not use it there.
-inline float divide_by_reciprocal(float x, double inv) { return static_cast<float>(static_cast<double>(x) * inv); }
-
-// Bias-correction division policy of the 8-bit kernels (update.h BiasCorrectionDivide):
-// m / bias_correction1 as the exact reciprocal product above, off the divider unit, which
-// (with sqrt and the division by the denominator) bounds the update's speed. (Doing the same
-// for sqrt(v) / bias_correction2_sqrt measured no faster: the float64 conversions then
-// saturate the vector ports instead.) m / bc1 can be subnormal when |m| < 2^-126: the
-// kernel checks each chunk's new m for 0 < |m| < 2^-120 and then redoes the chunk with true
-// division.
-struct ReciprocalDivide {
-  double inv_bias_correction1;
-  explicit ReciprocalDivide(const StepScalars& s) : inv_bias_correction1(1.0 / static_cast<double>(s.bias_correction1)) {}
-  float by_bias_correction1(float x, const StepScalars&) const { return divide_by_reciprocal(x, inv_bias_correction1); }
-  float by_bias_correction2_sqrt(float x, const StepScalars& s) const { return x / s.bias_correction2_sqrt; }
-};
 
 // Fixed-lane float64 sums of squares of buf[0..kBlockSize) (zero padded past the data).
 inline void accumulate_squares(const float* __restrict__ buf, double* __restrict__ lanes) {
@@ -148,8 +124,9 @@ inline double sum_lanes(const double* lanes) {
   return total;
 }
 
-// Requantize n fresh values with scale `absmax` into codes (quantization.py rules: the
-// code of x / absmax, or of 0 when absmax is not > 0). BOUNDED: absmax = max |fresh|.
+// Requantize n fresh values with scale `absmax` into codes (quantization.py rules: the code
+// of x * (1 / absmax) - or of x / absmax outside the reciprocal range, or of 0 when absmax is
+// not > 0). BOUNDED: absmax = the block's own scale, so every normalized |x| <= 1.
 template <bool SIGNED, bool BOUNDED>
 __attribute__((noinline)) void requantize(const float* __restrict__ fresh, int64_t n, float absmax,
                                           uint8_t* __restrict__ codes) {
@@ -158,15 +135,21 @@ __attribute__((noinline)) void requantize(const float* __restrict__ fresh, int64
     memset(codes, static_cast<int>(lut_quantize_value<SIGNED>(lut<SIGNED>(), 0.0f)), static_cast<size_t>(n));
     return;
   }
+  if (!uses_reciprocal(absmax)) {
+    // Subnormal or huge absmax (rare): the dividing rule, any quotient (inf / inf is NaN).
+    for (int64_t i = 0; i < n; ++i) codes[i] = static_cast<uint8_t>(lut_quantize_value<SIGNED>(lut<SIGNED>(), fresh[i] / absmax));
+    return;
+  }
+  const float inv_absmax = absmax_reciprocal(absmax);
 #ifdef PO_HAVE_AVX512
-  avx512::requantize<SIGNED, BOUNDED>(fresh, n, absmax, codes);
+  avx512::requantize<SIGNED, BOUNDED>(fresh, n, inv_absmax, codes);
 #else
   // Codes go to a local buffer first and the table is named as the global array: GCC does
   // not vectorize table gathers next to stores it cannot prove disjoint (a uint8_t pointer
   // may alias anything, even a restrict-qualified one). noinline keeps `fresh` restrict.
   alignas(64) uint32_t local[kBlockSize];
   for (int64_t i = 0; i < n; ++i) {
-    local[i] = lut_quantize_value<SIGNED>(SIGNED ? g_tables.lut_signed : g_tables.lut_unsigned, fresh[i] / absmax);
+    local[i] = lut_quantize_value<SIGNED>(SIGNED ? g_tables.lut_signed : g_tables.lut_unsigned, fresh[i] * inv_absmax);
   }
   for (int64_t i = 0; i < n; ++i) codes[i] = static_cast<uint8_t>(local[i]);
 #endif
@@ -206,13 +189,12 @@ inline void dequantize_chunk(const uint8_t* __restrict__ codes, int64_t n, float
 // mode writes the parameter (saving its old bits in p_saved), prepare mode the direction and
 // the old parameter. (restrict-qualified parameters: GCC trusts those, so it vectorizes
 // without runtime alias checks.)
-template <int ALGO, int PE, int GE, int MODE, class DIV>
+template <int ALGO, int PE, int GE, int MODE>
 PO_WIDE_VECTORS void chunk_8bit_pass1(typename Elem<PE>::storage* __restrict__ pp,
                                       const typename Elem<GE>::storage* __restrict__ gp, float* __restrict__ f0,
                                       float* __restrict__ f1, float* __restrict__ f2, float* __restrict__ dir,
                                       float* __restrict__ pold, typename Elem<PE>::storage* __restrict__ p_saved,
-                                      int64_t n, float gnorm_scale, float update_scale, const StepScalars& s,
-                                      const DIV& div) {
+                                      int64_t n, float gnorm_scale, float update_scale, const StepScalars& s) {
   constexpr int NV = AlgoTraits<ALGO>::num_values;
   typedef typename Elem<PE>::storage PS;
   for (int64_t i = 0; i < n; ++i) {
@@ -220,7 +202,7 @@ PO_WIDE_VECTORS void chunk_8bit_pass1(typename Elem<PE>::storage* __restrict__ p
     const float p = Elem<PE>::load(p_raw);
     const float g = Elem<GE>::load(gp[i]);
     const ElementOut o = element_step<ALGO>(g, p, f0[i], NV > 1 ? f1[i] : 0.0f, NV > 2 ? f2[i] : 0.0f, gnorm_scale,
-                                            update_scale, s, div);
+                                            update_scale, s);
     f0[i] = o.v0;
     if (NV > 1) f1[i] = o.v1;
     if (NV > 2) f2[i] = o.v2;
@@ -235,26 +217,23 @@ PO_WIDE_VECTORS void chunk_8bit_pass1(typename Elem<PE>::storage* __restrict__ p
 }
 
 // The block scale of a chunk (quant.h scale_weight(): max of x >= 0, and of -x weighted by
-// kNegativeWeight on the signed map) as float bits, and whether some x has 0 < |x| < 2^-120
-// (separate loop: inside the update loop the reductions defeat GCC's vectorizer). Rounding is
-// monotone, so max(round(-x * w)) == round(max(-x) * w): one multiply per chunk, and the
-// result (a non-negative float) still reduces across chunks and threads as unsigned bits.
+// kNegativeWeight on the signed map) as float bits (separate loop: inside the update loop
+// the reductions defeat GCC's vectorizer). Rounding is monotone, so
+// max(round(-x * w)) == round(max(-x) * w): one multiply per chunk, and the result (a
+// non-negative float) still reduces across chunks and threads as unsigned bits.
 template <bool SIGNED>
-inline uint32_t max_scale_bits(const float* __restrict__ x, int64_t n, uint32_t* __restrict__ tiny) {
+inline uint32_t max_scale_bits(const float* __restrict__ x, int64_t n) {
   uint32_t pos = 0, neg = 0;
 #ifdef PO_HAVE_AVX512
-  avx512::max_magnitude_bits_by_sign(x, n, &pos, &neg, tiny);
+  avx512::max_magnitude_bits_by_sign(x, n, &pos, &neg);
 #else
-  uint32_t t = 0;
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t bits = float_bits(x[i]);
     const uint32_t mag = bits & 0x7fffffffu;
     const uint32_t negative = 0u - (bits >> 31);  // all ones for a set sign bit
     pos = max_u32(pos, mag & ~negative);
     neg = max_u32(neg, mag & negative);
-    t |= (mag - 1u) < 0x037fffffu ? 1u : 0u;
   }
-  *tiny = t;
 #endif
   if (!SIGNED) return max_u32(pos, neg);  // max |x| (the state is non-negative anyway)
   return max_u32(pos, float_bits(bits_float(neg) * kNegativeWeight));
@@ -262,10 +241,10 @@ inline uint32_t max_scale_bits(const float* __restrict__ x, int64_t n, uint32_t*
 
 // max_scale_bits() of each state value of a chunk (value j uses map S<j>).
 template <bool S0, bool S1, bool S2, int NV>
-inline void chunk_scales(float (*fresh)[kBlockSize], int64_t n, uint32_t* maxima, uint32_t* tiny) {
-  maxima[0] = max_scale_bits<S0>(fresh[0], n, &tiny[0]);
-  if (NV > 1) maxima[1] = max_scale_bits<S1>(fresh[1], n, &tiny[1]);
-  if (NV > 2) maxima[2] = max_scale_bits<S2>(fresh[2], n, &tiny[2]);
+inline void chunk_scales(float (*fresh)[kBlockSize], int64_t n, uint32_t* maxima) {
+  maxima[0] = max_scale_bits<S0>(fresh[0], n);
+  if (NV > 1) maxima[1] = max_scale_bits<S1>(fresh[1], n);
+  if (NV > 2) maxima[2] = max_scale_bits<S2>(fresh[2], n);
 }
 
 // Software prefetch of [p, p + bytes) into the cache (the kernels are compute-heavy per byte,
@@ -283,13 +262,11 @@ void unit_8bit(const po_item& it, int64_t begin, int64_t len, UnitPartial& out) 
   constexpr bool S0 = AlgoTraits<ALGO>::value_signed(0);
   constexpr bool S1 = AlgoTraits<ALGO>::value_signed(NV > 1 ? 1 : 0);
   constexpr bool S2 = AlgoTraits<ALGO>::value_signed(NV > 2 ? 2 : 0);
-  constexpr bool kBiasCorrected = ALGO == ALGO_ADAM || ALGO == ALGO_ADEMAMIX;
   typedef typename Elem<PE>::storage PS;
   typedef typename Elem<GE>::storage GS;
   const StepScalars s = it.scalars;
   const float gnorm_scale = it.gnorm_scale ? *it.gnorm_scale : 1.0f;
   const float update_scale = it.update_scale ? *it.update_scale : 1.0f;
-  const ReciprocalDivide fast_division(s);
 
   alignas(64) float fresh[3][kBlockSize];
   alignas(64) float dir[kBlockSize];
@@ -320,17 +297,9 @@ void unit_8bit(const po_item& it, int64_t begin, int64_t len, UnitPartial& out) 
     // Pass 1: update, write the parameter, keep the new states.
     dequantize_all();
     chunk_8bit_pass1<ALGO, PE, GE, MODE>(pp, gp, fresh[0], fresh[1], fresh[2], dir, pold, p_saved, n, gnorm_scale,
-                                         update_scale, s, fast_division);
-    uint32_t maxima[3] = {0, 0, 0}, tiny[3] = {0, 0, 0};
-    chunk_scales<S0, S1, S2, NV>(fresh, n, maxima, tiny);
-    if (kBiasCorrected && tiny[0]) {
-      // Some m / bias_correction1 may be subnormal: redo the chunk with true division.
-      if (MODE == MODE_UPDATE) memcpy(pp, p_saved, static_cast<size_t>(n) * sizeof(PS));
-      dequantize_all();
-      chunk_8bit_pass1<ALGO, PE, GE, MODE>(pp, gp, fresh[0], fresh[1], fresh[2], dir, pold, p_saved, n, gnorm_scale,
-                                           update_scale, s, BiasCorrectionDivide());
-      chunk_scales<S0, S1, S2, NV>(fresh, n, maxima, tiny);
-    }
+                                         update_scale, s);
+    uint32_t maxima[3] = {0, 0, 0};
+    chunk_scales<S0, S1, S2, NV>(fresh, n, maxima);
 
     if (MODE == MODE_PREPARE) {
       for (int64_t i = n; i < kBlockSize; ++i) dir[i] = pold[i] = 0.0f;

@@ -1,6 +1,6 @@
 // AVX-512 versions of the 8-bit state hot loops (requantize, dequantize). They compute
 // exactly what the portable loops in kernels.h compute (same integer table search, same
-// exact quotient); they exist because GCC's auto-vectorized code for these loops issues
+// normalization product); they exist because GCC's auto-vectorized code for these loops issues
 // about twice the instructions. Compiled only when the target has AVX-512 F/BW/VL/DQ
 // (and VBMI for the byte-table dequantization); kernels.h falls back otherwise.
 #pragma once
@@ -21,8 +21,9 @@ namespace pagedopt {
 namespace cpu {
 namespace avx512 {
 
-// lut_quantize_value() (code_lut.h) for 16 lanes. BOUNDED: every |q| <= 1 (block-wise
-// state: q = x / max|x|), so neither magnitudes above 1.0 nor NaN can occur.
+// lut_quantize_value() (code_lut.h) for 16 lanes. BOUNDED: every |q| <= 1 (block-wise state
+// in the reciprocal range: q = x * f32(1 / max|x|), see quant.h), so neither magnitudes above
+// 1.0 nor NaN can occur. (|q| < 1 + 2^-6 would still be safe: such q share 1.0's bucket.)
 template <bool SIGNED, bool BOUNDED>
 inline __m512i quantize16(__m512 q, const uint32_t* table) {
   typedef CodeLut<SIGNED> L;
@@ -49,27 +50,24 @@ inline __m512i quantize16(__m512 q, const uint32_t* table) {
   return code;
 }
 
-// Codes of fresh[0..n) / absmax (absmax > 0), true division (the divider is otherwise idle
-// here). BOUNDED: absmax is the max |fresh| (block-wise), so every quotient is in [-1, 1].
+// Codes of fresh[0..n) * inv_absmax (quant.h normalize() in the reciprocal range). BOUNDED:
+// inv_absmax is the reciprocal of the block's own scale, so every |product| <= 1.
 template <bool SIGNED, bool BOUNDED>
-inline void requantize(const float* fresh, int64_t n, float absmax, uint8_t* codes) {
+inline void requantize(const float* fresh, int64_t n, float inv_absmax, uint8_t* codes) {
   const uint32_t* table = SIGNED ? g_tables.lut_signed : g_tables.lut_unsigned;
-  const __m512 scale = _mm512_set1_ps(absmax);
+  const __m512 scale = _mm512_set1_ps(inv_absmax);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 live = n - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1u);
-    const __m512 q = _mm512_div_ps(_mm512_maskz_loadu_ps(live, fresh + i), scale);
+    const __m512 q = _mm512_mul_ps(_mm512_maskz_loadu_ps(live, fresh + i), scale);
     _mm512_mask_cvtepi32_storeu_epi8(codes + i, live, quantize16<SIGNED, BOUNDED>(q, table));
   }
 }
 
-// Max magnitude bits of x[0..n), and (tiny) whether some x has 0 < |x| < 2^-120.
-// Largest magnitude bits among the non-negative and among the negative x (sign bit set),
-// and whether some x has 0 < |x| < 2^-120; see max_scale_bits() in kernels.h.
-inline void max_magnitude_bits_by_sign(const float* x, int64_t n, uint32_t* pos, uint32_t* neg, uint32_t* tiny) {
-  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), one = _mm512_set1_epi32(1);
-  const __m512i tiny_limit = _mm512_set1_epi32(0x037fffff);
+// Largest magnitude bits among the non-negative and among the negative x[0..n) (sign bit
+// set); see max_scale_bits() in kernels.h.
+inline void max_magnitude_bits_by_sign(const float* x, int64_t n, uint32_t* pos, uint32_t* neg) {
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
   __m512i mp = _mm512_setzero_si512(), mn = _mm512_setzero_si512();
-  __mmask16 t = 0;
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 live = n - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1u);
     const __m512i raw = _mm512_maskz_loadu_epi32(live, x + i);
@@ -77,9 +75,7 @@ inline void max_magnitude_bits_by_sign(const float* x, int64_t n, uint32_t* pos,
     const __m512i mag = _mm512_and_si512(raw, abs_mask);
     mp = _mm512_mask_max_epu32(mp, static_cast<__mmask16>(live & ~negative), mp, mag);
     mn = _mm512_mask_max_epu32(mn, negative, mn, mag);
-    t |= _mm512_cmplt_epu32_mask(_mm512_sub_epi32(mag, one), tiny_limit) & live;
   }
-  *tiny = t != 0;
   *pos = static_cast<uint32_t>(_mm512_reduce_max_epu32(mp));
   *neg = static_cast<uint32_t>(_mm512_reduce_max_epu32(mn));
 }

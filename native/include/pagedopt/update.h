@@ -37,57 +37,40 @@ PO_HD bool prepare_gradient(float& g, float p, float gnorm_scale, const StepScal
   return keep;
 }
 
-// The divisions by the per-step bias corrections. The reference divides; a kernel may pass
-// its own policy with the same two members that computes the same quotients another way
-// (native/cpu/kernels.h: an exact float64 reciprocal product, off the divider unit).
-struct BiasCorrectionDivide {
-  PO_HD float by_bias_correction1(float x, const StepScalars& s) const { return x / s.bias_correction1; }
-  PO_HD float by_bias_correction2_sqrt(float x, const StepScalars& s) const {
-    return x / s.bias_correction2_sqrt;
-  }
-};
-
-template <class DIV>
-PO_HD float adam_denominator(float v, const StepScalars& s, const DIV& div) {
-  return div.by_bias_correction2_sqrt(po_sqrt(v), s) + s.eps;
-}
-
+// Adam's denominator. The bias corrections arrive as host-computed float32 reciprocals
+// (StepScalars), so they cost a multiplication; the division by this denominator stays an
+// IEEE division and sqrt stays correctly rounded.
 PO_HD float adam_denominator(float v, const StepScalars& s) {
-  return adam_denominator(v, s, BiasCorrectionDivide());
+  return po_sqrt(v) * s.inv_bias_correction2_sqrt + s.eps;
 }
 
 // Per-algorithm updates. State layout: s0 = state1 (moment 0), s1 = state1 moment 1
 // (AdEMAMix slow EMA) or state2, s2 = AdEMAMix state2. Unused slots are ignored.
-// AlgoUpdate<ALGO>::apply takes the bias-correction division policy; element_update<ALGO>
-// is the same with the reference division.
 template <int ALGO>
 struct AlgoUpdate;
 
 template <>
 struct AlgoUpdate<ALGO_ADAM> {
-  template <class DIV>
-  static PO_HD float apply(float g, float& m, float& v, float&, const StepScalars& s, const DIV& div) {
+  static PO_HD float apply(float g, float& m, float& v, float&, const StepScalars& s) {
     m = ema(s.beta1, m, s.one_minus_beta1, g);
     v = ema(s.beta2, v, s.one_minus_beta2, g * g);
-    return div.by_bias_correction1(m, s) / adam_denominator(v, s, div);
+    return (m * s.inv_bias_correction1) / adam_denominator(v, s);
   }
 };
 
 template <>
 struct AlgoUpdate<ALGO_ADEMAMIX> {
-  template <class DIV>
-  static PO_HD float apply(float g, float& m1, float& m2, float& v, const StepScalars& s, const DIV& div) {
+  static PO_HD float apply(float g, float& m1, float& m2, float& v, const StepScalars& s) {
     m1 = ema(s.beta1, m1, s.one_minus_beta1, g);
     m2 = ema(s.beta3, m2, s.one_minus_beta3, g);
     v = ema(s.beta2, v, s.one_minus_beta2, g * g);
-    return (div.by_bias_correction1(m1, s) + s.alpha * m2) / adam_denominator(v, s, div);
+    return (m1 * s.inv_bias_correction1 + s.alpha * m2) / adam_denominator(v, s);
   }
 };
 
 template <>
 struct AlgoUpdate<ALGO_MOMENTUM> {
-  template <class DIV>
-  static PO_HD float apply(float g, float& m, float&, float&, const StepScalars& s, const DIV&) {
+  static PO_HD float apply(float g, float& m, float&, float&, const StepScalars& s) {
     m = s.first_step ? g : s.beta1 * m + s.dampening_factor * g;
     return s.nesterov ? g + s.beta1 * m : m;
   }
@@ -95,8 +78,7 @@ struct AlgoUpdate<ALGO_MOMENTUM> {
 
 template <>
 struct AlgoUpdate<ALGO_LION> {
-  template <class DIV>
-  static PO_HD float apply(float g, float& m, float&, float&, const StepScalars& s, const DIV&) {
+  static PO_HD float apply(float g, float& m, float&, float&, const StepScalars& s) {
     float d = po_sign(ema(s.beta1, m, s.one_minus_beta1, g));
     m = ema(s.beta2, m, s.one_minus_beta2, g);
     return d;
@@ -105,8 +87,7 @@ struct AlgoUpdate<ALGO_LION> {
 
 template <>
 struct AlgoUpdate<ALGO_RMSPROP> {
-  template <class DIV>
-  static PO_HD float apply(float g, float& v, float&, float&, const StepScalars& s, const DIV&) {
+  static PO_HD float apply(float g, float& v, float&, float&, const StepScalars& s) {
     v = ema(s.beta1, v, s.one_minus_beta1, g * g);
     return g / (po_sqrt(v) + s.eps);
   }
@@ -114,8 +95,7 @@ struct AlgoUpdate<ALGO_RMSPROP> {
 
 template <>
 struct AlgoUpdate<ALGO_ADAGRAD> {
-  template <class DIV>
-  static PO_HD float apply(float g, float& v, float&, float&, const StepScalars& s, const DIV&) {
+  static PO_HD float apply(float g, float& v, float&, float&, const StepScalars& s) {
     v = v + g * g;
     return g / (po_sqrt(v) + s.eps);
   }
@@ -123,7 +103,7 @@ struct AlgoUpdate<ALGO_ADAGRAD> {
 
 template <int ALGO>
 PO_HD float element_update(float g, float& s0, float& s1, float& s2, const StepScalars& s) {
-  return AlgoUpdate<ALGO>::apply(g, s0, s1, s2, s, BiasCorrectionDivide());
+  return AlgoUpdate<ALGO>::apply(g, s0, s1, s2, s);
 }
 
 // The reference skips the decay multiplication when decay_factor is exactly 1; multiplying by
