@@ -49,19 +49,18 @@ inline void requantize64(const float* x, int64_t n, const Requant& r, uint8_t* c
   if (r.kind == Requant::kZero) {
     packed = _mm512_set1_epi8(static_cast<char>(SIGNED ? kSignedZeroCode : 0));
   } else {
-    const uint32_t* base = code_table_base<SIGNED>();
     __m512i c[4];
     for (int k = 0; k < 4; ++k) {
       const __m512 v = n >= 64 ? _mm512_loadu_ps(x + 16 * k) : _mm512_maskz_loadu_ps(lanes16(n - 16 * k), x + 16 * k);
       switch (r.kind) {
         case Requant::kMultiplyBounded:
-          c[k] = code_bits<SIGNED, true>(_mm512_mul_ps(v, _mm512_set1_ps(r.inv_absmax)), base);
+          c[k] = code_bits<SIGNED, true>(_mm512_mul_ps(v, _mm512_set1_ps(r.inv_absmax)));
           break;
         case Requant::kMultiply:
-          c[k] = code_bits<SIGNED, false>(_mm512_mul_ps(v, _mm512_set1_ps(r.inv_absmax)), base);
+          c[k] = code_bits<SIGNED, false>(_mm512_mul_ps(v, _mm512_set1_ps(r.inv_absmax)));
           break;
         default:
-          c[k] = code_bits<SIGNED, false>(_mm512_div_ps(v, _mm512_set1_ps(r.absmax)), base);
+          c[k] = code_bits<SIGNED, false>(_mm512_div_ps(v, _mm512_set1_ps(r.absmax)));
           break;
       }
     }

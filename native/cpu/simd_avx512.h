@@ -24,48 +24,27 @@ namespace avx512 {
 // Code search for 16 normalized values (code_lut.h lut_quantize_value(), lane for lane): the
 // code lands in the top byte of each 32-bit lane, see pack_codes(). BOUNDED: every |q| <= 1
 // (block-wise state in the reciprocal range: q = x * f32(1 / max|x|), quant.h), so neither
-// values beyond +-1 nor NaN occur and the clamp is skipped. `base` is the table minus kFirst
-// entries: the index below is the bucket counted from 0, without the subtraction.
+// values beyond +-1 nor NaN occur and the clamp is skipped. The lanes the table cannot know
+// (signed: +-0; unsigned: x <= 0) are left out of the gather and take their entry from
+// `zero_entry` (code 127 resp. 0, no threshold: x_low never carries into it).
 template <bool SIGNED, bool BOUNDED>
-inline __m512i code_bits(__m512 q, const uint32_t* base) {
+inline __m512i code_bits(__m512 q) {
   typedef CodeLut<SIGNED> L;
   const SearchConstants& k = g_tables.search[SIGNED ? 0 : 1];  // (see SearchConstants)
+  const uint32_t* table = SIGNED ? g_tables.lut_signed : g_tables.lut_unsigned;
   if (!BOUNDED) q = _mm512_max_ps(_mm512_min_ps(q, _mm512_set1_ps(k.one)), _mm512_set1_ps(k.minus_one));  // NaN -> 1
   const __m512i bits = _mm512_castps_si512(q);
   const __m512i low_mask = _mm512_set1_epi32(static_cast<int>(k.low_mask));
-  __m512i entry;
-  if (SIGNED) {
-    // bits >> kShift = sign << 14 | bucket; clamp the bucket at kFirst on either sign:
-    // max(word, (word & kNegativeOffset) | kFirst) in 16-bit lanes (the upper halves are 0).
-    const __m512i word = _mm512_srli_epi32(bits, L::kShift);
-    const __m512i floor = _mm512_ternarylogic_epi32(word, _mm512_set1_epi32(static_cast<int>(k.negative_offset)),
-                                                    _mm512_set1_epi32(static_cast<int>(k.first)), 0xea);  // (a & b) | c
-    entry = _mm512_i32gather_epi32(_mm512_max_epu16(word, floor), base, 4);
-  } else {
-    const __m512i word = _mm512_srli_epi32(_mm512_and_si512(bits, _mm512_set1_epi32(static_cast<int>(k.abs_mask))), L::kShift);
-    entry = _mm512_i32gather_epi32(_mm512_max_epu16(word, _mm512_set1_epi32(static_cast<int>(k.first))), base, 4);
-  }
-  __m512i x_low;
-  if (SIGNED) {
-    // (bits ^ negative_mask) & kLowMask: ternary logic 0x28 = (a ^ b) & c
-    x_low = _mm512_ternarylogic_epi32(bits, _mm512_srai_epi32(bits, 31), low_mask, 0x28);
-  } else {
-    x_low = _mm512_and_si512(bits, low_mask);
-  }
-  const __m512i sum = _mm512_add_epi32(x_low, entry);  // carries into the code byte when t < x
-  if (SIGNED) {
-    const __mmask16 zero = _mm512_fpclass_ps_mask(q, 0x06);  // +0 or -0
-    return _mm512_mask_mov_epi32(sum, zero, _mm512_set1_epi32(static_cast<int>(k.zero_code)));
-  }
-  return _mm512_maskz_mov_epi32(_mm512_cmpgt_epi32_mask(bits, _mm512_setzero_si512()), sum);  // x <= 0: code 0
-}
-
-template <bool SIGNED>
-inline const uint32_t* code_table_base() {
-  // The gather index is (bits >> kShift) clamped at kFirst: address the table kFirst entries
-  // early (integer arithmetic: the pointer itself would point before the array).
-  const uintptr_t table = reinterpret_cast<uintptr_t>(SIGNED ? g_tables.lut_signed : g_tables.lut_unsigned);
-  return reinterpret_cast<const uint32_t*>(table - CodeLut<SIGNED>::kFirst * sizeof(uint32_t));
+  // Signed: bits >> kShift is the bucket, plus kNegativeOffset for x < 0. Unsigned: the lanes
+  // with x <= 0 are not loaded, so no magnitude is needed.
+  const __mmask16 known = SIGNED ? static_cast<__mmask16>(~_mm512_fpclass_ps_mask(q, 0x06))  // not +-0
+                                 : _mm512_cmpgt_epi32_mask(bits, _mm512_setzero_si512());   // x > 0
+  const __m512i entry = _mm512_mask_i32gather_epi32(_mm512_set1_epi32(static_cast<int>(k.zero_entry)), known,
+                                                    _mm512_srli_epi32(bits, L::kShift), table, 4);
+  // x_low: the low bits, complemented for x < 0 (ternary logic 0x28 = (a ^ b) & c)
+  const __m512i x_low = SIGNED ? _mm512_ternarylogic_epi32(bits, _mm512_srai_epi32(bits, 31), low_mask, 0x28)
+                               : _mm512_and_si512(bits, low_mask);
+  return _mm512_add_epi32(x_low, entry);  // carries into the code byte when t < x
 }
 
 // The top bytes of four vectors of code_bits() (64 codes, in order) as one vector of bytes.
@@ -84,7 +63,7 @@ inline __m512i pack_codes(__m512i c0, __m512i c1, __m512i c2, __m512i c3) {
 // Codes of 16 normalized values, one per 32-bit lane (test hooks).
 template <bool SIGNED, bool BOUNDED>
 inline __m512i quantize16(__m512 q) {
-  return _mm512_srli_epi32(code_bits<SIGNED, BOUNDED>(q, code_table_base<SIGNED>()), 24);
+  return _mm512_srli_epi32(code_bits<SIGNED, BOUNDED>(q), 24);
 }
 
 #ifdef __AVX512VBMI__

@@ -12,14 +12,14 @@ namespace cpu {
 // re-read by a broadcast load (a load port) instead of being rebuilt from an immediate (a
 // shuffle-port uop per use).
 struct SearchConstants {
-  uint32_t negative_offset, first, low_mask, zero_code, abs_mask;
+  uint32_t low_mask, zero_entry;
   float one, minus_one;
 };
 
 template <bool SIGNED>
 constexpr SearchConstants search_constants() {
-  return SearchConstants{CodeLut<SIGNED>::kNegativeOffset, CodeLut<SIGNED>::kFirst, CodeLut<SIGNED>::kLowMask,
-                         SIGNED ? static_cast<uint32_t>(kSignedZeroCode) << 24 : 0u, 0x7fffffffu, 1.0f, -1.0f};
+  return SearchConstants{CodeLut<SIGNED>::kLowMask, SIGNED ? static_cast<uint32_t>(kSignedZeroCode) << 24 : 0u, 1.0f,
+                         -1.0f};
 }
 
 struct Tables {
