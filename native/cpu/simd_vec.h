@@ -25,7 +25,7 @@ namespace cpu {
 // The float versions stay visible next to the vector overloads below.
 using pagedopt::po_isfinite;
 using pagedopt::po_keep_nonzero;
-using pagedopt::po_scale;
+using pagedopt::po_scale;  // (and the UnitScale template)
 using pagedopt::po_select;
 using pagedopt::po_sign;
 using pagedopt::po_sqrt;
@@ -77,10 +77,12 @@ inline VecF po_sqrt(VecF x) { return VecF{_mm512_sqrt_ps(x.v)}; }
 // False for NaN and +-Inf: vfpclassps classes QNaN (0x01), +Inf (0x08), -Inf (0x10), SNaN (0x80).
 inline VMask po_isfinite(VecF x) { return VMask{static_cast<__mmask16>(~_mm512_fpclass_ps_mask(x.v, 0x99))}; }
 
-// x * scale, skipping the multiplication by exactly 1 (bit-identical, see update.h): a branch
-// on a per-step scalar, which the lane-wise code can afford and auto-vectorized code cannot.
-inline VecF po_scale(VecF x, float scale) { return scale == 1.0f ? x : x * scale; }
+// (A multiplication is one vector operation; comparing the scale with 1 and branching each
+// time would cost more. Kernels pass UnitScale where they know the scale is 1.)
+inline VecF po_scale(VecF x, float scale) { return x * scale; }
 
+// The skip_zeros test costs a comparison and mask logic per vector; leave it out when off
+// (a branch on a per-step scalar, or on a compile-time 0, see kernels.h PlainScalars).
 inline VMask po_keep_nonzero(VMask keep, VecF g, int32_t skip_zeros) { return skip_zeros ? keep & !(g == 0.0f) : keep; }
 
 // torch.sign: 1 for x > 0, -1 for x < 0, +0 otherwise (+-0 and NaN).
