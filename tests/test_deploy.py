@@ -5,12 +5,15 @@ No cluster here, so: shell syntax (``bash -n``) and the scripts' behaviour with 
 run of the launch script, and for the manifests a parse, a schema check of the fields we use
 (unknown keys and wrong types fail, so a typo cannot slip through) and the cross-references
 that make the job work (Service <-> pods <-> PodMonitor, ports per local rank, node counts).
+Every ``pagedopt train`` command the files build is parsed with the real ``pagedopt train``
+parser, so a flag that the job does not have fails here, not on the cluster.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -25,6 +28,26 @@ LAUNCH = DEPLOY / "torchrun" / "launch.sh"
 SBATCH = DEPLOY / "slurm" / "train.sbatch"
 K8S = DEPLOY / "kubernetes"
 METRICS_BASE = 9460
+
+
+def parse_train_command(argv: list[str]):
+    """The arguments after ``-m pagedopt train`` in ``argv``, parsed by the real parser of
+    ``pagedopt train`` (argparse errors become test failures naming the command)."""
+    from pagedopt.cli import build_parser
+
+    starts = [i for i in range(len(argv) - 2) if argv[i:i + 3] == ["-m", "pagedopt", "train"]]
+    assert starts, f"no '-m pagedopt train' in {argv}"
+    rest = argv[starts[0] + 3:]
+    try:
+        return build_parser().parse_args(["train", *rest])
+    except SystemExit:
+        pytest.fail(f"`pagedopt train` rejects the arguments {rest}")
+
+
+def test_parse_train_command_catches_a_flag_mismatch(capsys):
+    with pytest.raises(pytest.fail.Exception, match="rejects the arguments"):
+        parse_train_command(["-m", "pagedopt", "train", "--metrics-prot", "9460"])
+    assert "unrecognized arguments: --metrics-prot" in capsys.readouterr().err
 
 
 # --- shell scripts ---------------------------------------------------------------------------------
@@ -69,6 +92,8 @@ def test_launch_single_node_defaults(tmp_path):
     module = argv.index("-m", 2)
     assert argv[module + 1:module + 5] == ["pagedopt", "train", "--distributed", "fsdp"]
     assert argv[-6:] == ["--metrics-port", "9460", "--metrics-addr", "127.0.0.1", "--steps", "5"]
+    args = parse_train_command(argv)
+    assert (args.distributed, args.metrics_port, args.metrics_addr, args.steps) == ("fsdp", 9460, "127.0.0.1", 5)
 
 
 def test_launch_multi_node_rendezvous(tmp_path):
@@ -81,6 +106,8 @@ def test_launch_multi_node_rendezvous(tmp_path):
                  "--rdzv-id=job7", "--max-restarts=2"):
         assert flag in argv
     assert argv[-2:] == ["--distributed", "ddp"]  # METRICS_PORT="" turns the metrics flags off
+    args = parse_train_command(argv)
+    assert args.distributed == "ddp" and not hasattr(args, "metrics_port")
 
 
 def test_launch_rejects_unknown_mode(tmp_path):
@@ -92,15 +119,16 @@ def test_launch_rejects_unknown_mode(tmp_path):
 
 @pytest.mark.distributed
 def test_launch_runs_a_real_torchrun_job():
-    """launch.sh itself, with 2 CPU workers running the demo job."""
+    """launch.sh itself, with 2 CPU workers running the main job (`pagedopt train`, FSDP2)."""
     proc = subprocess.run(
-        ["bash", str(LAUNCH), "--device", "cpu", "--steps", "3", "--log-every", "1"],
+        ["bash", str(LAUNCH), "--device", "cpu", "--steps", "3", "--log-every", "1", "--model-size", "tiny",
+         "--seq-len", "64", "--batch-size", "8", "--max-corpus-bytes", "400000", "--eval-batches", "2"],
         cwd=ROOT, capture_output=True, text=True, timeout=240,
-        env=_clean_env(NPROC_PER_NODE="2", METRICS_PORT="", TRAIN_MODULE="pagedopt.distributed.demo",
-                       PYTHON=sys.executable, PYTHONPATH=str(ROOT)),
+        env=_clean_env(NPROC_PER_NODE="2", METRICS_PORT="", PYTHON=sys.executable, PYTHONPATH=str(ROOT)),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(r"^done steps=3 loss=[0-9.]+ world_size=2 mode=fsdp", proc.stdout, re.M), proc.stdout
+    assert "pagedopt train: 3 steps on cpu x 2 ranks (fsdp, gloo)" in proc.stdout, proc.stdout
+    assert len(re.findall(r"^done: 3/3 steps", proc.stdout, re.M)) == 1, proc.stdout
 
 
 SBATCH_OPTIONS = {
@@ -152,6 +180,11 @@ def test_sbatch_starts_one_launcher_per_node(tmp_path):
     for line in ("MASTER_ADDR=gpu-a17", "MASTER_PORT=29500", "NNODES=2", "NPROC_PER_NODE=8",
                  "RUN_ID=4242", "METRICS_PORT=9460", "METRICS_ADDR=0.0.0.0", "DISTRIBUTED=fsdp"):
         assert line in out, (line, out)
+    # What launch.sh then runs on each node, with the settings the batch script exported.
+    exported = dict(line.split("=", 1) for line in out if re.match(r"^[A-Z_]+=", line))
+    argv = _launch_argv(tmp_path, *out[5:7], **exported)
+    args = parse_train_command(argv)
+    assert (args.distributed, args.metrics_port, args.metrics_addr, args.steps) == ("fsdp", 9460, "0.0.0.0", 10)
 
 
 # --- Kubernetes manifests --------------------------------------------------------------------------
@@ -290,6 +323,8 @@ def test_job_service_and_podmonitor_fit_together():
 
     # The main job, with one metrics endpoint per local rank, reachable from Prometheus.
     assert "-m pagedopt train" in script and flags["distributed"] in ("fsdp", "ddp")
+    args = parse_train_command(shlex.split(script))
+    assert (args.distributed, args.metrics_port, args.metrics_addr) == (flags["distributed"], METRICS_BASE, "0.0.0.0")
     assert flags["metrics-port"] == str(METRICS_BASE) and flags["metrics-addr"] == "0.0.0.0"
     nproc = int(flags["nproc-per-node"])
     assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == nproc

@@ -1,7 +1,7 @@
 """monitoring/ and deploy/compose/: the Grafana dashboard, provisioning, Prometheus
 configuration and rules (checked and unit-tested with promtool), the compose file - and a
-real Prometheus server scraping a real training run, evaluating every PromQL expression of
-the dashboard and of the rules through its HTTP API.
+real Prometheus server scraping a real ``pagedopt train`` run, evaluating every PromQL
+expression of the dashboard and of the rules through its HTTP API.
 
 The Prometheus tests need the ``prometheus``/``promtool`` binaries (Debian package
 ``prometheus``; ``.ci/run`` installs it) and skip with that reason where they are absent.
@@ -388,12 +388,12 @@ def render_config(tmp_path: Path, metrics_port: int) -> Path:
     """monitoring/prometheus/prometheus.yml with 1 s intervals, the rules by absolute path and
     the test's training run as the only pagedopt target."""
     config = yaml.safe_load(PROM_CONFIG.read_text())
-    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    config["global"].update(scrape_interval=SCRAPE_INTERVAL, evaluation_interval=SCRAPE_INTERVAL)
     config["rule_files"] = [str(RULES.parent / Path(p).name) for p in config["rule_files"]]
     targets = tmp_path / "targets"
     targets.mkdir()
     for job in config["scrape_configs"]:
-        job["scrape_interval"], job["scrape_timeout"] = "1s", "1s"
+        job["scrape_interval"], job["scrape_timeout"] = SCRAPE_INTERVAL, SCRAPE_INTERVAL
         for sd in job.get("file_sd_configs", []):
             sd["files"] = [str(targets / Path(f).name) for f in sd["files"]]
     (targets / "pagedopt.yml").write_text(yaml.safe_dump([{"targets": [f"127.0.0.1:{metrics_port}"],
@@ -413,19 +413,28 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=30)
 
 
+# The training run Prometheus scrapes: the main job on the tiny model. The dashboard's rates
+# are finite only if Prometheus scrapes several times while training runs, so scrapes are
+# 250 ms apart and the run has 1000 steps (about 5 s of training with the native kernels on
+# two cores, longer on the reference path); the quantization-error probe samples every 50.
+SCRAPE_INTERVAL = "250ms"
+TRAIN_STEPS = 1000
+TRAIN_COMMAND = ["-m", "pagedopt", "train", "--steps", str(TRAIN_STEPS), "--model-size", "tiny", "--seq-len", "64",
+                 "--batch-size", "8", "--max-corpus-bytes", "400000", "--eval-batches", "2", "--threads", "1",
+                 "--progress", "lines"]
+
+
 @pytest.mark.slow
 @needs_prometheus
 @needs_promtool
 def test_real_prometheus_scrapes_a_training_run(tmp_path):
     run = "itest"
     metrics_port, prom_port = free_port(), free_port()
-    status_file = tmp_path / "status.jsonl"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    trainer = subprocess.Popen(
-        [sys.executable, str(ROOT / "examples/train_with_metrics.py"), "--steps", "60", "--hidden", "64",
-         "--metrics-port", str(metrics_port), "--linger", "300", "--quant-error-every", "5", "--run", run,
-         "--step-sleep", "0.05", "--ready-file", str(status_file)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    summary_path = tmp_path / "summary.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PAGEDOPT_RUN=run)
+    command = [sys.executable, *TRAIN_COMMAND, "--metrics-port", str(metrics_port), "--linger", "300",
+               "--json", str(summary_path)]
+    steps_asked = int(command[command.index("--steps") + 1])
     config = render_config(tmp_path, metrics_port)
     check = run_promtool("check", "config", str(config))
     assert check.returncode == 0, check.stdout + check.stderr
@@ -434,27 +443,30 @@ def test_real_prometheus_scrapes_a_training_run(tmp_path):
          f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     api = PrometheusAPI(prom_port)
+    trainer = None
     try:
         wait_for(api.ready, 60, "Prometheus to be ready", [prometheus])
-
-        def finished():
-            lines = status_file.read_text().splitlines() if status_file.exists() else []
-            done = [json.loads(line) for line in lines if '"finished"' in line]
-            return done[0] if done else None
-
-        summary = wait_for(finished, 240, "the training run to finish", [trainer, prometheus])
-        # Scraped after the end of training, and the rules have been evaluated on the data.
-        wait_for(lambda: api.query(f'pagedopt_training_active{{run="{run}"}} == 0'), 60,
-                 "the final scrape", [trainer, prometheus])
+        # Prometheus first, so it scrapes while training runs.
+        trainer = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True)
+        # The trainer lingers after training; its last values say training has ended.
+        wait_for(lambda: api.query(f'pagedopt_training_active{{run="{run}"}} == 0'), 240,
+                 "a scrape after the end of training", [trainer, prometheus])
         wait_for(lambda: api.query("pagedopt:clipped_update_fraction:rate5m"), 60,
                  "the recording rules", [trainer, prometheus])
 
-        # End-to-end values: what Prometheus stored is what the training process measured.
+        # End-to-end values: what Prometheus stored is what the training process measured
+        # (its --json summary is written before the final metrics are published).
+        summary = json.loads(summary_path.read_text())
+        assert summary["steps_completed"] == steps_asked
         (steps,) = api.query(f'pagedopt_steps_total{{run="{run}"}}')
-        assert float(steps["value"][1]) == summary["steps"] == 60
+        assert float(steps["value"][1]) == steps_asked
         assert steps["metric"]["job"] == "pagedopt" and steps["metric"]["rank"] == "0"
         (state,) = api.query(f'sum(pagedopt_state_bytes{{run="{run}"}})')
-        assert float(state["value"][1]) == summary["state_bytes"]
+        assert float(state["value"][1]) == sum(summary["optimizer_state"]["bytes_by_precision"].values())
+        # Percentile clipping is on in the default configuration, so its series are live.
+        (threshold,) = api.query(f'max(pagedopt_clip_threshold{{run="{run}"}})')
+        assert float(threshold["value"][1]) > 0
 
         # Every dashboard query returns data.
         dash = dashboard()
@@ -489,6 +501,7 @@ def test_real_prometheus_scrapes_a_training_run(tmp_path):
             missing += [(rule.get("alert") or rule["record"], e) for e in exprs if not api.query(e)]
         assert not missing, "rule expressions without data:\n" + "\n".join(f"{n}: {e}" for n, e in missing)
     finally:
-        stop(trainer)
+        if trainer is not None:
+            stop(trainer)  # SIGTERM ends the linger; training itself has finished
         stop(prometheus)
     assert trainer.returncode == 0, trainer.stdout.read()

@@ -219,3 +219,37 @@ def test_block_layout_change_on_load_is_reencoded():
     assert st["absmax1"].shape == (1,)
     decoded = dequantize(st["state1"], st["absmax1"], signed=True, block_wise=False)
     assert (decoded - values).abs().max() <= 0.01 * values.abs().max()
+
+
+@pytest.mark.parametrize("name", ["AdamW", "AdEMAMix", "Lion"])
+def test_loaded_state_takes_the_precision_of_the_optimizer(name):
+    """A 32-bit checkpoint loaded into an 8-bit optimizer is quantized (within half a code
+    gap), an 8-bit one loaded into a 32-bit optimizer is decoded exactly; training goes on."""
+    p = torch.nn.Parameter(torch.randn(5000))
+    o32 = make(name, 32, [p])
+    for _ in range(3):
+        p.grad = torch.randn(5000)
+        o32.step()
+    q = torch.nn.Parameter(p.detach().clone())
+    o8 = make(name, 8, [q])
+    o8.load_state_dict(roundtrip(o32.state_dict()))
+    st8, st32 = o8.state[q], o32.state[p]
+    assert st8["state1"].dtype == torch.uint8 and st8["absmax1"].dtype == torch.float32
+    moments = st8["state1"].shape[0] if st8["state1"].dim() == 2 else 1
+    decoded = torch.stack([
+        dequantize(c, a, signed=o8.kind.state_signed[0])
+        for c, a in zip(st8["state1"].reshape(moments, -1), st8["absmax1"].reshape(moments, -1))
+    ]).reshape(st32["state1"].shape)
+    assert (decoded - st32["state1"]).abs().max() <= 0.01 * st32["state1"].abs().max()
+    q.grad = torch.randn(5000)
+    o8.step()
+    assert torch.isfinite(q).all()
+    back = torch.nn.Parameter(q.detach().clone())
+    o32b = make(name, 32, [back])
+    o32b.load_state_dict(o8.state_dict())
+    assert o32b.state[back]["state1"].dtype == torch.float32 and "absmax1" not in o32b.state[back]
+    decoded_now = torch.stack([
+        dequantize(c, a, signed=o8.kind.state_signed[0])
+        for c, a in zip(o8.state[q]["state1"].reshape(moments, -1), o8.state[q]["absmax1"].reshape(moments, -1))
+    ]).reshape(o32b.state[back]["state1"].shape)
+    assert torch.equal(o32b.state[back]["state1"], decoded_now)

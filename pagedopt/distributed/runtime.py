@@ -173,6 +173,43 @@ class DistributedRun:
         """``value`` summed over all ranks (e.g. each rank's optimizer-state bytes)."""
         return self._all_reduce_scalar(value)
 
+    def average(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of tensor ``value`` over all ranks, as a tensor on its device: nothing is
+        read on the host, so a loop can average every step's loss and print it later. Every
+        rank must call it (it is a collective).
+
+        Example:
+            >>> DistributedRun("none").average(torch.tensor(2.5))
+            tensor(2.5000)
+        """
+        if self.mode == "none" or self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        total = value.detach().clone()
+        dist.all_reduce(total)  # SUM: gloo has no AVG
+        return total / self.world_size
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        """``obj`` from every rank (picklable), in rank order, on every rank.
+
+        Example:
+            >>> DistributedRun("none").gather_object({"bytes": 10})
+            [{'bytes': 10}]
+        """
+        if self.mode == "none" or self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def synchronize(self) -> None:
+        """Wait for this rank's queued device work (for honest wall-clock times)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def _all_reduce_scalar(self, value: float | torch.Tensor) -> float:
         t = torch.as_tensor(value, dtype=torch.float64).detach().reshape(()).to(self.device)
         if self.mode != "none":

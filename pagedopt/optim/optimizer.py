@@ -633,12 +633,18 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     @staticmethod
     def _merge_loaded_group(group: Mapping[str, Any], saved: Mapping[str, Any]) -> dict[str, Any]:
+        """Hyperparameters (lr, betas, ...) come from the checkpoint, as in torch; the settings
+        that shape the state (optim_bits, block_wise, paging, ...) stay this optimizer's, and
+        loaded state is converted to them (an ``AdamW8bit`` stays 8-bit whatever it loads)."""
         merged = dict(saved)
         merged["params"] = group["params"]
         if "betas" in merged:
             merged["betas"] = validation.parse_betas(merged["betas"])
         for k, v in group.items():
-            merged.setdefault(k, v)
+            if k in STATE_SHAPING_SETTINGS:
+                merged[k] = v
+            else:
+                merged.setdefault(k, v)
         return merged
 
     def _import_param_state(
@@ -662,6 +668,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             value = sharding.local_state(p, value, self.kind, settings["block_wise"], quantized, name)
         else:
             sharding.flatten_absmax(value, self.kind)  # [dim0, row/256] from a gathered FSDP2 state
+            self._conform_precision(value, self._uses_8bit(p, settings), settings["block_wise"])
         self._reencode_8bit_state(value, settings["block_wise"])
         device = local_tensor(p).device
         for k, v in list(value.items()):
@@ -674,6 +681,31 @@ class Optimizer8bit(torch.optim.Optimizer):
             elif move_to_device:
                 value[k] = v.to(device)
         return value
+
+    def _conform_precision(self, value: dict[str, Any], want_8bit: bool, block_wise: bool) -> None:
+        """Give loaded state the precision this optimizer uses for the parameter: float32
+        state (a 32-bit checkpoint, or an FSDP2 checkpoint whose 8-bit blocks did not line up
+        with the shards and was saved dequantized) is quantized when the parameter gets 8-bit
+        state here, and 8-bit state is decoded when it gets 32-bit state."""
+        for index in (1, 2):
+            tensor = value.get(f"state{index}")
+            if not isinstance(tensor, torch.Tensor) or (tensor.dtype == torch.uint8) == want_8bit:
+                continue
+            signed = self.kind.state_signed[index - 1]
+            moments = self.kind.state1_moments if index == 1 else 1
+            if want_8bit:
+                parts = [quantize(m.float(), signed=signed, block_wise=block_wise) for m in tensor.reshape(moments, -1)]
+                value[f"state{index}"] = torch.stack([c for c, _ in parts]).reshape(tensor.shape)
+                absmax = torch.stack([a for _, a in parts])
+                value[f"absmax{index}"] = absmax if moments > 1 else absmax.reshape(-1)
+                value[f"qmap{index}"] = dynamic_map(signed)
+            else:
+                absmax = value.pop(f"absmax{index}").reshape(moments, -1)
+                saved_block_wise = absmax.shape[1] == num_blocks(tensor.numel() // moments, True)
+                qmap = value.pop(f"qmap{index}", None)
+                decoded = [dequantize(c, a, signed=signed, block_wise=saved_block_wise, qmap=qmap)
+                           for c, a in zip(tensor.reshape(moments, -1), absmax)]
+                value[f"state{index}"] = torch.stack(decoded).reshape(tensor.shape)
 
     def _reencode_8bit_state(self, value: dict[str, Any], block_wise: bool) -> None:
         """Re-encode 8-bit states saved with another quantization map (bitsandbytes' 1-state

@@ -321,22 +321,9 @@ class Pager:
         """Page in the state of ``params`` (all by default, in order) as far as the budget,
         the watermark and the device allow; stops at the first that does not fit."""
         keys = list(self._buffers) if params is None else [p for p in params if p in self._buffers]
-        done: list[_PagedBuffer] = []
-        try:
-            for p in keys:
-                bufs = [b for b in self._buffers[p].values() if b.mover.has_device and b.movable]
-                missing = [b for b in bufs if b.location == "host"]
-                self._pin(bufs)
-                done.extend(bufs)
-                if not missing:
-                    continue
-                if self._make_room(missing[0].mover, sum(b.nbytes for b in missing)) is not None:
-                    return
-                for b in missing:
-                    if not self._page_in(b, "prefetch"):
-                        return
-        finally:
-            self._unpin(done)
+        self._prefetch_groups(
+            [b for b in self._buffers[p].values() if b.mover.has_device and b.movable] for p in keys
+        )
 
     def evict(self, params: Iterable[torch.Tensor] | None = None) -> None:
         """Page out the state of ``params`` (all by default), e.g. before a memory-hungry eval."""
@@ -546,13 +533,18 @@ class Pager:
 
     def _prefetch_ahead(self, plan: list[list[_PagedBuffer]], start: int) -> None:
         """Prefetch up to ``lookahead`` parameters after ``start`` without evicting pinned state."""
-        depth = self.policy.lookahead
-        targets: list[_PagedBuffer] = []
+        self._prefetch_groups(plan[start : start + self.policy.lookahead])
+
+    def _prefetch_groups(self, groups: Iterable[list[_PagedBuffer]]) -> None:
+        """Page in each group of buffers (one parameter's state) in order, making room as
+        needed; stops at the first group that does not fit. Groups already handled stay pinned
+        until the end, so making room for a later one never evicts an earlier one."""
+        pinned: list[_PagedBuffer] = []
         try:
-            for bufs in plan[start : start + depth]:
+            for bufs in groups:
                 missing = [b for b in bufs if b.location != "device"]
                 self._pin(bufs)
-                targets.extend(bufs)
+                pinned.extend(bufs)
                 if not missing:
                     continue
                 if self._make_room(missing[0].mover, sum(b.nbytes for b in missing)) is not None:
@@ -561,7 +553,7 @@ class Pager:
                     if not self._page_in(b, "prefetch"):
                         return
         finally:
-            self._unpin(targets)
+            self._unpin(pinned)
 
     def _after_use(self, chunk: list[_PagedBuffer], evict_reason: str | None) -> None:
         for mover, bufs in self._by_mover(chunk):

@@ -115,13 +115,20 @@ class MetricsCallback:
         return self.exporter
 
     def stop(self) -> None:
-        """Final values, ``--linger`` seconds of serving, then close (idempotent)."""
+        """Final values, ``--linger`` seconds of serving, then close (idempotent).
+
+        Ctrl-C (``KeyboardInterrupt``, or SIGTERM where the program maps it to one) while the
+        final values are published or during the linger only cuts that short: training is
+        over, so the interrupt is not an error of the run.
+        """
         if self.exporter is None:
             return
         exporter, self.exporter = self.exporter, None
         try:
             exporter.finish()
             exporter.linger(self.linger)
+        except KeyboardInterrupt:
+            log.info("pagedopt telemetry: interrupted after training; closing the metrics endpoint")
         finally:
             exporter.close()
 

@@ -22,9 +22,9 @@ Example:
 """
 
 from .config import MODEL_PRESETS, OPTIMIZER_CHOICES, TORCH_BASELINE, TrainConfig, TrainConfigError
-from .loop import Callback, EvalInfo, Runtime, StepInfo, TrainResult, TrainRun, train
+from .loop import Callback, EvalInfo, StepInfo, TrainResult, TrainRun, train
 
 __all__ = [
     "TrainConfig", "TrainConfigError", "MODEL_PRESETS", "OPTIMIZER_CHOICES", "TORCH_BASELINE",
-    "train", "TrainResult", "TrainRun", "Runtime", "Callback", "StepInfo", "EvalInfo",
+    "train", "TrainResult", "TrainRun", "Callback", "StepInfo", "EvalInfo",
 ]

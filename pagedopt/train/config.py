@@ -1,14 +1,21 @@
 """``TrainConfig``: every setting of the main job, validated in one place.
 
-The CLI (``pagedopt train``), config files and tests all build a :class:`TrainConfig`; bad
-values raise :class:`TrainConfigError`, which names the field so each front end can point at
-its own spelling of it (``--steps`` on the command line, ``train.steps`` in a file).
+The CLI (``pagedopt train``) and tests build a :class:`TrainConfig`; bad values raise
+:class:`TrainConfigError`, which names the field so each front end can point at its own
+spelling of it (``--steps`` on the command line).
+
+``config_file`` names a pagedopt optimizer config (:func:`pagedopt.load_config`: optimizer,
+paging, telemetry, per-parameter rules). It is read when the :class:`TrainConfig` is built:
+the optimizer settings left unset here (``None``) are taken from the file's ``optimizer``
+section, so a value given here (a command-line flag) overrides the file and the main job's
+own defaults (per-family learning rates, percentile clipping at 95) only fill what the file
+leaves out.
 
 Example:
     >>> from pagedopt.train import TrainConfig
     >>> cfg = TrainConfig(steps=50, optimizer="adamw8bit")
-    >>> cfg.optimizer, cfg.model_dims()
-    ('AdamW8bit', (128, 4, 4))
+    >>> cfg.optimizer, cfg.percentile_clipping, cfg.model_dims()
+    ('AdamW8bit', 95, (128, 4, 4))
     >>> TrainConfig(steps=0)
     Traceback (most recent call last):
     ...
@@ -19,14 +26,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
+from ..distributed.runtime import MODES as DISTRIBUTED_MODES
 from ..optim import OPTIMIZER_NAMES
 
 # The torch.optim.AdamW baseline (same hyperparameters, fp32 state, torch's fused/foreach path).
 TORCH_BASELINE = "torch-adamw"
 OPTIMIZER_CHOICES: tuple[str, ...] = (*OPTIMIZER_NAMES, TORCH_BASELINE)
+DEFAULT_OPTIMIZER = "AdamW8bit"
+# Percentile clipping is on by default so the clipping statistics (pagedopt_clip_threshold,
+# pagedopt_clipped_updates_total, ...) are live in the metrics; 95 clips the gradients of the
+# few steps whose norm exceeds 95% of the last 100 (a no-op on a smooth run, a guard against
+# spikes). torch.optim.AdamW has no percentile clipping, so the baseline defaults to 100 (off).
+DEFAULT_PERCENTILE_CLIPPING = 95
 
 # name -> (d_model, layers, heads). "small" with the default batch (32 x 128 bytes) is sized so
 # the default 200 steps take about a minute on two CPU cores (measured ~45 s with the pure-torch
@@ -84,16 +99,25 @@ class TrainConfig:
     Args:
         steps: optimizer steps.
         optimizer: a class name from :data:`pagedopt.optim.OPTIMIZER_NAMES` (case-insensitive)
-            or ``"torch-adamw"`` for ``torch.optim.AdamW`` as a baseline.
-        lr: peak learning rate; ``None`` takes the optimizer family's default
-            (:data:`pagedopt.train.optim.DEFAULT_LR`).
-        weight_decay: applied to weight matrices only; ``None``: 0.1 for decoupled decay
-            (AdamW, Lion, LAMB, AdEMAMix), 0 for L2-style decay (Adam, SGD, ...).
+            or ``"torch-adamw"`` for ``torch.optim.AdamW`` as a baseline; ``None``: the
+            ``config_file``'s optimizer, else ``"AdamW8bit"``.
+        lr: peak learning rate; ``None``: the ``config_file``'s, else the optimizer family's
+            default (:data:`pagedopt.train.optimizers.DEFAULT_LR`).
+        weight_decay: without ``config_file`` applied to weight matrices only, and ``None``
+            means 0.1 for decoupled decay (AdamW, Lion, LAMB, AdEMAMix), 0 for L2-style decay
+            (Adam, SGD, ...). With ``config_file`` the file's rules decide which parameters
+            decay, and ``None`` means the file's value, else the optimizer class's default.
         warmup_steps: linear warm-up; ``None``: 5% of ``steps`` (at least 1). Cosine decay to
             ``min_lr_ratio * lr`` follows.
         max_grad_norm: clip the global gradient norm (0 disables).
         percentile_clipping: pagedopt's adaptive clipping at this percentile of the last 100
-            gradient norms (100 disables).
+            gradient norms (100 disables); ``None``: the ``config_file``'s, else 95 (100 for
+            ``torch-adamw``).
+        config_file: a pagedopt config file (YAML, TOML, JSON) for the optimizer: its section's
+            arguments, ``paging`` and ``overrides`` rules (see :mod:`pagedopt.config`); fields
+            of this class that are set win over the file's ``optimizer`` section.
+        distributed: ``"none"``, ``"ddp"`` or ``"fsdp"`` (FSDP2); under ``torchrun`` every
+            rank runs :func:`~pagedopt.train.train` (see :mod:`pagedopt.distributed`).
         batch_size, seq_len: sequences per step and bytes per sequence.
         model_size: a :data:`MODEL_PRESETS` name; ``d_model``/``layers``/``heads`` override it.
         embedding: ``"stable"`` (:class:`pagedopt.StableEmbedding`, 32-bit state) or ``"plain"``.
@@ -121,13 +145,13 @@ class TrainConfig:
     """
 
     steps: int = 200
-    optimizer: str = "AdamW8bit"
+    optimizer: str | None = None
     lr: float | None = None
     weight_decay: float | None = None
     warmup_steps: int | None = None
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
-    percentile_clipping: int = 100
+    percentile_clipping: int | None = None
     batch_size: int = 32
     seq_len: int = 128
     model_size: str = "small"
@@ -151,9 +175,17 @@ class TrainConfig:
     json_path: str | None = None
     save_path: str | None = None
     threads: int | None = None
+    config_file: str | None = None
+    distributed: str = "none"
 
     def __post_init__(self) -> None:
+        self._file = self._load_config_file()
+        if self.optimizer is None:
+            self.optimizer = self._file.optimizer.name if self._file is not None else DEFAULT_OPTIMIZER
         self.optimizer = canonical_optimizer_name(self.optimizer)
+        self._fill_from_file()
+        if self.percentile_clipping is None:
+            self.percentile_clipping = 100 if self.optimizer == TORCH_BASELINE else DEFAULT_PERCENTILE_CLIPPING
         for name in ("steps", "batch_size", "seq_len", "eval_batches", "max_corpus_bytes"):
             _at_least(name, getattr(self, name), 1)
         for name in ("d_model", "layers", "heads", "log_every", "warmup_steps", "threads"):
@@ -164,6 +196,7 @@ class TrainConfig:
         _choice("embedding", self.embedding, EMBEDDINGS)
         _choice("progress", self.progress, PROGRESS_MODES)
         _choice("amp", self.amp, AMP_MODES)
+        _choice("distributed", self.distributed, DISTRIBUTED_MODES)
         if self.lr is not None:
             _positive_float("lr", self.lr)
         if self.weight_decay is not None:
@@ -184,6 +217,47 @@ class TrainConfig:
         if d_model % heads:
             raise TrainConfigError("d_model", d_model, f"must be divisible by heads ({heads})")
 
+    # -- the optimizer config file ----------------------------------------------------------------
+
+    @property
+    def file_config(self) -> Any:
+        """The validated :class:`pagedopt.config.PagedoptConfig` of ``config_file`` (or ``None``)."""
+        return self._file
+
+    def _load_config_file(self) -> Any:
+        """Read and validate ``config_file`` (raises :class:`pagedopt.ConfigError` naming the
+        file, key and value)."""
+        if self.config_file is None:
+            return None
+        if isinstance(self.config_file, os.PathLike):
+            self.config_file = os.fspath(self.config_file)
+        if not isinstance(self.config_file, str) or not self.config_file:
+            raise TrainConfigError("config_file", self.config_file, "must be a file path")
+        if self.optimizer is not None and canonical_optimizer_name(self.optimizer) == TORCH_BASELINE:
+            raise TrainConfigError("config_file", self.config_file,
+                                   f"configures a pagedopt optimizer; it cannot be combined with {TORCH_BASELINE}")
+        from ..config import load_config
+
+        return load_config(self.config_file)
+
+    def _fill_from_file(self) -> None:
+        """Unset optimizer settings from the file's ``optimizer`` section. Weight decay falls
+        back to the class's default (not the main job's 0.1 on weight matrices): with a file,
+        its rules decide per parameter, and one value for every parameter must be a mild one."""
+        if self._file is None:
+            return
+        from ..config.optimizers import constructor_arguments
+        from ..optim import get_optimizer_class
+
+        given = self._file.optimizer.given()
+        if self.lr is None and "lr" in given:
+            self.lr = given["lr"]
+        if self.percentile_clipping is None and "percentile_clipping" in given:
+            self.percentile_clipping = given["percentile_clipping"]
+        if self.weight_decay is None:
+            argument = constructor_arguments(get_optimizer_class(self.optimizer)).get("weight_decay")
+            self.weight_decay = given.get("weight_decay", argument.default if argument is not None else 0.0)
+
     def model_dims(self) -> tuple[int, int, int]:
         """``(d_model, layers, heads)``: the preset with any explicit overrides applied."""
         d_model, layers, heads = MODEL_PRESETS[self.model_size]
@@ -201,7 +275,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as plain data (for JSON summaries and checkpoints)."""
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 def _at_least(name: str, value: Any, low: int) -> None:

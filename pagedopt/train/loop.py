@@ -3,24 +3,29 @@
 :func:`train` runs one :class:`~pagedopt.train.TrainConfig` and returns a :class:`TrainResult`.
 Each concern has one seam, so extensions change one function or add one callback:
 
-- :func:`setup_runtime` decides where the run executes (device, seed, threads; rank and world
-  size are part of :class:`Runtime` for data-parallel runs);
-- :func:`prepare_model` turns the model into the module that is called in the step
-  (``torch.compile`` today; DDP/FSDP wrapping belongs here);
+- :func:`start_runtime` decides where the run executes: device, seed, threads, and the
+  process group of a data-parallel run (a :class:`pagedopt.distributed.DistributedRun`:
+  ``config.distributed`` is ``"none"``, ``"ddp"`` or ``"fsdp"``; under ``torchrun`` every
+  rank calls :func:`train`);
+- :func:`wrap_model` turns the model into the module that is called in the step (DDP or
+  FSDP2 wrapping, then ``torch.compile``); the optimizer is built after it, from the
+  (possibly sharded) parameters;
 - the optimizer comes from ``optimizer_factory`` (default
   :func:`pagedopt.train.optimizers.build_optimizer`);
 - :class:`Callback` objects see the run start, every step, every evaluation and the end
-  (console progress is one; metrics exporters are others).
+  (console progress is one, on the main rank only; metrics exporters are others, on every
+  rank).
 
 The step itself never reads a device value on the host: losses and gradient norms stay 0-d
-device tensors until a callback asks for them (at logging steps) or the run ends.
+device tensors (averaged over ranks by a collective, not on the host) until a callback asks
+for them (at logging steps) or the run ends.
 
 Example:
     >>> from pagedopt.train import TrainConfig, train
     >>> result = train(TrainConfig(steps=3, model_size="tiny", seq_len=32, batch_size=2,
     ...                            max_corpus_bytes=100_000, eval_batches=1, progress="off"))
-    >>> result.steps_completed, len(result.train_losses)
-    (3, 3)
+    >>> result.steps_completed, len(result.train_losses), result.world_size
+    (3, 3, 1)
     >>> result.memory.bytes_by_precision["8bit-blockwise"] > 0
     True
 """
@@ -38,41 +43,15 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from ..distributed import DistributedRun, init_distributed, save_checkpoint
 from .config import DEVICE_AUTO, TrainConfig, TrainConfigError
 from .data import Corpus, BatchSampler, VOCAB_SIZE, check_split_size, eval_batches, load_corpus
 from .model import DecoderLM, ModelConfig, lm_loss
-from .optimizers import StateMemory, build_optimizer, resolved_lr, resolved_weight_decay, state_memory
+from .optimizers import (
+    StateMemory, build_optimizer, combine_state_memory, resolved_lr, resolved_weight_decay, state_memory,
+)
 
 OptimizerFactory = Callable[[nn.Module, TrainConfig], torch.optim.Optimizer]
-
-
-@dataclass
-class Runtime:
-    """Where the run executes. A single process is rank 0 of 1; a data-parallel launcher
-    sets ``rank``/``world_size`` and overrides :meth:`mean_across_ranks`.
-
-    Example:
-        >>> Runtime(torch.device("cpu")).is_main
-        True
-    """
-
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        """Only the main rank prints and writes files."""
-        return self.rank == 0
-
-    def mean_across_ranks(self, value: torch.Tensor) -> torch.Tensor:
-        """The mean of ``value`` over all ranks (identity for one process)."""
-        return value
-
-    def synchronize(self) -> None:
-        """Wait for queued device work (for honest wall-clock times; never inside a step)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,16 +70,24 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def setup_runtime(config: TrainConfig) -> Runtime:
-    """Pick the device, seed every generator and set the thread count."""
+def start_runtime(config: TrainConfig) -> DistributedRun:
+    """Join the process group ``config.distributed`` asks for (none, DDP or FSDP2; see
+    :func:`pagedopt.distributed.init_distributed`), pick this rank's device, set the thread
+    count and seed every generator: the same seed on every rank, so all ranks build the same
+    initial model. Use as a context manager: leaving it destroys a process group it created.
+    """
     device = resolve_device(config.device)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    try:
+        runtime = init_distributed(config.distributed, device=device)
+    except ValueError as exc:
+        raise TrainConfigError("distributed", config.distributed, str(exc)) from None
     torch.manual_seed(config.seed)  # seeds CUDA generators too
-    return Runtime(device=device)
+    return runtime
 
 
-def build_model(config: TrainConfig, runtime: Runtime) -> DecoderLM:
+def build_model(config: TrainConfig, runtime: DistributedRun) -> DecoderLM:
     d_model, layers, heads = config.model_dims()
     cfg = ModelConfig(vocab_size=VOCAB_SIZE, d_model=d_model, layers=layers, heads=heads,
                       max_seq_len=config.seq_len, stable_embedding=config.embedding == "stable",
@@ -108,11 +95,15 @@ def build_model(config: TrainConfig, runtime: Runtime) -> DecoderLM:
     return DecoderLM(cfg).to(runtime.device)
 
 
-def prepare_model(model: nn.Module, config: TrainConfig, runtime: Runtime) -> nn.Module:
-    """The module the step calls: ``model`` itself, or compiled (data-parallel wrappers go here)."""
+def wrap_model(model: DecoderLM, config: TrainConfig, runtime: DistributedRun) -> nn.Module:
+    """The module the step calls. DDP: a ``DistributedDataParallel`` around ``model``. FSDP2:
+    each transformer block (the items of ``model.blocks``, an ``nn.ModuleList``) and then the
+    root are ``fully_shard``-ed in place, so ``model`` itself now holds DTensor shards. Then
+    ``torch.compile`` when asked. Build the optimizer from ``model`` afterwards."""
+    train_model = runtime.wrap(model)
     if config.compile:
-        return torch.compile(model)
-    return model
+        return torch.compile(train_model)
+    return train_model
 
 
 def lr_schedule(config: TrainConfig) -> Callable[[int], float]:
@@ -147,7 +138,7 @@ class StepInfo:
     """
 
     step: int
-    loss: torch.Tensor
+    loss: torch.Tensor  # mean over ranks
     grad_norm: torch.Tensor | None
     lr: float
     tokens: int  # tokens processed so far, all ranks together
@@ -170,8 +161,9 @@ class EvalInfo:
 
 @dataclass
 class TrainRun:
-    """Everything a callback may need while the run is going: settings, runtime, corpus,
-    model (plain and as called in the step), optimizer, scheduler and the last finished step.
+    """Everything a callback may need while the run is going: settings, runtime (rank, world
+    size, device), corpus, model (plain - FSDP2-sharded in place under ``fsdp`` - and as called
+    in the step, e.g. the DDP wrapper), optimizer, scheduler and the last finished step.
 
     Example:
         >>> from pagedopt.train import TrainConfig
@@ -184,7 +176,7 @@ class TrainRun:
     """
 
     config: TrainConfig
-    runtime: Runtime
+    runtime: DistributedRun
     corpus: Corpus
     model: DecoderLM
     train_model: nn.Module
@@ -224,8 +216,10 @@ class TrainResult:
     train_seconds: float
     eval_seconds: float
     total_seconds: float
-    memory: StateMemory
+    memory: StateMemory  # the whole job's (summed over ranks)
     loss_window: int = 1  # steps averaged into final_train_loss
+    world_size: int = 1
+    distributed: str = "none"
 
     @property
     def tokens_per_second(self) -> float:
@@ -235,6 +229,8 @@ class TrainResult:
         return {
             "config": self.config.to_dict(),
             "device": self.device,
+            "distributed": self.distributed,
+            "world_size": self.world_size,
             "optimizer": self.optimizer,
             "lr": self.lr,
             "weight_decay": self.weight_decay,
@@ -297,34 +293,37 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = (), *,
           optimizer_factory: OptimizerFactory = build_optimizer, stream=None) -> TrainResult:
     """Train the demo transformer as ``config`` says; returns the :class:`TrainResult`.
 
-    Console progress (``config.progress``) is added to ``callbacks`` and written to ``stream``
-    (default ``sys.stdout``). Ctrl-C stops after the current step; the run still evaluates,
-    reports and returns (``result.interrupted``). ``config.threads`` applies for the run only:
-    torch's thread count is restored afterwards.
+    Console progress (``config.progress``) is added to ``callbacks`` on the main rank and
+    written to ``stream`` (default ``sys.stdout``). Ctrl-C stops a single-process run after
+    the current step; the run still evaluates, reports and returns (``result.interrupted``).
+    In a multi-process run it propagates instead (the ranks would stop at different steps and
+    wait for each other forever). ``config.threads`` applies for the run only: torch's thread
+    count is restored afterwards. Under ``torchrun`` every rank calls this and gets the same
+    result.
     """
     threads_before = torch.get_num_threads()
     try:
-        return _train(config, callbacks, optimizer_factory, stream)
+        with start_runtime(config) as runtime:
+            return _train(config, runtime, callbacks, optimizer_factory, stream)
     finally:
         if torch.get_num_threads() != threads_before:
             torch.set_num_threads(threads_before)
 
 
-def _train(config: TrainConfig, callbacks: Sequence[Callback], optimizer_factory: OptimizerFactory,
-           stream) -> TrainResult:
+def _train(config: TrainConfig, runtime: DistributedRun, callbacks: Sequence[Callback],
+           optimizer_factory: OptimizerFactory, stream) -> TrainResult:
     from .progress import ConsoleReporter  # progress imports this module
 
     started = time.perf_counter()
-    for name in ("json_path", "save_path"):
-        _check_output_path(name, getattr(config, name))
-    runtime = setup_runtime(config)
+    _check_outputs(config, runtime)
     corpus = load_corpus(config.data, config.data_glob, config.max_corpus_bytes, config.val_fraction)
     check_split_size("train", corpus.train, config.seq_len)
     check_split_size("validation", corpus.val, config.seq_len)
     model = build_model(config, runtime)
-    train_model = prepare_model(model, config, runtime)
+    train_model = wrap_model(model, config, runtime)
     optimizer = optimizer_factory(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
+    # Each rank draws its own stream of windows (seed and rank select it).
     sampler = BatchSampler(corpus.train, config.batch_size, config.seq_len, config.seed, runtime.rank, runtime.device)
     val_batches = eval_batches(corpus.val, config.batch_size, config.seq_len, config.eval_batches, runtime.device)
     autocast = _autocast_factory(config, runtime.device)
@@ -342,8 +341,8 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], optimizer_factory
         nonlocal eval_seconds
         t0 = time.perf_counter()
         # The plain model: a compiled one would recompile for eval mode and no_grad, which costs
-        # more than a few evaluations save.
-        info = EvalInfo(step, float(runtime.mean_across_ranks(evaluate(model, val_batches, autocast))))
+        # more than a few evaluations save. Every rank evaluates the same fixed batches.
+        info = EvalInfo(step, runtime.mean(evaluate(model, val_batches, autocast)))
         eval_seconds += time.perf_counter() - t0
         for cb in callbacks:
             cb.on_eval(run, info)
@@ -368,6 +367,8 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], optimizer_factory
             if config.eval_every and step % config.eval_every == 0 and step != config.steps:
                 evals.append(run_eval(step))
     except KeyboardInterrupt:
+        if runtime.world_size > 1:
+            raise
         interrupted = True
     runtime.synchronize()
     train_seconds = training_seconds()
@@ -394,14 +395,25 @@ def _train(config: TrainConfig, callbacks: Sequence[Callback], optimizer_factory
         train_seconds=train_seconds,
         eval_seconds=eval_seconds,
         total_seconds=time.perf_counter() - started,
-        memory=state_memory(optimizer),
+        memory=job_state_memory(optimizer, runtime),
         loss_window=window,
+        world_size=runtime.world_size,
+        distributed=runtime.mode,
     )
-    if runtime.is_main:
-        _write_outputs(run, result)
+    _write_outputs(run, result)
     for cb in callbacks:
         cb.on_train_end(run, result)
     return result
+
+
+def job_state_memory(optimizer: torch.optim.Optimizer, runtime: DistributedRun) -> StateMemory:
+    """The optimizer-state memory of the whole job: this process's, or every rank's summed
+    (see :func:`~pagedopt.train.optimizers.combine_state_memory`); a collective under
+    DDP/FSDP."""
+    mine = state_memory(optimizer)
+    if runtime.world_size == 1:
+        return mine
+    return combine_state_memory(runtime.gather_object(mine), replicated=runtime.mode == "ddp")
 
 
 def _train_step(run: TrainRun, sampler: BatchSampler, autocast, step: int) -> StepInfo:
@@ -413,26 +425,61 @@ def _train_step(run: TrainRun, sampler: BatchSampler, autocast, step: int) -> St
     grad_norm = None
     if config.max_grad_norm > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.max_grad_norm, foreach=True)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor; its local value is the norm
+            grad_norm = grad_norm.full_tensor()
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
     run.step = step
-    return StepInfo(step=step, loss=run.runtime.mean_across_ranks(loss.detach()), grad_norm=grad_norm, lr=lr,
+    return StepInfo(step=step, loss=run.runtime.average(loss.detach()), grad_norm=grad_norm, lr=lr,
                     tokens=step * run.tokens_per_step, train_seconds=0.0)
 
 
 def _write_outputs(run: TrainRun, result: TrainResult) -> None:
-    config = run.config
-    if config.json_path:
+    """The JSON summary (main rank) and the checkpoint: ``torch.save`` of the model and
+    optimizer state dicts by the main rank, or under FSDP2 a DCP directory written by every
+    rank (:func:`pagedopt.distributed.save_checkpoint`; load it at any world size with
+    :func:`pagedopt.distributed.load_checkpoint`)."""
+    config, runtime = run.config, run.runtime
+    if config.json_path and runtime.is_main:
         _ensure_parent(config.json_path)
         with open(config.json_path, "w", encoding="utf-8") as f:
             json.dump(result.to_dict(), f, indent=2, allow_nan=True)
             f.write("\n")
-    if config.save_path:
+    if not config.save_path:
+        return
+    extra = {"config": config.to_dict(), "step": result.steps_completed}
+    if runtime.mode == "fsdp":
+        save_checkpoint(config.save_path, run.model, run.optimizer, extra=extra)
+    elif runtime.is_main:
         _ensure_parent(config.save_path)
-        torch.save({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                    "config": config.to_dict(), "step": result.steps_completed}, config.save_path)
+        torch.save({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), **extra},
+                   config.save_path)
+
+
+def _check_outputs(config: TrainConfig, runtime: DistributedRun) -> None:
+    """Fail before training, not after it, when an output cannot be written. Single-writer
+    files are checked by the main rank; a DCP checkpoint directory by every rank."""
+    if runtime.is_main:
+        _check_output_path("json_path", config.json_path)
+    if config.save_path is None:
+        return
+    if runtime.mode == "fsdp":
+        _check_output_dir("save_path", config.save_path)
+    elif runtime.is_main:
+        _check_output_path("save_path", config.save_path)
+
+
+def _check_output_dir(name: str, path: str) -> None:
+    """A directory that exists and is writable, or can be created (nothing is created here)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise TrainConfigError(name, path, "is a file; a sharded (FSDP) checkpoint is a directory")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise TrainConfigError(name, path, f"cannot write there ({existing} is not a writable directory)")
 
 
 def _check_output_path(name: str, path: str | None) -> None:

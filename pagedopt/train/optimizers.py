@@ -17,7 +17,7 @@ Example:
     >>> model(torch.randn(2, 64)).sum().backward(); opt.step()
     >>> memory = state_memory(opt)
     >>> memory.bytes_by_precision
-    {'8bit-blockwise': 16640, '32bit': 9280}
+    {'8bit-blockwise': 17040, '32bit': 10480}
     >>> memory.fp32_equivalent_bytes
     74816
 """
@@ -93,7 +93,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer ``config`` asks for, over ``model``'s trainable parameters."""
+    """The optimizer ``config`` asks for, over ``model``'s trainable parameters (from its
+    ``config_file`` when it has one: :func:`build_from_config_file`)."""
+    if config.file_config is not None:
+        return build_from_config_file(model, config)
     groups = param_groups(model, resolved_weight_decay(config))
     lr = resolved_lr(config)
     if config.optimizer == TORCH_BASELINE:
@@ -101,6 +104,41 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     cls = get_optimizer_class(config.optimizer)
     kwargs = dict(EXTRA_KWARGS.get(algorithm_of(config.optimizer), {}))
     return cls(groups, lr=lr, percentile_clipping=config.percentile_clipping, **kwargs)
+
+
+def build_from_config_file(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer of ``config.config_file`` (:func:`pagedopt.build_optimizer`: its section,
+    paging and rules by parameter name), with ``config``'s optimizer, lr, weight decay and
+    percentile clipping as constructor arguments. :class:`TrainConfig` took those from the
+    file unless they were set, so they change the file only where they were given (a
+    command-line flag) or where the file is silent (the main job's per-family lr); the
+    file's ``overrides`` rules still win for the parameters they match. Arguments a family
+    needs (SGD/LARS momentum) are filled in when the file has none. A rule that matches no
+    parameter warns (:class:`pagedopt.ConfigWarning`), or raises under ``strict: true``.
+
+    Example:
+        >>> import pathlib, tempfile, torch
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "opt.yaml"
+        >>> _ = path.write_text("optimizer: {name: Lion8bit, lr: 2.0e-4}\\n"
+        ...                     "overrides: [{match: bias, set: {lr: 1.0e-4}}]\\n")
+        >>> model = torch.nn.Linear(64, 64)
+        >>> opt = build_optimizer(model, TrainConfig(config_file=str(path), percentile_clipping=90))
+        >>> [(g["param_names"], g["lr"], g["percentile_clipping"]) for g in opt.param_groups]
+        [(['weight'], 0.0002, 90), (['bias'], 0.0001, 90)]
+    """
+    from ..config import build_optimizer as build_from_config
+
+    file_config = config.file_config
+    given = file_config.optimizer.given()
+    kwargs: dict[str, Any] = {
+        "name": config.optimizer,
+        "lr": resolved_lr(config),
+        "weight_decay": resolved_weight_decay(config),
+        "percentile_clipping": config.percentile_clipping,
+    }
+    for key, value in EXTRA_KWARGS.get(algorithm_of(config.optimizer), {}).items():
+        kwargs.setdefault(key, given.get(key, value))
+    return build_from_config(model, file_config, **kwargs)
 
 
 @dataclass
@@ -121,6 +159,8 @@ class StateMemory:
     parameters_by_precision: dict[str, int] = field(default_factory=dict)
     bytes_by_residency: dict[str, int] = field(default_factory=dict)  # e.g. {"cuda:0": ..., "host": ...}
     paged: bool = False
+    ranks: int = 1  # processes whose state is summed here (see combine_state_memory)
+    replicated: bool = False  # every rank holds a full copy (DDP) rather than a shard (FSDP)
 
     @property
     def total_bytes(self) -> int:
@@ -136,6 +176,8 @@ class StateMemory:
             "parameters_by_precision": dict(self.parameters_by_precision),
             "bytes_by_residency": dict(self.bytes_by_residency),
             "paged": self.paged,
+            "ranks": self.ranks,
+            "replicated": self.replicated,
             "shared_bytes": self.shared_bytes,
             "total_bytes": self.total_bytes,
             "fp32_equivalent_bytes": self.fp32_equivalent_bytes,
@@ -165,3 +207,41 @@ def state_memory(optimizer: torch.optim.Optimizer) -> StateMemory:
         for t in tensors:
             residency[str(t.device)] = residency.get(str(t.device), 0) + t.numel() * t.element_size()
     return StateMemory({"32bit": total}, 0, 4 * numel, {"32bit": params_with_state}, residency)
+
+
+def combine_state_memory(parts: list[StateMemory], replicated: bool) -> StateMemory:
+    """The state memory of a whole data-parallel job from each rank's :func:`state_memory`.
+
+    Bytes (by precision, residency, quantization maps, the fp32 equivalent) are summed over
+    ranks: what the job holds in all. Parameter counts are the model's: summed over ranks
+    when each holds a shard (FSDP), rank 0's when each holds a full replica (DDP).
+
+    Example:
+        >>> shard = StateMemory({"8bit-blockwise": 100}, 8, 400, {"8bit-blockwise": 50}, {"cpu": 100})
+        >>> both = combine_state_memory([shard, shard], replicated=False)
+        >>> both.bytes_by_precision, both.parameters_by_precision, both.total_bytes, both.ranks
+        ({'8bit-blockwise': 200}, {'8bit-blockwise': 100}, 216, 2)
+        >>> combine_state_memory([shard, shard], replicated=True).parameters_by_precision
+        {'8bit-blockwise': 50}
+    """
+    if not parts:
+        raise ValueError("combine_state_memory: no ranks")
+
+    def summed(attr: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for part in parts:
+            for key, value in getattr(part, attr).items():
+                out[key] = out.get(key, 0) + value
+        return out
+
+    return StateMemory(
+        bytes_by_precision=summed("bytes_by_precision"),
+        shared_bytes=sum(p.shared_bytes for p in parts),
+        fp32_equivalent_bytes=sum(p.fp32_equivalent_bytes for p in parts),
+        parameters_by_precision=dict(parts[0].parameters_by_precision) if replicated
+        else summed("parameters_by_precision"),
+        bytes_by_residency=summed("bytes_by_residency"),
+        paged=any(p.paged for p in parts),
+        ranks=sum(p.ranks for p in parts),
+        replicated=replicated,
+    )

@@ -68,6 +68,10 @@ def _steps(n: int) -> str:
     return f"{n} step" if n == 1 else f"{n} steps"
 
 
+def _window(n: int) -> str:
+    return "the last step" if n == 1 else f"mean of the last {n} steps"
+
+
 def bits_per_byte(loss_nats: float) -> float:
     return loss_nats / math.log(2)
 
@@ -109,9 +113,12 @@ class ConsoleReporter(Callback):
     # -- callbacks ------------------------------------------------------------------------------
 
     def on_train_start(self, run: TrainRun) -> None:
-        cfg, model = run.config, run.model
+        cfg, model, runtime = run.config, run.model, run.runtime
         m = model.cfg
-        self._print(f"pagedopt train: {cfg.steps} steps on {run.runtime.device}, seed {cfg.seed}")
+        where = str(runtime.device)
+        if runtime.world_size > 1 or runtime.mode != "none":
+            where += f" x {runtime.world_size} {'rank' if runtime.world_size == 1 else 'ranks'} ({runtime.mode}, {runtime.backend})"
+        self._print(f"pagedopt train: {cfg.steps} steps on {where}, seed {cfg.seed}")
         self._print(f"  model     decoder-only transformer, {model.num_parameters():,} parameters "
                     f"(d_model={m.d_model}, layers={m.layers}, heads={m.heads}, seq_len={cfg.seq_len}, "
                     f"{cfg.embedding} embedding{', tied head' if m.tie_weights else ''}"
@@ -125,6 +132,8 @@ class ConsoleReporter(Callback):
         self._print(f"  optimizer {cfg.optimizer}, lr {resolved_lr(cfg):.2e} (warm-up {_steps(cfg.resolved_warmup_steps)}, "
                     f"cosine to {cfg.min_lr_ratio:g}x), weight decay {resolved_weight_decay(cfg):g}, "
                     f"{', '.join(extras)}")
+        if cfg.file_config is not None:
+            self._print(f"  config    {config_file_summary(cfg)}")
 
     def on_step_end(self, run: TrainRun, info: StepInfo) -> None:
         self._window.append(info.loss)
@@ -162,6 +171,18 @@ class ConsoleReporter(Callback):
             self._print(line)
 
 
+def config_file_summary(cfg) -> str:
+    """One line about the optimizer config file: path, rules, paging, groups."""
+    file_config = cfg.file_config
+    rules = len(file_config.overrides)
+    parts = [f"{cfg.config_file}: {rules} override {'rule' if rules == 1 else 'rules'}"]
+    if file_config.paging is not None:
+        parts.append(f"paging {file_config.paging.policy}")
+    if file_config.strict:
+        parts.append("strict")
+    return ", ".join(parts) + " (rules win over the values above for the parameters they match)"
+
+
 def summary_lines(result: TrainResult) -> list[str]:
     """The end-of-run summary: steps and speed, final losses, optimizer-state memory."""
     status = "interrupted" if result.interrupted else "done"
@@ -169,7 +190,7 @@ def summary_lines(result: TrainResult) -> list[str]:
         f"{status}: {result.steps_completed}/{result.config.steps} steps in {format_duration(result.total_seconds)} "
         f"(training {result.train_seconds:.1f} s, evaluation {result.eval_seconds:.1f} s), "
         f"{result.tokens_per_second:,.0f} tokens/s",
-        f"final loss: train={result.final_train_loss:.4f} (mean of the last {result.loss_window} steps) "
+        f"final loss: train={result.final_train_loss:.4f} ({_window(result.loss_window)}) "
         f"val={result.final_val_loss:.4f} ({bits_per_byte(result.final_val_loss):.3f} bits/byte; "
         f"initial val={result.initial_val_loss:.4f})",
     ]
@@ -178,7 +199,11 @@ def summary_lines(result: TrainResult) -> list[str]:
 
 def memory_lines(optimizer: str, memory: StateMemory) -> list[str]:
     """Optimizer-state bytes by precision and the comparison with fp32 state."""
-    lines = [f"optimizer state ({optimizer}): {memory.total_bytes:,} bytes ({format_bytes(memory.total_bytes)})"]
+    job = ""
+    if memory.ranks > 1:
+        kind = "a full replica on each" if memory.replicated else "each holds its shards"
+        job = f", all {memory.ranks} ranks: {kind}"
+    lines = [f"optimizer state ({optimizer}{job}): {memory.total_bytes:,} bytes ({format_bytes(memory.total_bytes)})"]
     for precision, nbytes in sorted(memory.bytes_by_precision.items()):
         params = memory.parameters_by_precision.get(precision, 0)
         lines.append(f"  {precision + ':':<18}{nbytes:>14,} bytes  for {params:,} parameters")
