@@ -34,10 +34,21 @@ def _env() -> dict[str, str]:
     return env
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def _run(args: list[str], timeout: int = 240) -> str:
     proc = subprocess.run(
         args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
     )
+    if proc.returncode != 0 and DONE.search(proc.stdout) and TEARDOWN_ABORT in proc.stderr:
+        # Seen once in CI (not reproduced in 20 local runs): gloo aborted a
+        # rank in process teardown *after* the job finished and printed its result. That is
+        # torch/gloo shutdown, not training; run the job once more rather than fail on it,
+        # and still fail if it happens twice or if the job itself did not finish.
+        proc = subprocess.run(
+            args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
+        )
     command = " ".join(args)
     assert proc.returncode == 0, f"{command} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
     return proc.stdout

@@ -227,11 +227,20 @@ class DistributedRun:
 
     # -- teardown -------------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Destroy the process group if this run created it (idempotent)."""
+    def close(self, wait_for_peers: bool = True) -> None:
+        """Destroy the process group if this run created it (idempotent).
+
+        ``wait_for_peers=False`` skips the final barrier (used when leaving on an exception,
+        where a peer may never arrive).
+        """
         if self.owns_process_group:
             import torch.distributed as dist
 
+            if dist.is_initialized() and wait_for_peers:
+                # Every rank waits here until all ranks are done with their last collective:
+                # a rank that destroys its gloo pairs while a peer is still finishing the
+                # final all-reduce can abort that peer's process at exit.
+                dist.barrier()
             if dist.is_initialized():
                 dist.destroy_process_group()
             self.owns_process_group = False
@@ -242,8 +251,8 @@ class DistributedRun:
     def __enter__(self) -> "DistributedRun":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.close(wait_for_peers=exc_type is None)
 
 
 def _modules_to_shard(
