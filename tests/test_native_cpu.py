@@ -330,23 +330,37 @@ def test_many_items_in_one_call_with_multi_unit_tensors(name, mode):
         assert_slots_equal(r, n, f"param {i} {specs[i]}")
 
 
-@pytest.mark.parametrize("name", ["adamw", "ademamix", "momentum"])
-def test_tiny_first_moments_take_the_exact_division_path(name):
-    """First moments below 2^-120 (decayed rows) make m / bias_correction1 subnormal, where the
-    kernels' fast reciprocal division is not exact; those chunks are recomputed with true
-    division. Exact tier against the reference."""
+@pytest.mark.parametrize("name", ["adamw", "ademamix", "momentum", "rmsprop"])
+def test_tiny_and_huge_states_use_the_dividing_normalization(name):
+    """Blocks whose absmax lies outside the reciprocal range [2^-126, 2^126] normalize by
+    division (quantization.py): tiny gradients give subnormal states and block scales
+    (whose float32 reciprocal would overflow), gradients near 1e19-1e30 give second moments
+    near or at float32 overflow (v = inf: absmax inf, inf / inf = NaN -> code 255). Normal
+    blocks sit next to them. Exact tier against the reference, block-wise and tensor-wise."""
     kind = kind_for(name)
+    reached = [False, False]  # a subnormal block scale, an infinite one
     for mode in ("8bit-blockwise", "8bit-tensorwise"):
-        ref = Slot(kind, (1000,), torch.float32, mode, 7)
+        ref = Slot(kind, (1280,), torch.float32, mode, 7)
         nat = ref.clone()
         for step in range(1, 12):
-            g = torch.randn(1000, generator=torch.Generator().manual_seed(step)) * 1e-38
+            g = torch.randn(1280, generator=torch.Generator().manual_seed(step)) * 2e-39
             g[::7] *= 1e-8  # subnormal gradients
-            g[500:] = torch.randn(500, generator=torch.Generator().manual_seed(99 + step)) * 1e-3  # normal block
-            s = step_scalars(kind, HYPER[name], step)
+            g[256:512] *= 1.5e18  # |g| ~ 3e-21: second moments (g * g) subnormal
+            g[512:768] = torch.randn(256, generator=torch.Generator().manual_seed(99 + step)) * 1e-3  # normal block
+            g[768:1024] = torch.randn(256, generator=torch.Generator().manual_seed(5 + step)) * 3e18  # v near 2^126
+            if step == 11:
+                # g * g overflows: v = inf, absmax inf. (Only on the last step: the next one would
+                # dequantize the block's zero codes as 0 * inf = NaN, where NaN payloads differ.)
+                g[1100] = 1e30
+            s = step_scalars(kind, dict(HYPER[name], weight_decay=0.0), step)  # L2 decay would hide tiny g
             run_step(dispatch.REFERENCE, kind, [ref.item(g, s)])
             run_step(BACKEND, kind, [nat.item(g, s)])
             assert_slots_equal(ref, nat, f"{mode} step {step}")
+        scales = torch.cat([ref.absmax1.reshape(-1)] + ([ref.absmax2] if ref.absmax2 is not None else []))
+        reached[0] |= bool(((scales > 0) & (scales < 2.0**-126)).any())
+        reached[1] |= bool(torch.isinf(scales).any())
+    assert reached[0], "no block scale was subnormal"
+    assert reached[1] or name == "momentum", "the overflow case was not reached"  # momentum: no g * g
 
 
 def test_results_do_not_depend_on_the_thread_count():

@@ -13,9 +13,13 @@ from pagedopt.functional.qmap import SIGNED_ZERO_CODE, decision_thresholds, dyna
 from pagedopt.functional.quantization import (
     BLOCK_SIZE,
     NEGATIVE_WEIGHT,
+    RECIPROCAL_MAX,
+    RECIPROCAL_MIN,
+    absmax_reciprocal,
     block_absmax,
     codes_for,
     dequantize,
+    normalize,
     num_blocks,
     quantize,
     quantize_with_absmax,
@@ -72,16 +76,23 @@ def test_thresholds_are_float32_midpoints():
 # --- code search ----------------------------------------------------------------------------
 
 
-def brute_force_codes(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """argmin over the map in float64 (the definition of "nearest"), plus a mask of values
-    that sit within one float32 ulp of a midpoint (rounding ties)."""
+EPS32 = torch.finfo(torch.float32).eps  # 2^-23: one float32 ulp at 1.0
+
+
+def brute_force_codes(x: torch.Tensor, signed: bool, tie_window: float = 2 * EPS32) -> tuple[torch.Tensor, torch.Tensor]:
+    """argmin over the map in float64 (the definition of "nearest"), plus a mask of rounding
+    ties: values whose distances to the two nearest codes differ by at most
+    ``tie_window * |x|``, i.e. that lie within ``tie_window / 2 * |x|`` of a midpoint.
+
+    The default window (2 ulps of x) is for values handed to :func:`codes_for` as they are:
+    there the only rounding is that of the float32 threshold (half an ulp of the midpoint,
+    so 1 ulp of window would do; 2 leave room)."""
     q = dynamic_map(signed).double()
     xd = x.double().reshape(-1, 1)
     dist = (xd - q.reshape(1, -1)).abs()
     codes = dist.argmin(dim=1)
     best2 = dist.topk(2, largest=False).values
-    ulp = torch.finfo(torch.float32).eps * xd.abs().clamp_min(1e-30).reshape(-1)
-    tie = (best2[:, 1] - best2[:, 0]) <= 2 * ulp
+    tie = (best2[:, 1] - best2[:, 0]) <= tie_window * xd.abs().clamp_min(1e-30).reshape(-1)
     return codes, tie
 
 
@@ -130,6 +141,92 @@ def test_exact_code_values_round_trip():
     for signed in (True, False):
         q = dynamic_map(signed)
         assert torch.equal(codes_for(q, signed).long(), torch.arange(256))
+
+
+# --- normalization by the block's reciprocal --------------------------------------------------
+
+
+def test_block_maximum_normalizes_to_at_most_one():
+    """Tier: exact. fl(a * fl(1 / a)) <= 1 for every float32 a in the reciprocal range, so the
+    largest element of a block never normalizes above 1 (the fast code searches may rely on
+    it). Checked for every significand of the binade [1, 2): while a and 1 / a are normal,
+    scaling a by 2^k scales both roundings exactly, so this covers every a in
+    [2^-126, 2^126]. (About 15% of them give 1 - 2^-24, which still takes the top code.)"""
+    bits = torch.arange(0x3F800000, 0x40000000, dtype=torch.int64).to(torch.int32)
+    a = bits.view(torch.float32)
+    q = a * absmax_reciprocal(a)
+    assert float(q.max()) == 1.0
+    assert float(q.min()) == 1.0 - 2.0**-24
+    for scale in (RECIPROCAL_MIN, 2.0**-100, 2.0**100, RECIPROCAL_MAX / 2):  # spot checks across binades
+        b = a * scale
+        assert bool(((b * absmax_reciprocal(b)) == q).all())
+    top = codes_for(q, signed=True)
+    assert bool((top == 255).all())
+
+
+def test_reciprocal_range_and_fallbacks():
+    """Tier: exact. Inside [2^-126, 2^126] blocks multiply by f32(1 / absmax) (a float32
+    division rounded once); below (subnormal scales: 1 / absmax may overflow) and above
+    (1 / absmax subnormal) they divide; absmax 0 or NaN normalizes to 0."""
+    absmax = torch.tensor([0.0, float("nan"), 1e-40, RECIPROCAL_MIN, 3.0, RECIPROCAL_MAX, 1e38, float("inf")])
+    inverse = absmax_reciprocal(absmax)
+    expected_inverse = [0.0, 0.0, 0.0, 2.0**126, float(torch.tensor(1.0) / torch.tensor(3.0)), 2.0**-126, 0.0, 0.0]
+    assert inverse.tolist() == expected_inverse
+    x = torch.tensor([1.0, 1.0, 7e-41, -RECIPROCAL_MIN, 2.0, RECIPROCAL_MAX, -1e38, float("inf")])
+    got = torch.cat([normalize(x[i : i + 1], absmax[i : i + 1], block_wise=False) for i in range(len(x))])
+    expected = torch.stack([
+        torch.tensor(0.0), torch.tensor(0.0), x[2] / absmax[2], x[3] * inverse[3], x[4] * inverse[4],
+        x[5] * inverse[5], x[6] / absmax[6], x[7] / absmax[7],
+    ])
+    assert torch.equal(got[:7], expected[:7]) and bool(torch.isnan(got[7]))  # inf / inf
+    assert codes_for(got[7:], signed=False).tolist() == [255]  # NaN sorts above every threshold
+
+
+def test_values_above_one_take_the_top_code():
+    """Normalized values may exceed 1 (a caller's absmax below a value); the threshold search
+    clamps them: above 1 -> 255, below the lowest signed code -> 0."""
+    x = torch.tensor([1.0 + 2.0**-23, 1.5, 1e30, float("inf"), -1.0, -1.5, -float("inf")])
+    assert codes_for(x, signed=True).tolist() == [255, 255, 255, 255, 0, 0, 0]
+    assert codes_for(x[:4], signed=False).tolist() == [255, 255, 255, 255]
+
+
+floats_any_scale = arrays(
+    np.float32, st.integers(1, 600),
+    elements=st.floats(width=32, allow_nan=False, allow_infinity=False, allow_subnormal=True),
+)
+
+
+def _codes_against_exact_quotient(values: np.ndarray, signed: bool, block_wise: bool) -> None:
+    """Codes of quantize() against the nearest code of the *exact* quotient x / absmax.
+
+    Tie window, stated: the kernel's normalized value q = fl(x * fl(1 / a)) carries two
+    roundings of at most 2^-24 relative each (|q - x/a| <= (2^-23 + 2^-48) |x/a|; the dividing
+    fallback carries one), and the float32 threshold is off its float64 midpoint by at most
+    half an ulp (2^-24 relative). So a code can differ from the nearest one only when x/a lies
+    within (2^-23 + 2^-24) |x/a| (+ second-order terms) of a midpoint, i.e. the two nearest
+    distances differ by at most 3 * 2^-23 |x/a|. The window below adds 1% for second-order
+    terms and float64 rounding of the brute force, nothing more."""
+    x = torch.from_numpy(values)
+    if not signed:
+        x = x.abs()
+    codes, absmax = quantize(x, signed=signed, block_wise=block_wise)
+    per_elem = absmax.repeat_interleave(BLOCK_SIZE)[: x.numel()] if block_wise else absmax.expand(x.numel())
+    exact = torch.where(per_elem > 0, x.double() / per_elem.double().clamp_min(1e-300), torch.zeros_like(x.double()))
+    brute, tie = brute_force_codes(exact, signed, tie_window=3 * EPS32 * 1.01)
+    q = dynamic_map(signed)
+    fixed = (exact != 0) & (torch.sign(q[brute]) != torch.sign(exact))  # no-collapse / no-sign-flip rule
+    differs = (codes.long() != brute) & ~tie & ~fixed
+    assert not torch.any(differs), (x[differs][:5], per_elem[differs][:5])
+
+
+@given(floats_any_scale, st.booleans())
+def test_signed_block_codes_equal_brute_force_of_exact_quotient_except_ties(values, block_wise):
+    _codes_against_exact_quotient(values, signed=True, block_wise=block_wise)
+
+
+@given(floats_any_scale, st.booleans())
+def test_unsigned_block_codes_equal_brute_force_of_exact_quotient_except_ties(values, block_wise):
+    _codes_against_exact_quotient(values, signed=False, block_wise=block_wise)
 
 
 # --- block-wise quantization -----------------------------------------------------------------

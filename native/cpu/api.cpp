@@ -227,6 +227,8 @@ int po_init(const float* qmap_signed, const float* qmap_unsigned, const float* t
     if (bad) return fail(PO_ERR_ARGUMENT, "po_init: signed map too dense for the code table (bucket " + std::to_string(bad) + ")");
     bad = build_code_lut<false>(fresh.thresholds_unsigned, fresh.lut_unsigned);
     if (bad) return fail(PO_ERR_ARGUMENT, "po_init: unsigned map too dense for the code table (bucket " + std::to_string(bad) + ")");
+    fresh.search[0] = search_constants<true>();
+    fresh.search[1] = search_constants<false>();
     fresh.ready = true;
     g_tables = fresh;
     return PO_OK;
@@ -372,10 +374,8 @@ int64_t po_check_code_search(int32_t is_signed, uint32_t first_bits, uint32_t la
 #ifdef PO_HAVE_AVX512
       // The kernels' AVX-512 search, also in its bounded form for |x| <= 1.
       const __m512 v = _mm512_loadu_ps(x);
-      _mm512_storeu_si512(simd, is_signed ? avx512::quantize16<true, false>(v, g_tables.lut_signed)
-                                          : avx512::quantize16<false, false>(v, g_tables.lut_unsigned));
-      _mm512_storeu_si512(simd_bounded, is_signed ? avx512::quantize16<true, true>(v, g_tables.lut_signed)
-                                                  : avx512::quantize16<false, true>(v, g_tables.lut_unsigned));
+      _mm512_storeu_si512(simd, is_signed ? avx512::quantize16<true, false>(v) : avx512::quantize16<false, false>(v));
+      _mm512_storeu_si512(simd_bounded, is_signed ? avx512::quantize16<true, true>(v) : avx512::quantize16<false, true>(v));
 #endif
       for (int64_t k = 0; k < n; ++k) {
         const bool bounded = (float_bits(x[k]) & 0x7fffffffu) <= 0x3f800000u;
@@ -411,8 +411,7 @@ int po_quantize_normalized(int32_t is_signed, const float* x, uint8_t* codes, in
 #ifdef PO_HAVE_AVX512
   for (; i + 16 <= n; i += 16) {  // the kernels' search
     const __m512 v = _mm512_loadu_ps(x + i);
-    const __m512i c = is_signed ? avx512::quantize16<true, false>(v, g_tables.lut_signed)
-                                : avx512::quantize16<false, false>(v, g_tables.lut_unsigned);
+    const __m512i c = is_signed ? avx512::quantize16<true, false>(v) : avx512::quantize16<false, false>(v);
     _mm512_mask_cvtepi32_storeu_epi8(codes + i, 0xffff, c);
   }
 #endif

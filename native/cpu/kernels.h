@@ -1,17 +1,20 @@
 // The fused CPU kernels: one pass over a contiguous range ("unit") of one parameter.
 //
 // All per-element math comes from native/include/pagedopt (shared with the CUDA kernels);
-// this file only arranges the loops so the compiler vectorizes them (simd_avx512.h has
-// hand-written versions of the 8-bit table loops):
-//   * 8-bit state, per 256-element chunk (= one absmax block): dequantize each state into a
-//     small local buffer; pass 1 updates the buffers and writes the parameter; the block's
-//     new max |value| is taken as integer bit patterns (exact, order independent); pass 2
-//     requantizes the buffers with the new absmax. The chunk stays in L1 between the
-//     passes, so memory is streamed once.
-//   * 32-bit state: one loop, states read and written in place.
+// this file only arranges the loops:
+//   * 8-bit state, per 256-element chunk (= one absmax block). AVX-512 builds run
+//     kernel_8bit_avx512.h: the update.h math instantiated on 16-lane vectors (simd_vec.h),
+//     block maxima taken in the same loop, and the requantization of the previous chunk
+//     interleaved with the update of this one (the update waits on the divider, the code
+//     search on the vector ALUs). Other builds run the portable loops below: dequantize each
+//     state into a small local buffer; pass 1 updates the buffers and writes the parameter;
+//     the block's new max |value| is taken as integer bit patterns (exact, order
+//     independent); pass 2 requantizes the buffers with the new absmax. Either way a chunk
+//     stays in L1 between its steps, so memory is streamed once.
+//   * 32-bit state: one auto-vectorized loop, states read and written in place.
 //   * prepare mode writes nothing; it returns maxima and float64 partial norms. The norms
 //     use kLanes fixed accumulators indexed by position, so the sum order depends only on
-//     the unit layout, never on the thread count.
+//     the unit layout, never on the thread count (and both 8-bit paths add in the same order).
 // Skipped elements (non-finite gradient, or zero with skip_zeros) keep their parameter bits
 // and their state value (8-bit: the dequantized old value, requantized like the reference).
 #pragma once
@@ -84,53 +87,33 @@ inline float given_absmax(const po_item& it, int j) {
 inline uint32_t magnitude_bits(float x) { return float_bits(x) & 0x7fffffffu; }
 inline uint32_t max_u32(uint32_t a, uint32_t b) { return a > b ? a : b; }
 
-// Everything one element's update produces (kept = the element was not skipped).
+// Everything one element's update produces (kept = the element was not skipped). T is float,
+// or a SIMD vector of floats (simd_vec.h) with its lane mask for bool.
+template <class T>
 struct ElementOut {
-  float v0, v1, v2;  // new state values (old ones where skipped)
-  float p;           // new parameter (before rounding to the parameter dtype)
-  float d;           // update direction (0 where skipped)
-  bool keep;
+  T v0, v1, v2;  // new state values (old ones where skipped)
+  T p;           // new parameter (before rounding to the parameter dtype)
+  T d;           // update direction (0 where skipped)
+  decltype(po_isfinite(T())) keep;
 };
 
-template <int ALGO, class DIV = BiasCorrectionDivide>
-inline ElementOut element_step(float g, float p, float v0, float v1, float v2, float gnorm_scale,
-                               float update_scale, const StepScalars& s, const DIV& div = DIV()) {
-  ElementOut o;
-  float gk = g;
+inline float zero_like(float) { return 0.0f; }
+
+template <int ALGO, class T>
+inline ElementOut<T> element_step(T g, T p, T v0, T v1, T v2, float gnorm_scale, float update_scale,
+                                  const StepScalars& s) {
+  ElementOut<T> o;
+  T gk = g;
   o.keep = prepare_gradient(gk, p, gnorm_scale, s);
-  float n0 = v0, n1 = v1, n2 = v2;
-  const float d = AlgoUpdate<ALGO>::apply(gk, n0, n1, n2, s, div);
-  o.v0 = o.keep ? n0 : v0;
-  o.v1 = o.keep ? n1 : v1;
-  o.v2 = o.keep ? n2 : v2;
-  o.d = o.keep ? d : 0.0f;
+  T n0 = v0, n1 = v1, n2 = v2;
+  const T d = AlgoUpdate<ALGO>::apply(gk, n0, n1, n2, s);
+  o.v0 = po_select(o.keep, n0, v0);
+  o.v1 = po_select(o.keep, n1, v1);
+  o.v2 = po_select(o.keep, n2, v2);
+  o.d = po_select(o.keep, d, zero_like(d));
   o.p = apply_direction(p, d, update_scale, s);
   return o;
 }
-
-// x / c for float x and a float c != 0, given inv = 1.0 / (double)c: the float64 product
-// rounded to float32 is exactly the float32 quotient whenever that quotient is a normal float
-// (or overflows). Why: inv and the product each err by at most 2^-53 relative, so the float64
-// product is within 2^-52 (relative) of x/c, while a quotient of two floats with 24-bit
-// significands is never closer than 2^-49 (relative) to a float32 rounding boundary: the
-// midpoint M * 2^k (M odd, 25 bits) would need x * 2^j = M * c, impossible as M * c has more
-// than 24 significant bits, and otherwise |x - M c 2^k| >= 2^k ulp-units of M c. Below 2^-126
-// float32 rounds on a fixed grid where exact ties do occur; callers must not use it there.
-inline float divide_by_reciprocal(float x, double inv) { return static_cast<float>(static_cast<double>(x) * inv); }
-
-// Bias-correction division policy of the 8-bit kernels (update.h BiasCorrectionDivide):
-// m / bias_correction1 as the exact reciprocal product above, off the divider unit, which
-// (with sqrt and the division by the denominator) bounds the update's speed. (Doing the same
-// for sqrt(v) / bias_correction2_sqrt measured no faster: the float64 conversions then
-// saturate the vector ports instead.) m / bc1 can be subnormal when |m| < 2^-126: the
-// kernel checks each chunk's new m for 0 < |m| < 2^-120 and then redoes the chunk with true
-// division.
-struct ReciprocalDivide {
-  double inv_bias_correction1;
-  explicit ReciprocalDivide(const StepScalars& s) : inv_bias_correction1(1.0 / static_cast<double>(s.bias_correction1)) {}
-  float by_bias_correction1(float x, const StepScalars&) const { return divide_by_reciprocal(x, inv_bias_correction1); }
-  float by_bias_correction2_sqrt(float x, const StepScalars& s) const { return x / s.bias_correction2_sqrt; }
-};
 
 // Fixed-lane float64 sums of squares of buf[0..kBlockSize) (zero padded past the data).
 inline void accumulate_squares(const float* __restrict__ buf, double* __restrict__ lanes) {
@@ -148,42 +131,33 @@ inline double sum_lanes(const double* lanes) {
   return total;
 }
 
-// Requantize n fresh values with scale `absmax` into codes (quantization.py rules: the
-// code of x / absmax, or of 0 when absmax is not > 0). BOUNDED: absmax = max |fresh|.
-template <bool SIGNED, bool BOUNDED>
+// ---- 8-bit state, portable loops (builds without AVX-512) ---------------------------------
+
+// Requantize n fresh values with scale `absmax` into codes (quantization.py rules: the code
+// of x * (1 / absmax) - or of x / absmax outside the reciprocal range, or of 0 when absmax is
+// not > 0).
+template <bool SIGNED>
 __attribute__((noinline)) void requantize(const float* __restrict__ fresh, int64_t n, float absmax,
                                           uint8_t* __restrict__ codes) {
-  if (!(absmax > 0.0f)) {
-    // normalize() gives 0 for every element (also for a NaN absmax, like the reference).
-    memset(codes, static_cast<int>(lut_quantize_value<SIGNED>(lut<SIGNED>(), 0.0f)), static_cast<size_t>(n));
-    return;
-  }
-#ifdef PO_HAVE_AVX512
-  avx512::requantize<SIGNED, BOUNDED>(fresh, n, absmax, codes);
-#else
   // Codes go to a local buffer first and the table is named as the global array: GCC does
   // not vectorize table gathers next to stores it cannot prove disjoint (a uint8_t pointer
   // may alias anything, even a restrict-qualified one). noinline keeps `fresh` restrict.
+  const uint32_t* table = SIGNED ? g_tables.lut_signed : g_tables.lut_unsigned;
   alignas(64) uint32_t local[kBlockSize];
-  for (int64_t i = 0; i < n; ++i) {
-    local[i] = lut_quantize_value<SIGNED>(SIGNED ? g_tables.lut_signed : g_tables.lut_unsigned, fresh[i] / absmax);
+  if (uses_reciprocal(absmax)) {
+    const float inv_absmax = absmax_reciprocal(absmax);
+    for (int64_t i = 0; i < n; ++i) local[i] = lut_quantize_value<SIGNED>(table, fresh[i] * inv_absmax);
+  } else {
+    // Subnormal, huge, zero or NaN absmax (rare): normalize() divides or gives 0.
+    for (int64_t i = 0; i < n; ++i) local[i] = lut_quantize_value<SIGNED>(table, normalize(fresh[i], absmax, 0.0f));
   }
   for (int64_t i = 0; i < n; ++i) codes[i] = static_cast<uint8_t>(local[i]);
-#endif
 }
 
 template <int ALGO, int J>
 inline void requantize_value(const po_item& it, const float* fresh, int64_t n, float absmax, int64_t c) {
-  constexpr bool kSigned = AlgoTraits<ALGO>::value_signed(J);
-  uint8_t* codes = value_storage<ALGO, uint8_t>(it, J) + c;
-  if (it.block_wise) {
-    requantize<kSigned, true>(fresh, n, absmax, codes);
-  } else {
-    requantize<kSigned, false>(fresh, n, absmax, codes);
-  }
+  requantize<AlgoTraits<ALGO>::value_signed(J)>(fresh, n, absmax, value_storage<ALGO, uint8_t>(it, J) + c);
 }
-
-// ---- 8-bit state ---------------------------------------------------------------------------
 
 // dequantize_value() (quant.h) with the map named as a global array: GCC emits hardware
 // gathers for a global array indexed by bytes, but not for a pointer indexed by bytes.
@@ -203,29 +177,25 @@ inline void dequantize_chunk(const uint8_t* __restrict__ codes, int64_t n, float
 }
 
 // Pass 1 of one chunk: states arrive dequantized in f0..f2 and leave updated there; update
-// mode writes the parameter (saving its old bits in p_saved), prepare mode the direction and
-// the old parameter. (restrict-qualified parameters: GCC trusts those, so it vectorizes
+// mode writes the parameter, prepare mode the direction and the old parameter. (restrict-qualified parameters: GCC trusts those, so it vectorizes
 // without runtime alias checks.)
-template <int ALGO, int PE, int GE, int MODE, class DIV>
+template <int ALGO, int PE, int GE, int MODE>
 PO_WIDE_VECTORS void chunk_8bit_pass1(typename Elem<PE>::storage* __restrict__ pp,
                                       const typename Elem<GE>::storage* __restrict__ gp, float* __restrict__ f0,
                                       float* __restrict__ f1, float* __restrict__ f2, float* __restrict__ dir,
-                                      float* __restrict__ pold, typename Elem<PE>::storage* __restrict__ p_saved,
-                                      int64_t n, float gnorm_scale, float update_scale, const StepScalars& s,
-                                      const DIV& div) {
+                                      float* __restrict__ pold, int64_t n, float gnorm_scale, float update_scale, const StepScalars& s) {
   constexpr int NV = AlgoTraits<ALGO>::num_values;
   typedef typename Elem<PE>::storage PS;
   for (int64_t i = 0; i < n; ++i) {
     const PS p_raw = pp[i];
     const float p = Elem<PE>::load(p_raw);
     const float g = Elem<GE>::load(gp[i]);
-    const ElementOut o = element_step<ALGO>(g, p, f0[i], NV > 1 ? f1[i] : 0.0f, NV > 2 ? f2[i] : 0.0f, gnorm_scale,
-                                            update_scale, s, div);
+    const auto o = element_step<ALGO>(g, p, f0[i], NV > 1 ? f1[i] : 0.0f, NV > 2 ? f2[i] : 0.0f, gnorm_scale,
+                                            update_scale, s);
     f0[i] = o.v0;
     if (NV > 1) f1[i] = o.v1;
     if (NV > 2) f2[i] = o.v2;
     if (MODE == MODE_UPDATE) {
-      p_saved[i] = p_raw;
       pp[i] = o.keep ? Elem<PE>::store(o.p) : p_raw;
     } else {
       dir[i] = o.d;
@@ -235,37 +205,30 @@ PO_WIDE_VECTORS void chunk_8bit_pass1(typename Elem<PE>::storage* __restrict__ p
 }
 
 // The block scale of a chunk (quant.h scale_weight(): max of x >= 0, and of -x weighted by
-// kNegativeWeight on the signed map) as float bits, and whether some x has 0 < |x| < 2^-120
-// (separate loop: inside the update loop the reductions defeat GCC's vectorizer). Rounding is
-// monotone, so max(round(-x * w)) == round(max(-x) * w): one multiply per chunk, and the
-// result (a non-negative float) still reduces across chunks and threads as unsigned bits.
+// kNegativeWeight on the signed map) as float bits (separate loop: inside the update loop
+// the reductions defeat GCC's vectorizer). Rounding is monotone, so
+// max(round(-x * w)) == round(max(-x) * w): one multiply per chunk, and the result (a
+// non-negative float) still reduces across chunks and threads as unsigned bits.
 template <bool SIGNED>
-inline uint32_t max_scale_bits(const float* __restrict__ x, int64_t n, uint32_t* __restrict__ tiny) {
+inline uint32_t max_scale_bits(const float* __restrict__ x, int64_t n) {
   uint32_t pos = 0, neg = 0;
-#ifdef PO_HAVE_AVX512
-  avx512::max_magnitude_bits_by_sign(x, n, &pos, &neg, tiny);
-#else
-  uint32_t t = 0;
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t bits = float_bits(x[i]);
     const uint32_t mag = bits & 0x7fffffffu;
     const uint32_t negative = 0u - (bits >> 31);  // all ones for a set sign bit
     pos = max_u32(pos, mag & ~negative);
     neg = max_u32(neg, mag & negative);
-    t |= (mag - 1u) < 0x037fffffu ? 1u : 0u;
   }
-  *tiny = t;
-#endif
   if (!SIGNED) return max_u32(pos, neg);  // max |x| (the state is non-negative anyway)
   return max_u32(pos, float_bits(bits_float(neg) * kNegativeWeight));
 }
 
 // max_scale_bits() of each state value of a chunk (value j uses map S<j>).
 template <bool S0, bool S1, bool S2, int NV>
-inline void chunk_scales(float (*fresh)[kBlockSize], int64_t n, uint32_t* maxima, uint32_t* tiny) {
-  maxima[0] = max_scale_bits<S0>(fresh[0], n, &tiny[0]);
-  if (NV > 1) maxima[1] = max_scale_bits<S1>(fresh[1], n, &tiny[1]);
-  if (NV > 2) maxima[2] = max_scale_bits<S2>(fresh[2], n, &tiny[2]);
+inline void chunk_scales(float (*fresh)[kBlockSize], int64_t n, uint32_t* maxima) {
+  maxima[0] = max_scale_bits<S0>(fresh[0], n);
+  if (NV > 1) maxima[1] = max_scale_bits<S1>(fresh[1], n);
+  if (NV > 2) maxima[2] = max_scale_bits<S2>(fresh[2], n);
 }
 
 // Software prefetch of [p, p + bytes) into the cache (the kernels are compute-heavy per byte,
@@ -275,26 +238,23 @@ inline void prefetch_range(const void* p, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
 }
 
-constexpr int64_t kPrefetchChunks = 4;  // how far ahead (in 256-element chunks)
+constexpr int64_t kPrefetchChunks = 2;  // how far ahead (in 256-element chunks; 2 measured best)
 
 template <int ALGO, int PE, int GE, int MODE>
-void unit_8bit(const po_item& it, int64_t begin, int64_t len, UnitPartial& out) {
+void unit_8bit_portable(const po_item& it, int64_t begin, int64_t len, UnitPartial& out) {
   constexpr int NV = AlgoTraits<ALGO>::num_values;
   constexpr bool S0 = AlgoTraits<ALGO>::value_signed(0);
   constexpr bool S1 = AlgoTraits<ALGO>::value_signed(NV > 1 ? 1 : 0);
   constexpr bool S2 = AlgoTraits<ALGO>::value_signed(NV > 2 ? 2 : 0);
-  constexpr bool kBiasCorrected = ALGO == ALGO_ADAM || ALGO == ALGO_ADEMAMIX;
   typedef typename Elem<PE>::storage PS;
   typedef typename Elem<GE>::storage GS;
   const StepScalars s = it.scalars;
   const float gnorm_scale = it.gnorm_scale ? *it.gnorm_scale : 1.0f;
   const float update_scale = it.update_scale ? *it.update_scale : 1.0f;
-  const ReciprocalDivide fast_division(s);
 
   alignas(64) float fresh[3][kBlockSize];
   alignas(64) float dir[kBlockSize];
   alignas(64) float pold[kBlockSize];
-  alignas(64) PS p_saved[kBlockSize];
   double ulanes[kLanes] = {0}, planes[kLanes] = {0};
   uint32_t unit_max[3] = {0, 0, 0};
 
@@ -319,18 +279,10 @@ void unit_8bit(const po_item& it, int64_t begin, int64_t len, UnitPartial& out) 
 
     // Pass 1: update, write the parameter, keep the new states.
     dequantize_all();
-    chunk_8bit_pass1<ALGO, PE, GE, MODE>(pp, gp, fresh[0], fresh[1], fresh[2], dir, pold, p_saved, n, gnorm_scale,
-                                         update_scale, s, fast_division);
-    uint32_t maxima[3] = {0, 0, 0}, tiny[3] = {0, 0, 0};
-    chunk_scales<S0, S1, S2, NV>(fresh, n, maxima, tiny);
-    if (kBiasCorrected && tiny[0]) {
-      // Some m / bias_correction1 may be subnormal: redo the chunk with true division.
-      if (MODE == MODE_UPDATE) memcpy(pp, p_saved, static_cast<size_t>(n) * sizeof(PS));
-      dequantize_all();
-      chunk_8bit_pass1<ALGO, PE, GE, MODE>(pp, gp, fresh[0], fresh[1], fresh[2], dir, pold, p_saved, n, gnorm_scale,
-                                           update_scale, s, BiasCorrectionDivide());
-      chunk_scales<S0, S1, S2, NV>(fresh, n, maxima, tiny);
-    }
+    chunk_8bit_pass1<ALGO, PE, GE, MODE>(pp, gp, fresh[0], fresh[1], fresh[2], dir, pold, n, gnorm_scale,
+                                         update_scale, s);
+    uint32_t maxima[3] = {0, 0, 0};
+    chunk_scales<S0, S1, S2, NV>(fresh, n, maxima);
 
     if (MODE == MODE_PREPARE) {
       for (int64_t i = n; i < kBlockSize; ++i) dir[i] = pold[i] = 0.0f;
@@ -356,6 +308,14 @@ void unit_8bit(const po_item& it, int64_t begin, int64_t len, UnitPartial& out) 
   }
 }
 
+}  // namespace cpu
+}  // namespace pagedopt
+
+#include "kernel_8bit_avx512.h"  // the AVX-512 8-bit kernel, built on the helpers above
+
+namespace pagedopt {
+namespace cpu {
+
 // ---- 32-bit state --------------------------------------------------------------------------
 
 template <int ALGO, int PE, int GE>
@@ -367,7 +327,7 @@ inline void range_32bit_update(typename Elem<PE>::storage* __restrict__ pp,
   typedef typename Elem<PE>::storage PS;
   for (int64_t i = 0; i < n; ++i) {
     const PS p_raw = pp[i];
-    const ElementOut o = element_step<ALGO>(Elem<GE>::load(gp[i]), Elem<PE>::load(p_raw), s0[i],
+    const auto o = element_step<ALGO>(Elem<GE>::load(gp[i]), Elem<PE>::load(p_raw), s0[i],
                                             NV > 1 ? s1[i] : 0.0f, NV > 2 ? s2[i] : 0.0f, gnorm_scale,
                                             update_scale, s);
     s0[i] = o.v0;
@@ -386,7 +346,7 @@ inline void chunk_32bit_prepare(const typename Elem<PE>::storage* __restrict__ p
   constexpr int NV = AlgoTraits<ALGO>::num_values;
   for (int64_t i = 0; i < n; ++i) {
     const float p = Elem<PE>::load(pp[i]);
-    const ElementOut o = element_step<ALGO>(Elem<GE>::load(gp[i]), p, s0[i], NV > 1 ? s1[i] : 0.0f,
+    const auto o = element_step<ALGO>(Elem<GE>::load(gp[i]), p, s0[i], NV > 1 ? s1[i] : 0.0f,
                                             NV > 2 ? s2[i] : 0.0f, gnorm_scale, update_scale, s);
     dir[i] = o.d;
     pold[i] = p;
@@ -430,7 +390,11 @@ void unit_32bit(const po_item& it, int64_t begin, int64_t len, UnitPartial& out)
 template <int ALGO, int Q, int PE, int GE, int MODE>
 void unit_kernel(const po_item& it, int64_t begin, int64_t len, UnitPartial& out) {
   if (Q) {
-    unit_8bit<ALGO, PE, GE, MODE>(it, begin, len, out);
+#ifdef PO_HAVE_AVX512
+    avx512::unit_8bit<ALGO, PE, GE, MODE>(it, begin, len, out);
+#else
+    unit_8bit_portable<ALGO, PE, GE, MODE>(it, begin, len, out);
+#endif
   } else {
     unit_32bit<ALGO, PE, GE, MODE>(it, begin, len, out);
   }

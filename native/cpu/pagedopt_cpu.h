@@ -12,7 +12,7 @@
 extern "C" {
 #endif
 
-#define PO_ABI_VERSION 1
+#define PO_ABI_VERSION 2  // 2: StepScalars carries reciprocal bias corrections
 
 // The library is built with -fvisibility=hidden: only these entry points are exported.
 #define PO_API __attribute__((visibility("default")))

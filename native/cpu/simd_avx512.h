@@ -1,8 +1,8 @@
-// AVX-512 versions of the 8-bit state hot loops (requantize, dequantize). They compute
-// exactly what the portable loops in kernels.h compute (same integer table search, same
-// exact quotient); they exist because GCC's auto-vectorized code for these loops issues
-// about twice the instructions. Compiled only when the target has AVX-512 F/BW/VL/DQ
-// (and VBMI for the byte-table dequantization); kernels.h falls back otherwise.
+// AVX-512 versions of the 8-bit state hot loops (code search, dequantization). They compute
+// exactly what the portable code in code_lut.h / kernels.h computes (same integer table
+// search, same products); they exist because GCC's auto-vectorized code for these loops
+// issues about twice the instructions. Compiled only when the target has AVX-512
+// F/BW/VL/DQ (and VBMI for the byte-table dequantization); kernels.h falls back otherwise.
 #pragma once
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
@@ -21,67 +21,49 @@ namespace pagedopt {
 namespace cpu {
 namespace avx512 {
 
-// lut_quantize_value() (code_lut.h) for 16 lanes. BOUNDED: every |q| <= 1 (block-wise
-// state: q = x / max|x|), so neither magnitudes above 1.0 nor NaN can occur.
+// Code search for 16 normalized values (code_lut.h lut_quantize_value(), lane for lane): the
+// code lands in the top byte of each 32-bit lane, see pack_codes(). BOUNDED: every |q| <= 1
+// (block-wise state in the reciprocal range: q = x * f32(1 / max|x|), quant.h), so neither
+// values beyond +-1 nor NaN occur and the clamp is skipped. The lanes the table cannot know
+// (signed: +-0; unsigned: x <= 0) are left out of the gather and take their entry from
+// `zero_entry` (code 127 resp. 0, no threshold: x_low never carries into it).
 template <bool SIGNED, bool BOUNDED>
-inline __m512i quantize16(__m512 q, const uint32_t* table) {
+inline __m512i code_bits(__m512 q) {
   typedef CodeLut<SIGNED> L;
-  const __m512i bits = _mm512_castps_si512(q);
-  const __m512i magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
-  const __m512i negative_mask = _mm512_srai_epi32(bits, 31);
-  __m512i index = _mm512_max_epu32(magnitude, _mm512_set1_epi32(static_cast<int>(L::kFirst << L::kShift)));
-  if (!BOUNDED) index = _mm512_min_epu32(index, _mm512_set1_epi32(0x3f800000));
-  index = _mm512_sub_epi32(_mm512_srli_epi32(index, L::kShift), _mm512_set1_epi32(static_cast<int>(L::kFirst)));
-  if (SIGNED) index = _mm512_add_epi32(index, _mm512_and_si512(negative_mask, _mm512_set1_epi32(static_cast<int>(L::kBuckets))));
-  const __m512i entry = _mm512_i32gather_epi32(index, table, 4);
-  // ((magnitude ^ negative_mask) & kLowMask) << 8: ternary logic 0x28 = (a ^ b) & c
-  const __m512i x_low = _mm512_slli_epi32(
-      _mm512_ternarylogic_epi32(magnitude, negative_mask, _mm512_set1_epi32(static_cast<int>(L::kLowMask)), 0x28), 8);
-  const __mmask16 below = _mm512_cmplt_epu32_mask(entry, x_low);
-  __m512i code = _mm512_mask_add_epi32(entry, below, entry, _mm512_set1_epi32(1));  // low byte = code
-  if (!SIGNED) code = _mm512_andnot_si512(negative_mask, code);
-  const __mmask16 zero = _mm512_testn_epi32_mask(magnitude, magnitude);
-  code = _mm512_mask_mov_epi32(code, zero, _mm512_set1_epi32(SIGNED ? kSignedZeroCode : 0));
-  if (!BOUNDED) {
-    const __mmask16 nan = _mm512_cmpgt_epu32_mask(magnitude, _mm512_set1_epi32(0x7f800000));
-    code = _mm512_mask_mov_epi32(code, nan, _mm512_set1_epi32(255));
-  }
-  return code;
-}
-
-// Codes of fresh[0..n) / absmax (absmax > 0), true division (the divider is otherwise idle
-// here). BOUNDED: absmax is the max |fresh| (block-wise), so every quotient is in [-1, 1].
-template <bool SIGNED, bool BOUNDED>
-inline void requantize(const float* fresh, int64_t n, float absmax, uint8_t* codes) {
+  const SearchConstants& k = g_tables.search[SIGNED ? 0 : 1];  // (see SearchConstants)
   const uint32_t* table = SIGNED ? g_tables.lut_signed : g_tables.lut_unsigned;
-  const __m512 scale = _mm512_set1_ps(absmax);
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 live = n - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1u);
-    const __m512 q = _mm512_div_ps(_mm512_maskz_loadu_ps(live, fresh + i), scale);
-    _mm512_mask_cvtepi32_storeu_epi8(codes + i, live, quantize16<SIGNED, BOUNDED>(q, table));
-  }
+  if (!BOUNDED) q = _mm512_max_ps(_mm512_min_ps(q, _mm512_set1_ps(k.one)), _mm512_set1_ps(k.minus_one));  // NaN -> 1
+  const __m512i bits = _mm512_castps_si512(q);
+  const __m512i low_mask = _mm512_set1_epi32(static_cast<int>(k.low_mask));
+  // Signed: bits >> kShift is the bucket, plus kNegativeOffset for x < 0. Unsigned: the lanes
+  // with x <= 0 are not loaded, so no magnitude is needed.
+  const __mmask16 known = SIGNED ? static_cast<__mmask16>(~_mm512_fpclass_ps_mask(q, 0x06))  // not +-0
+                                 : _mm512_cmpgt_epi32_mask(bits, _mm512_setzero_si512());   // x > 0
+  const __m512i entry = _mm512_mask_i32gather_epi32(_mm512_set1_epi32(static_cast<int>(k.zero_entry)), known,
+                                                    _mm512_srli_epi32(bits, L::kShift), table, 4);
+  // x_low: the low bits, complemented for x < 0 (ternary logic 0x28 = (a ^ b) & c)
+  const __m512i x_low = SIGNED ? _mm512_ternarylogic_epi32(bits, _mm512_srai_epi32(bits, 31), low_mask, 0x28)
+                               : _mm512_and_si512(bits, low_mask);
+  return _mm512_add_epi32(x_low, entry);  // carries into the code byte when t < x
 }
 
-// Max magnitude bits of x[0..n), and (tiny) whether some x has 0 < |x| < 2^-120.
-// Largest magnitude bits among the non-negative and among the negative x (sign bit set),
-// and whether some x has 0 < |x| < 2^-120; see max_scale_bits() in kernels.h.
-inline void max_magnitude_bits_by_sign(const float* x, int64_t n, uint32_t* pos, uint32_t* neg, uint32_t* tiny) {
-  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), one = _mm512_set1_epi32(1);
-  const __m512i tiny_limit = _mm512_set1_epi32(0x037fffff);
-  __m512i mp = _mm512_setzero_si512(), mn = _mm512_setzero_si512();
-  __mmask16 t = 0;
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 live = n - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1u);
-    const __m512i raw = _mm512_maskz_loadu_epi32(live, x + i);
-    const __mmask16 negative = _mm512_movepi32_mask(raw) & live;
-    const __m512i mag = _mm512_and_si512(raw, abs_mask);
-    mp = _mm512_mask_max_epu32(mp, static_cast<__mmask16>(live & ~negative), mp, mag);
-    mn = _mm512_mask_max_epu32(mn, negative, mn, mag);
-    t |= _mm512_cmplt_epu32_mask(_mm512_sub_epi32(mag, one), tiny_limit) & live;
-  }
-  *tiny = t != 0;
-  *pos = static_cast<uint32_t>(_mm512_reduce_max_epu32(mp));
-  *neg = static_cast<uint32_t>(_mm512_reduce_max_epu32(mn));
+// The top bytes of four vectors of code_bits() (64 codes, in order) as one vector of bytes.
+inline __m512i pack_codes(__m512i c0, __m512i c1, __m512i c2, __m512i c3) {
+  alignas(64) static const uint8_t kTopBytes[64] = {
+      3, 7, 11, 15, 19, 23, 27, 31, 35, 39, 43, 47, 51, 55, 59, 63,
+      67, 71, 75, 79, 83, 87, 91, 95, 99, 103, 107, 111, 115, 119, 123, 127,
+      3, 7, 11, 15, 19, 23, 27, 31, 35, 39, 43, 47, 51, 55, 59, 63,
+      67, 71, 75, 79, 83, 87, 91, 95, 99, 103, 107, 111, 115, 119, 123, 127};
+  const __m512i top = _mm512_load_si512(kTopBytes);
+  const __m512i c01 = _mm512_permutex2var_epi8(c0, top, c1);  // bytes 0..31 (and again 32..63)
+  const __m512i c23 = _mm512_permutex2var_epi8(c2, top, c3);
+  return _mm512_inserti64x4(c01, _mm512_castsi512_si256(c23), 1);
+}
+
+// Codes of 16 normalized values, one per 32-bit lane (test hooks).
+template <bool SIGNED, bool BOUNDED>
+inline __m512i quantize16(__m512 q) {
+  return _mm512_srli_epi32(code_bits<SIGNED, BOUNDED>(q), 24);
 }
 
 #ifdef __AVX512VBMI__
@@ -120,9 +102,13 @@ inline void dequantize(const uint8_t* codes, int64_t n, float absmax, float* out
     const __m512i w23_lo = _mm512_unpacklo_epi8(b[2], b[3]), w23_hi = _mm512_unpackhi_epi8(b[2], b[3]);
     const __m512i d[4] = {_mm512_unpacklo_epi16(w01_lo, w23_lo), _mm512_unpackhi_epi16(w01_lo, w23_lo),
                           _mm512_unpacklo_epi16(w01_hi, w23_hi), _mm512_unpackhi_epi16(w01_hi, w23_hi)};
-    for (int j = 0; j < 4; ++j) {
-      const __mmask16 part = static_cast<__mmask16>(live >> (16 * j));
-      _mm512_mask_storeu_ps(out + i + 16 * j, part, _mm512_mul_ps(_mm512_castsi512_ps(d[j]), scale));
+    if (n - i >= 64) {  // plain stores: a masked store would not forward to the loads that follow
+      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + i + 16 * j, _mm512_mul_ps(_mm512_castsi512_ps(d[j]), scale));
+    } else {
+      for (int j = 0; j < 4; ++j) {
+        const __mmask16 part = static_cast<__mmask16>(live >> (16 * j));
+        _mm512_mask_storeu_ps(out + i + 16 * j, part, _mm512_mul_ps(_mm512_castsi512_ps(d[j]), scale));
+      }
     }
   }
 }

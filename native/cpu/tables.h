@@ -7,6 +7,21 @@
 namespace pagedopt {
 namespace cpu {
 
+// The code search's constants (code_lut.h), kept in memory rather than as immediates: inside
+// the 8-bit kernel's loop the vector registers are all taken, and a constant in memory is
+// re-read by a broadcast load (a load port) instead of being rebuilt from an immediate (a
+// shuffle-port uop per use).
+struct SearchConstants {
+  uint32_t low_mask, zero_entry;
+  float one, minus_one;
+};
+
+template <bool SIGNED>
+constexpr SearchConstants search_constants() {
+  return SearchConstants{CodeLut<SIGNED>::kLowMask, SIGNED ? static_cast<uint32_t>(kSignedZeroCode) << 24 : 0u, 1.0f,
+                         -1.0f};
+}
+
 struct Tables {
   alignas(64) float qmap_signed[256];
   alignas(64) float qmap_unsigned[256];
@@ -18,6 +33,7 @@ struct Tables {
   alignas(64) uint8_t qmap_planes_unsigned[4][256];
   alignas(64) uint32_t lut_signed[CodeLut<true>::kEntries];
   alignas(64) uint32_t lut_unsigned[CodeLut<false>::kEntries];
+  SearchConstants search[2];  // [signed ? 0 : 1]
   bool ready;
 };
 

@@ -100,10 +100,11 @@ __device__ __forceinline__ void store_tile(const TensorDesc& d, int64_t base, co
       } else {
         absmax = value_tensor<ALGO>(v) == 0 ? d.new_absmax1[value_moment<ALGO>(v)] : d.new_absmax2[0];
       }
+      const float inv_absmax = absmax_reciprocal(absmax);  // once per block (quant.h)
       uint8_t codes[kElemsPerLane];
 #pragma unroll
       for (int i = 0; i < kElemsPerLane; ++i) {
-        const float x = normalize(val[v][i], absmax);
+        const float x = normalize(val[v][i], absmax, inv_absmax);
         codes[i] = is_signed ? fast_quantize<true>(qs[0], x) : fast_quantize<false>(qs[1], x);
       }
       uint8_t* dst = static_cast<uint8_t*>(base_ptr) + moment_offset;

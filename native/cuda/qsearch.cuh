@@ -10,7 +10,9 @@
 // pagedopt/backends/cuda_tables.py), so `span` unrolled steps of
 //     code += thresholds[code] < x
 // reach it (thresholds are sorted, so the step stops moving once it is there; thr[255] is
-// +inf as a sentinel). NaN takes count_below's answer, 0.
+// +inf as a sentinel). NaN takes count_below's answer, 255 (torch.searchsorted sorts NaN
+// last). Values above 1 fall into the last bucket, whose lo is 255: normalized values may
+// exceed 1 (quant.h normalize), and the search clamps them to the top code.
 //
 // Buckets, by the bits a of |x|: 0 = [0, 2^-PO_LUT_LOW_EXPONENT); 1..n-2 = one
 // (exponent, top mantissa bits) cell each; n-1 = [1, +inf]. Negative x uses its own row.
@@ -52,7 +54,7 @@ __device__ __forceinline__ void load_qmap(QMapShared& dst, const float* __restri
 
 template <int SPAN>
 __device__ __forceinline__ int fast_count_below(const QMapShared& m, float x) {
-  if (x != x) return 0;  // NaN: count_below's binary search ends at 0
+  if (x != x) return 255;  // NaN: count_below's answer
   const uint32_t u = __float_as_uint(x);
   const int key = (int)((u & 0x7fffffffu) >> kLutShift) - kLutFirstKey + 1;
   const int bucket = min(max(key, 0), kLutBuckets - 1);

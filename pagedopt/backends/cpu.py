@@ -42,7 +42,7 @@ from ..functional.qmap import decision_thresholds, dynamic_map
 from ..functional.quantization import num_blocks
 from ..functional.scalars import StepScalars
 
-ABI_VERSION = 1  # PO_ABI_VERSION in native/cpu/pagedopt_cpu.h
+ABI_VERSION = 2  # PO_ABI_VERSION in native/cpu/pagedopt_cpu.h
 LIBRARY_FILE = "libpagedopt_cpu.so"
 LIBRARY_ENV = "PAGEDOPT_CPU_LIBRARY"  # load this file instead of the packaged one
 REBUILD_HINT = (

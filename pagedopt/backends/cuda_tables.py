@@ -11,7 +11,9 @@ search in numpy so CI checks the algorithm without a GPU.
 
 Buckets by the bits ``a`` of ``|x|``: 0 is ``[0, 2**-LUT_LOW_EXPONENT)``, 1..n-2 one
 (exponent, top mantissa bits) cell each, n-1 is ``[1, inf]``; negative values use a second
-row. NaN gets ``count_below``'s answer 0.
+row. NaN gets ``count_below``'s answer 255 (``torch.searchsorted`` sorts NaN last); values above
+1 (a normalized value may exceed 1, see :mod:`pagedopt.functional.quantization`) fall into
+the last bucket and get the top code.
 
 Example:
     >>> import numpy as np
@@ -60,10 +62,10 @@ class QuantTables:
 
 
 def count_below(thresholds: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """``quant.h``'s ``count_below``: ``#{t < x}``, and 0 for NaN (its binary search ends there)."""
+    """``quant.h``'s ``count_below``: ``#{t < x}``, and 255 for NaN (like ``torch.searchsorted``)."""
     x = np.asarray(x, dtype=np.float32)
     codes = np.searchsorted(thresholds, x, side="left").astype(np.int64)
-    return np.where(np.isnan(x), 0, codes)
+    return np.where(np.isnan(x), 255, codes)
 
 
 def _bits_to_float(bits: np.ndarray) -> np.ndarray:
@@ -120,7 +122,7 @@ def lut_count_below(tables: QuantTables, map_index: int, x: np.ndarray) -> np.nd
     span = SPAN_SIGNED if map_index == 0 else SPAN_UNSIGNED
     for _ in range(span):
         code += thr[code] < x
-    return np.where(np.isnan(x), 0, code)
+    return np.where(np.isnan(x), 255, code)
 
 
 def prelude_defines() -> dict[str, int]:

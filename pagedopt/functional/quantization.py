@@ -12,8 +12,16 @@ This module is the reference for the quantization rules every backend implements
   maximum, so the negative extreme lands exactly on the lowest code and the positive extreme
   on 1.0: ``absmax = max(max(x, 0), max(-x) * NEGATIVE_WEIGHT)``. Dequantization is unchanged
   (``qmap[code] * absmax``), so state dicts stay compatible with bitsandbytes.
-* **Normalization.** ``x / absmax`` in float32; a block whose absmax is 0 normalizes to 0.
-* **Code search.** ``code = #{thresholds < x}`` over :func:`~pagedopt.functional.qmap.decision_thresholds`.
+* **Normalization.** ``x * inv_absmax`` in float32, with ``inv_absmax = f32(1 / absmax)``
+  computed once per block (the kernels multiply instead of dividing every element). A block
+  whose absmax is 0 (or NaN) normalizes to 0. The reciprocal is used only when it is a normal
+  float32, i.e. for ``2**-126 <= absmax <= 2**126``; blocks with a subnormal absmax (whose
+  reciprocal may overflow) or a huge/infinite one (whose reciprocal would be subnormal and lose
+  bits) divide, ``x / absmax``, as before. In the reciprocal range ``|x * inv_absmax| <= 1``
+  for ``|x| <= absmax`` (``f32(a * f32(1 / a)) <= 1`` holds for every such float32 ``a``; the
+  test suite checks all of them); the code search would clamp larger values anyway.
+* **Code search.** ``code = #{thresholds < x}`` over :func:`~pagedopt.functional.qmap.decision_thresholds`
+  (values above 1 get the top code, values below the lowest code the bottom one).
 * **No collapse, no sign flip.** A nonzero value never gets the zero code and never a code
   of the opposite sign: a positive value that rounds to 0 (or below) takes the smallest
   positive code, a negative one the largest negative code. The paper's rule is about first
@@ -40,6 +48,9 @@ from .qmap import SIGNED_ZERO_CODE, decision_thresholds, dynamic_map
 from .scalars import f32
 
 BLOCK_SIZE = 256
+# absmax range in which blocks normalize with the float32 reciprocal (it is a normal float there)
+RECIPROCAL_MIN = 2.0**-126
+RECIPROCAL_MAX = 2.0**126
 # float32(1 / |lowest signed code|): weight of negative values in the signed block scale.
 NEGATIVE_WEIGHT = f32(1.0 / -float(dynamic_map(True)[0]))
 
@@ -99,15 +110,40 @@ def codes_for(normalized: torch.Tensor, signed: bool) -> torch.Tensor:
     return codes.to(torch.uint8)
 
 
+def uses_reciprocal(absmax: torch.Tensor) -> torch.Tensor:
+    """Where a block normalizes by multiplying with ``f32(1 / absmax)``: its reciprocal is a
+    normal float32 (``2**-126 <= absmax <= 2**126``). Elsewhere it divides (or gives 0)."""
+    return (absmax >= RECIPROCAL_MIN) & (absmax <= RECIPROCAL_MAX)
+
+
+def absmax_reciprocal(absmax: torch.Tensor) -> torch.Tensor:
+    """``f32(1 / absmax)`` per block where :func:`uses_reciprocal`, else 0.
+
+    Computed in float64 and rounded once, which equals the IEEE float32 division ``1.0f / a``
+    the kernels perform: the exact ``1 / a`` of a float32 ``a`` is never within 2**-49
+    (relative) of a float32 rounding boundary, far more than float64's 2**-53 error.
+    """
+    a = absmax.float()
+    use = uses_reciprocal(a)
+    inverse = (1.0 / torch.where(use, a, torch.ones_like(a)).double()).float()
+    return torch.where(use, inverse, torch.zeros_like(a))
+
+
+def normalize(x: torch.Tensor, absmax: torch.Tensor, block_wise: bool = True) -> torch.Tensor:
+    """The flattened float32 ``x`` normalized by its block's scale (the module's rule)."""
+    flat = x.reshape(-1).float()
+    scale = expand_absmax(absmax.float(), flat.numel(), block_wise)
+    inverse = expand_absmax(absmax_reciprocal(absmax), flat.numel(), block_wise)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    divided = torch.where(scale > 0, flat / safe, torch.zeros_like(flat))
+    return torch.where(uses_reciprocal(scale), flat * inverse, divided)
+
+
 def quantize_with_absmax(
     x: torch.Tensor, absmax: torch.Tensor, signed: bool, block_wise: bool = True
 ) -> torch.Tensor:
     """Codes of ``x`` (any shape) under the given per-block absmax; same shape as ``x``."""
-    flat = x.reshape(-1).float()
-    scale = expand_absmax(absmax.float(), flat.numel(), block_wise)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    normalized = torch.where(scale > 0, flat / safe, torch.zeros_like(flat))
-    return codes_for(normalized, signed).reshape(x.shape)
+    return codes_for(normalize(x, absmax, block_wise), signed).reshape(x.shape)
 
 
 def quantize(

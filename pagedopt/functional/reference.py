@@ -13,11 +13,16 @@ Per element, with ``g`` the gradient, ``p`` the parameter, states in float32:
    throws away the history on one bad element);
 2. ``g = g * gnorm_scale``; L2 weight decay ``g = g + wd * p`` (skipped when ``wd == 0``);
 3. the algorithm updates its states and produces a direction ``d`` (see ``_ALGORITHMS``);
+   bias corrections are applied by multiplying with the host-computed float32 reciprocals of
+   :class:`~pagedopt.functional.scalars.StepScalars` (Adam:
+   ``d = (m * inv_bc1) / (sqrt(v) * inv_bc2_sqrt + eps)``); the divisions by the denominator
+   stay IEEE float32 divisions and ``sqrt`` is correctly rounded;
 4. decoupled weight decay ``p = p * decay_factor`` (skipped when the factor is exactly 1);
 5. ``p = p - lr * (d * update_scale)``; the result is rounded to the parameter's dtype.
 
 8-bit states are dequantized first (``qmap[code] * absmax``) and requantized last against the
-new absmax of the updated float32 values (see :mod:`~pagedopt.functional.quantization`).
+new absmax of the updated float32 values, normalized as ``x * f32(1 / absmax)`` (one
+reciprocal per block; see :mod:`~pagedopt.functional.quantization`).
 
 Example:
     >>> import torch
@@ -66,14 +71,14 @@ def _sqrt(v: Tensor) -> Tensor:
 
 
 def _adam_denominator(v: Tensor, s: StepScalars) -> Tensor:
-    return _sqrt(v) / s.bias_correction2_sqrt + s.eps
+    return _sqrt(v) * s.inv_bias_correction2_sqrt + s.eps
 
 
 def _adam(g: Tensor, states: list[Tensor], s: StepScalars) -> tuple[list[Tensor], Tensor]:
     m, v = states
     m = _ema(s.beta1, m, s.one_minus_beta1, g)
     v = _ema(s.beta2, v, s.one_minus_beta2, g * g)
-    d = (m / s.bias_correction1) / _adam_denominator(v, s)
+    d = (m * s.inv_bias_correction1) / _adam_denominator(v, s)
     return [m, v], d
 
 
@@ -82,7 +87,7 @@ def _ademamix(g: Tensor, states: list[Tensor], s: StepScalars) -> tuple[list[Ten
     m1 = _ema(s.beta1, m1, s.one_minus_beta1, g)
     m2 = _ema(s.beta3, m2, s.one_minus_beta3, g)
     v = _ema(s.beta2, v, s.one_minus_beta2, g * g)
-    d = (m1 / s.bias_correction1 + s.alpha * m2) / _adam_denominator(v, s)
+    d = (m1 * s.inv_bias_correction1 + s.alpha * m2) / _adam_denominator(v, s)
     return [m1, m2, v], d
 
 

@@ -1,8 +1,11 @@
 """Per-step scalars of an update, computed once on the host in float64 and rounded to float32.
 
 Every backend receives the same :class:`StepScalars` (the native kernels as a C struct of the
-same field order, see ``native/include/pagedopt/scalars.h``), so no backend derives its own
-``1 - beta1`` or bias correction and results agree bit for bit. The step count lives on the
+same field order, see ``native/include/pagedopt/common.h``), so no backend derives its own
+``1 - beta1`` or bias correction and results agree bit for bit. The bias corrections arrive
+as reciprocals, ``inv_bias_correction1 = f32(1 / (1 - beta1**t))`` and
+``inv_bias_correction2_sqrt = f32(1 / sqrt(1 - beta2**t))`` (float64 on the host, rounded
+once), so the per-element math multiplies instead of dividing. The step count lives on the
 host (as in bitsandbytes), so computing these never syncs the device.
 
 Example:
@@ -10,8 +13,8 @@ Example:
     >>> from pagedopt.functional.scalars import step_scalars
     >>> s = step_scalars(kind_for("adamw"), {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8,
     ...                  "weight_decay": 0.01}, step=1)
-    >>> round(s.bias_correction1, 6), s.weight_decay, round(s.decay_factor, 6)
-    (0.1, 0.0, 0.99999)
+    >>> round(s.inv_bias_correction1, 5), s.weight_decay, round(s.decay_factor, 6)
+    (10.0, 0.0, 0.99999)
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ class StepScalars:
     alpha: float
     eps: float
     lr: float
-    bias_correction1: float
-    bias_correction2_sqrt: float
+    inv_bias_correction1: float  # f32(1 / (1 - beta1**t)); exactly 1 without bias correction
+    inv_bias_correction2_sqrt: float  # f32(1 / sqrt(1 - beta2**t)); exactly 1 without
     weight_decay: float  # L2 term added to the gradient; 0 when decay is decoupled
     decay_factor: float  # decoupled decay p *= decay_factor; exactly 1 when coupled
     dampening_factor: float  # SGD/LARS: 1 - dampening
@@ -121,8 +124,8 @@ def step_scalars(
         alpha=f32(alpha),
         eps=f32(eps),
         lr=f32(lr),
-        bias_correction1=f32(bc1),
-        bias_correction2_sqrt=f32(bc2_sqrt),
+        inv_bias_correction1=f32(1.0 / bc1),
+        inv_bias_correction2_sqrt=f32(1.0 / bc2_sqrt),
         weight_decay=0.0 if decoupled else f32(wd),
         decay_factor=f32(1.0 - lr * wd) if decoupled else 1.0,
         dampening_factor=f32(dampening_factor),

@@ -52,8 +52,8 @@ struct StepScalars {
   float alpha;
   float eps;
   float lr;
-  float bias_correction1;
-  float bias_correction2_sqrt;
+  float inv_bias_correction1;       // f32(1 / (1 - beta1^t)), exactly 1 without bias correction
+  float inv_bias_correction2_sqrt;  // f32(1 / sqrt(1 - beta2^t)), exactly 1 without
   float weight_decay;      // L2 term added to the gradient (0 when decay is decoupled)
   float decay_factor;      // decoupled decay p *= decay_factor (exactly 1 when unused)
   float dampening_factor;  // SGD/LARS: 1 - dampening
