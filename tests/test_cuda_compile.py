@@ -205,11 +205,24 @@ def test_default_cache_location(monkeypatch, tmp_path):
 
 def test_struct_layout_mismatch_fails_compilation(tmp_path, monkeypatch):
     """The prelude's static_asserts catch a Python/C layout drift before anything runs."""
+    if not cuda_compiler.nvrtc_has_builtin_offsetof():
+        pytest.skip("this NVRTC has no __builtin_offsetof, so only sizeof is checked (see next test)")
     monkeypatch.setenv(cuda_compiler.CACHE_ENV, str(tmp_path))
     swapped = np.dtype([(n, cuda_layout.NORM_DESC.fields[n][0]) for n in ("numel", "data", "flags", "reserved")], align=True)
     monkeypatch.setitem(cuda_layout._C_STRUCTS, "pagedopt::cuda::NormDesc", swapped)
     with pytest.raises(cuda_compiler.KernelCompileError, match="offset of pagedopt::cuda::NormDesc::data"):
         cuda_compiler.compile_program(cuda_catalog.quant_program(), "sm_90")
+
+
+def test_offset_checks_are_on_wherever_nvrtc_allows():
+    """NVRTC 13.0 rejects __builtin_offsetof, so the offset checks are conditional; the NVRTC
+    that CI installs (13.5+) must run them, or the mismatch test above proves nothing."""
+    supported = cuda_compiler.nvrtc_has_builtin_offsetof()
+    options = cuda_compiler.compile_options("sm_90", cuda_compiler.native_dir())
+    assert (f"-D{cuda_layout.OFFSET_CHECKS_MACRO}=1" in options) == supported
+    if cuda_compiler.nvrtc_version() >= (13, 5):
+        assert supported
+    assert f"#ifdef {cuda_layout.OFFSET_CHECKS_MACRO}" in cuda_layout.layout_checks()
 
 
 def test_signature_mismatch_is_reported():

@@ -213,7 +213,31 @@ def check_arch(arch: str) -> str:
 
 
 def compile_options(arch: str, root: Path) -> list[str]:
-    return [f"-arch={arch}", *BASE_OPTIONS, f"-I{root / 'include'}", f"-I{root / 'cuda'}"]
+    options = [f"-arch={arch}", *BASE_OPTIONS, f"-I{root / 'include'}", f"-I{root / 'cuda'}"]
+    if nvrtc_has_builtin_offsetof():
+        options.append(f"-D{cuda_layout.OFFSET_CHECKS_MACRO}=1")
+    return options
+
+
+@functools.lru_cache(maxsize=1)
+def nvrtc_has_builtin_offsetof() -> bool:
+    """Whether this NVRTC accepts ``__builtin_offsetof`` in a constant expression.
+
+    The struct-layout checks (``cuda_layout.layout_checks``) compare member offsets with the
+    Python-side layouts through it. NVRTC 13.5 accepts it; NVRTC 13.0 (seen on an H200 with
+    the CUDA 13.0 toolkit) rejects it, and has no ``<cstddef>`` to get ``offsetof`` from. The
+    offsets follow the C++ standard-layout rules, not the compiler version, so checking them
+    wherever NVRTC allows (CI does) is enough; ``sizeof`` is checked everywhere.
+    """
+    nvrtc = _nvrtc()
+    nvrtc_version()  # a missing library raises NvrtcUnavailableError here, not below
+    source = b'struct PoProbe { int a; float b; };\nstatic_assert(__builtin_offsetof(PoProbe, b) == 4, "probe");\n'
+    (prog,) = _check(nvrtc, nvrtc.nvrtcCreateProgram(source, b"offsetof_probe.cu", 0, [], []), "nvrtcCreateProgram")
+    try:
+        options = [b"-std=c++17"]
+        return nvrtc.nvrtcCompileProgram(prog, len(options), options)[0] == nvrtc.nvrtcResult.NVRTC_SUCCESS
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
 
 
 def cache_key(spec: ProgramSpec, arch: str, root: Path | None = None) -> str:

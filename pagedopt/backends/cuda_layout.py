@@ -80,14 +80,20 @@ _C_STRUCTS = {
 }
 
 
+# Defined (by cuda_compiler.compile_options) when NVRTC accepts __builtin_offsetof.
+OFFSET_CHECKS_MACRO = "PO_LAYOUT_OFFSET_CHECKS"
+
+
 def _asserts(c_name: str, dtype: np.dtype) -> list[str]:
     lines = [f'static_assert(sizeof({c_name}) == {dtype.itemsize}, "sizeof {c_name} != Python layout");']
+    lines.append(f"#ifdef {OFFSET_CHECKS_MACRO}")
     for name in dtype.names:
         offset = dtype.fields[name][1]
         lines.append(
             f"static_assert(__builtin_offsetof({c_name}, {name}) == {offset}, "
             f'"offset of {c_name}::{name} != Python layout");'
         )
+    lines.append("#endif")
     return lines
 
 
