@@ -209,3 +209,24 @@ def test_large_tensor_8bit_and_32bit(name):
     fp32_close(p.detach(), oracle.param)
     p, _, oracle, p0 = run_pair(name, 8, torch.float32, (1024, 4097), steps=20)
     assert quant_drift(p.detach(), oracle.param, p0) < 0.06
+
+
+def test_step_scalars_are_memoized_by_value_and_follow_every_change():
+    """Parameters of a group share one StepScalars per step; a change of any input (lr,
+    betas, step, skip_zeros) or a tensor lr changed in place gives fresh scalars."""
+    from pagedopt.functional import scalars as sc
+    from pagedopt.functional.kinds import kind_for
+
+    kind = kind_for("adamw")
+    hp = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
+    first = sc.step_scalars(kind, dict(hp), 3)
+    assert sc.step_scalars(kind, dict(hp), 3) is first
+    assert first == sc._compute_step_scalars(kind, hp, 3, False)
+    assert sc.step_scalars(kind, {**hp, "lr": 2e-3}, 3).lr == sc.f32(2e-3)
+    assert sc.step_scalars(kind, {**hp, "betas": (0.8, 0.999)}, 3).beta1 == sc.f32(0.8)
+    assert sc.step_scalars(kind, dict(hp), 4).inv_bias_correction1 != first.inv_bias_correction1
+    assert sc.step_scalars(kind, dict(hp), 3, skip_zeros=True).skip_zeros == 1
+    lr = torch.tensor(1e-3)
+    a = sc.step_scalars(kind, {**hp, "lr": lr}, 3)
+    lr.fill_(5e-3)  # an LR scheduler writing a tensor lr in place
+    assert sc.step_scalars(kind, {**hp, "lr": lr}, 3).lr == sc.f32(5e-3) != a.lr

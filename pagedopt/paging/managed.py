@@ -187,18 +187,37 @@ def last_prefetch_location(tensor: torch.Tensor) -> str:
     """``"device"``, ``"host"`` or ``"invalid"``: where ``tensor`` was last prefetched
     (``cuMemRangeGetAttribute``; says nothing about whether the migration finished)."""
     driver = _driver()
-    attr = driver.CUmem_range_attribute.CU_MEM_RANGE_ATTRIBUTE_LAST_PREFETCH_LOCATION_TYPE
-    value = _check(
-        driver.cuMemRangeGetAttribute(4, attr, driver.CUdeviceptr(tensor.data_ptr()), tensor.numel() * tensor.element_size()),
-        "cuMemRangeGetAttribute(LAST_PREFETCH_LOCATION_TYPE)",
-    )
-    kind = int(value if not isinstance(value, (bytes, bytearray, list, tuple)) else int.from_bytes(bytes(value)[:4], "little"))
+    attrs = driver.CUmem_range_attribute
+    ptr, nbytes = driver.CUdeviceptr(tensor.data_ptr()), tensor.numel() * tensor.element_size()
+    try:
+        value = _check(
+            driver.cuMemRangeGetAttribute(4, attrs.CU_MEM_RANGE_ATTRIBUTE_LAST_PREFETCH_LOCATION_TYPE, ptr, nbytes),
+            "cuMemRangeGetAttribute(LAST_PREFETCH_LOCATION_TYPE)",
+        )
+    except TypeError:
+        # cuda-bindings 13.3 (seen on an H200 image) rejects the CUDA 13 location-type
+        # attribute in its argument check; the older attribute gives a device ordinal, with
+        # CU_DEVICE_CPU (-1) for the host and CU_DEVICE_INVALID (-2) for "never prefetched".
+        value = _check(
+            driver.cuMemRangeGetAttribute(4, attrs.CU_MEM_RANGE_ATTRIBUTE_LAST_PREFETCH_LOCATION, ptr, nbytes),
+            "cuMemRangeGetAttribute(LAST_PREFETCH_LOCATION)",
+        )
+        ordinal = _as_int32(value)
+        return "device" if ordinal >= 0 else ("host" if ordinal == -1 else "invalid")
+    kind = _as_int32(value)
     types = driver.CUmemLocationType
     if kind == int(types.CU_MEM_LOCATION_TYPE_DEVICE):
         return "device"
     if kind in (int(types.CU_MEM_LOCATION_TYPE_HOST), int(types.CU_MEM_LOCATION_TYPE_HOST_NUMA)):
         return "host"
     return "invalid"
+
+
+def _as_int32(value: object) -> int:
+    """cuMemRangeGetAttribute's 4-byte result, whichever form the binding returns it in."""
+    if isinstance(value, (bytes, bytearray, list, tuple)):
+        return int.from_bytes(bytes(value)[:4], "little", signed=True)
+    return int(value)
 
 
 def device_free_bytes(device_index: int) -> int:
