@@ -26,10 +26,17 @@ namespace cuda {
 
 enum StateMode : int { MODE_STATE32 = 0, MODE_BLOCK8 = 1, MODE_TENSOR8 = 2 };
 
-// At least 2 CTAs (16 warps) per SM: enough loads in flight to saturate HBM (about 40 KB per
-// SM for 8-bit Adam) and a register cap of 128. Without it ptxas picks 64 registers for some
-// prepare kernels and spills.
+// Update kernels: at least 4 CTAs (32 warps) per SM, a register cap of 64. Measured on an
+// H200 (ncu, AdamW8bit block-wise, NVRTC 13.0): with 2 CTAs per SM ptxas used 91 registers,
+// 16 warps per SM issued in only 48% of the cycles (latency-bound: load, then a long
+// dequantize/update/requantize chain per tile) and the kernel reached 35% of copy bandwidth.
+// Prepare kernels keep at least 2 CTAs (cap 128): with a cap of 64 some of them spill.
 constexpr int kMinBlocksPerSM = 2;
+// AdEMAMix (three state values per element) needs more registers: it keeps 2 CTAs.
+template <int ALGO>
+__host__ __device__ constexpr int update_min_blocks_per_sm() {
+  return AlgoTraits<ALGO>::num_values > 2 ? kMinBlocksPerSM : 3;
+}
 
 // Which state tensor (0: state1, 1: state2) and which moment inside it holds value v of the
 // per-element update: Adam (m, v); AdEMAMix (m1, m2 in state1, v in state2); others (s).
@@ -72,9 +79,17 @@ __device__ __forceinline__ void store_tile(const TensorDesc& d, int64_t base, co
   const int64_t n = d.numel;
   const int64_t block = base / kBlockSize;
   // parameters: skipped elements keep their exact stored bits
+  // (float32: p_new already holds the stored value where the update was skipped, so the raw
+  // copy need not stay live - 8 registers fewer, what lets the update kernels fit 3 CTAs)
   T pout[kElemsPerLane];
 #pragma unroll
-  for (int i = 0; i < kElemsPerLane; ++i) pout[i] = keep[i] ? Elem<P>::store(p_new[i]) : praw[i];
+  for (int i = 0; i < kElemsPerLane; ++i) {
+    if constexpr (P == ELEM_F32) {
+      pout[i] = p_new[i];
+    } else {
+      pout[i] = keep[i] ? Elem<P>::store(p_new[i]) : praw[i];
+    }
+  }
 #pragma unroll
   for (int j = 0; j < GROUPS; ++j) store_group<T, VEC>(static_cast<T*>(d.param) + first[j], pout + j * VEC, vec[j], valid[j]);
 
@@ -220,7 +235,7 @@ __device__ __forceinline__ void load_maps(QMapShared* qs, const float* maps, con
 }
 
 template <int ALGO, int P, int MODE>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) update_kernel(const TensorDesc* __restrict__ descs,
+__global__ void __launch_bounds__(kThreads, update_min_blocks_per_sm<ALGO>()) update_kernel(const TensorDesc* __restrict__ descs,
                                                           const int64_t* __restrict__ chunk_prefix,
                                                           int num_tensors, const float* __restrict__ maps,
                                                           const uint8_t* __restrict__ luts) {
