@@ -153,8 +153,9 @@ class CudaBackend:
         for i, item in enumerate(work):
             cuda_plan.check_item(kind, item, native[i])
         work = self._fill_tensorwise_maxima(kind, work)
-        for i, item in enumerate(work):
-            cuda_plan.check_item(kind, item, native[i], need_new_absmax=True)
+        for i, item in enumerate(work):  # only tensor-wise items changed or need more checks
+            if item.quantized and not item.block_wise:
+                cuda_plan.check_item(kind, item, native[i], need_new_absmax=True)
         staged = cuda_plan.stage(work, writes=True)
         for (device, elem, mode), positions in cuda_plan.group_items(staged.items).items():
             self._device(device).update(kind, elem, mode, [staged.items[p] for p in positions])

@@ -181,18 +181,21 @@ _scalar_fields = operator.attrgetter(*STEP_SCALARS.names)
 
 
 def pack_update_descs(kind: UpdateKind, items: Sequence[UpdateItem]) -> np.ndarray:
-    """One ``TensorDesc`` per item (all items contiguous and checked)."""
-    descs = np.zeros(len(items), dtype=TENSOR_DESC)
-    for column, attr in (
-        ("param", "param"), ("grad", "grad"), ("state1", "state1"), ("state2", "state2"),
-        ("absmax1", "absmax1"), ("absmax2", "absmax2"), ("new_absmax1", "new_absmax1"),
-        ("new_absmax2", "new_absmax2"), ("gnorm_scale", "gnorm_scale"), ("update_scale", "update_scale"),
-    ):
-        descs[column] = [_ptr(getattr(item, attr)) for item in items]
-    descs["numel"] = [item.param.numel() for item in items]
-    descs["flags"] = [FLAG_VECTOR_OK if vector_ok(kind, item) else 0 for item in items]
-    descs["scalars"] = np.array([_scalar_fields(item.scalars) for item in items], dtype=STEP_SCALARS)
-    return descs
+    """One ``TensorDesc`` per item (all items contiguous and checked).
+
+    Built row by row in one pass (field order of ``TENSOR_DESC``): this runs for every
+    parameter on every step, and column-wise filling cost twice the host time.
+    """
+    rows = [
+        (
+            _ptr(item.param), _ptr(item.grad), _ptr(item.state1), _ptr(item.state2),
+            _ptr(item.absmax1), _ptr(item.absmax2), _ptr(item.new_absmax1), _ptr(item.new_absmax2),
+            _ptr(item.gnorm_scale), _ptr(item.update_scale), item.param.numel(),
+            FLAG_VECTOR_OK if vector_ok(kind, item) else 0, 0, _scalar_fields(item.scalars), 0,
+        )
+        for item in items
+    ]
+    return np.array(rows, dtype=TENSOR_DESC) if rows else np.zeros(0, dtype=TENSOR_DESC)
 
 
 def pack_norm_descs(tensors: Sequence[torch.Tensor]) -> np.ndarray:
