@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> dict:
     p = probe.param_groups[0]["params"][0]
     per_param = sum(t.numel() * t.element_size() for k, t in probe.state[p].items() if k in ("state1", "state2"))
     state_bytes = per_param * args.params
-    results: dict[str, dict] = {"config": vars(args), "state_bytes": state_bytes}
+    config = {k: v for k, v in vars(args).items() if k != "json"}  # no machine paths in results
+    results: dict[str, dict] = {"config": config, "state_bytes": state_bytes}
     for math in ((True, False) if not args.paging_only else (False,)):
         runs = []
         for label, cfg in candidates(state_bytes, backend):

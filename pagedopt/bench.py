@@ -283,7 +283,7 @@ def run(cases: Sequence[str], optimizers: Sequence[str], repeats: int, warmup: i
     log("")
     log(format_table(results))
     if json_path:
-        payload = {"machine": info, "command": sys.argv, "repeats": repeats, "warmup": warmup,
+        payload = {"machine": info, "command": ["pagedopt", *sys.argv[1:]], "repeats": repeats, "warmup": warmup,
                    "results": [dataclasses.asdict(r) for r in results]}
         with open(json_path, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=2)
