@@ -2,9 +2,10 @@
 
 The launcher packs per-tensor descriptors into numpy structured arrays, uploads them, and
 the kernels read them as C structs (``native/cuda/tiling.cuh``). Both sides must agree to
-the byte: :func:`prelude` emits a ``static_assert`` for the size of every struct and the
-offset of every field from the numpy dtypes below, and every program is compiled with that
-prelude, so a mismatch fails compilation (in CI, without a GPU) instead of corrupting memory.
+the byte: :func:`layout_checks` emits a ``static_assert`` for the size of every struct and
+the offset of every field from the numpy dtypes below (the offsets where NVRTC has
+``__builtin_offsetof``: 13.5 does, 13.0 does not), and every program is compiled with them,
+so a mismatch fails compilation (in CI, without a GPU) instead of corrupting memory.
 
 Example:
     >>> from pagedopt.backends.cuda_layout import TENSOR_DESC, STEP_SCALARS
