@@ -18,6 +18,13 @@ Environment variables:
 * ``PAGEDOPT_NO_NATIVE=1`` - skip the native build (pagedopt then runs the pure-torch
   reference on CPU and warns once).
 
+Packaging (``python -m build`` makes the sdist and the wheel): ``build_py`` copies
+``native/cuda`` and ``native/include`` into ``pagedopt/_native`` of the build tree, so the wheel
+carries the CUDA kernel sources and headers NVRTC compiles at run time; ``native/`` stays the
+only copy in the repository. Without a working compiler the install still succeeds, without
+the CPU library (pagedopt then warns once and uses its pure-torch path); set
+``PAGEDOPT_REQUIRE_NATIVE=1`` to make a failed CPU build fail the install (CI, images).
+
 Numerics flags: ``-ffp-contract=off`` (no FMA contraction) and no ``-ffast-math`` keep every
 float32 operation rounded exactly like the torch reference. ``-fno-math-errno`` (sqrt never
 sets errno) and ``-fno-trapping-math`` (we never read floating-point exception flags) change
@@ -29,6 +36,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +44,7 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 NATIVE_EXT = "pagedopt.backends.libpagedopt_cpu"
@@ -158,4 +167,86 @@ def _extensions() -> list[Extension]:
     return [Extension(NATIVE_EXT, sources=CPU_SOURCES, depends=HEADERS, language="c++")]
 
 
-setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildNative})
+# ---- packaging: kernel sources as package data; a build that survives a missing compiler ------
+
+# Where a built package carries native/cuda and native/include (NVRTC compiles them at run
+# time). native/ stays the one source of truth: the copies exist only inside build trees.
+NATIVE_PACKAGE_DIR = Path("pagedopt") / "_native"
+NATIVE_NOTE = "libpagedopt_cpu.missing.txt"  # pagedopt/backends/install_info.py reads it
+REQUIRE_NATIVE_ENV = "PAGEDOPT_REQUIRE_NATIVE"  # 1: a failed CPU build fails the install (CI, images)
+
+
+def native_package_files() -> list[tuple[Path, Path]]:
+    """(source in native/, destination inside the package) for every CUDA source and header."""
+    files = []
+    for sub in ("cuda", "include"):
+        for src in sorted((ROOT / "native" / sub).rglob("*")):
+            if src.is_file() and src.suffix in (".cu", ".cuh", ".h"):
+                files.append((src, NATIVE_PACKAGE_DIR / src.relative_to(ROOT / "native")))
+    return files
+
+
+class BuildPyWithNative(build_py):
+    """build_py that also copies the kernel sources into ``pagedopt/_native`` of the build tree."""
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return  # an editable install reads native/ from the checkout next to the package
+        for src, rel in native_package_files():
+            target = Path(self.build_lib) / rel
+            self.mkpath(str(target.parent))
+            self.copy_file(str(src), str(target), preserve_mode=False)
+
+    def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+        extra = [] if getattr(self, "editable_mode", False) else [
+            str(Path(self.build_lib) / rel) for _, rel in native_package_files()
+        ]
+        return super().get_outputs(include_bytecode) + extra
+
+
+def _missing_compiler_message(cxx: str, reason: str) -> str:
+    return (
+        f"pagedopt: the native CPU library was not built ({reason}).\n"
+        "pagedopt installs without it and runs CPU optimizer steps on its pure-torch reference path, "
+        "which gives the same results much more slowly (it warns once at run time).\n"
+        f"To build it, install a C++17 compiler with OpenMP (e.g. `apt-get install g++`; compiler: {cxx}, "
+        "set PAGEDOPT_CXX to choose another) and reinstall; set "
+        f"{REQUIRE_NATIVE_ENV}=1 to make this an error, PAGEDOPT_NO_NATIVE=1 to skip the build quietly."
+    )
+
+
+class BuildNativeOptional(BuildNative):
+    """BuildNative that, without a working compiler, installs pagedopt without the library.
+
+    It says why on stderr and leaves the reason in ``pagedopt/backends/{NATIVE_NOTE}`` so the
+    run-time fallback warning can repeat it; ``PAGEDOPT_REQUIRE_NATIVE=1`` fails instead.
+    """
+
+    def build_extension(self, ext: Extension) -> None:
+        if ext.name != NATIVE_EXT:
+            super().build_extension(ext)
+            return
+        note = Path(self.get_ext_fullpath(ext.name)).with_name(NATIVE_NOTE)
+        cxx = _compiler()
+        try:
+            if shutil.which(cxx) is None:
+                raise FileNotFoundError(f"the C++ compiler {cxx!r} was not found")
+            super().build_extension(ext)
+        except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+            if os.environ.get(REQUIRE_NATIVE_ENV, "") not in ("", "0"):
+                raise
+            reason = str(exc).splitlines()[0]
+            message = _missing_compiler_message(cxx, reason)
+            sys.stderr.write(message + "\n")
+            note.parent.mkdir(parents=True, exist_ok=True)
+            note.write_text(f"the native CPU library was not built: {reason}\n", encoding="utf-8")
+            return
+        if note.exists():
+            note.unlink()
+
+
+setup(
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": BuildNativeOptional, "build_py": BuildPyWithNative},
+)

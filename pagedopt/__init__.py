@@ -16,13 +16,12 @@ Example:
 from __future__ import annotations
 
 from . import backends, functional, optim, telemetry  # backends: registers the native kernels
+from ._version import __version__
 from .config import ConfigError, PagedoptConfig, build_optimizer, load_config
 from .nn import StableEmbedding
 from .optim import *  # noqa: F401,F403  (the optimizer classes)
 from .optim import OPTIMIZER_NAMES, GlobalOptimManager, Optimizer1State, Optimizer2State, Optimizer8bit
 from .paging.config import PagingConfig
-
-__version__ = "0.1.0"
 
 __all__ = [
     "GlobalOptimManager", "Optimizer8bit", "Optimizer2State", "Optimizer1State", "StableEmbedding",

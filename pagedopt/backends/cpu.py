@@ -41,14 +41,11 @@ from ..functional.kinds import UpdateKind
 from ..functional.qmap import decision_thresholds, dynamic_map
 from ..functional.quantization import num_blocks
 from ..functional.scalars import StepScalars
+from . import install_info
 
 ABI_VERSION = 2  # PO_ABI_VERSION in native/cpu/pagedopt_cpu.h
 LIBRARY_FILE = "libpagedopt_cpu.so"
 LIBRARY_ENV = "PAGEDOPT_CPU_LIBRARY"  # load this file instead of the packaged one
-REBUILD_HINT = (
-    "rebuild it with `pip install -e .` (or `python setup.py build_ext --inplace`) in the pagedopt "
-    "source tree"
-)
 
 # torch dtype -> ElemType of native/include/pagedopt/common.h
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -218,7 +215,7 @@ def _warn_unavailable(reason: str) -> None:
     _warned = True
     warnings.warn(
         f"pagedopt: the native CPU kernels are unavailable ({reason}); CPU optimizer steps use the "
-        f"pure-torch reference path, which computes the same results much more slowly. To fix: {REBUILD_HINT}.",
+        f"pure-torch reference path, which computes the same results much more slowly. To fix: {install_info.cpu_rebuild_hint()}.",
         RuntimeWarning,
         stacklevel=3,
     )
