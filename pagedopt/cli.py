@@ -1,4 +1,4 @@
-"""The ``pagedopt`` command: ``train``, ``bench``, ``config``, ``kernels``.
+"""The ``pagedopt`` command: ``train``, ``bench``, ``config``, ``kernels``, ``env``.
 
 Each subcommand lives in its own module under :mod:`pagedopt.commands` and provides
 ``add_parser(subparsers)``, which registers its arguments and sets ``func`` to the function
@@ -23,14 +23,19 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pagedopt.commands.bench",
     "pagedopt.commands.config",
     "pagedopt.commands.kernels",
+    "pagedopt.commands.env",
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pagedopt",
-        description="8-bit paged optimizers: train the demo model, benchmark, check configs, compile kernels.",
+        description="8-bit paged optimizers: train the demo model, benchmark, check configs, compile kernels, "
+        "report the environment.",
     )
+    from ._version import __version__
+
+    parser.add_argument("--version", action="version", version=f"pagedopt {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_parser(subparsers)

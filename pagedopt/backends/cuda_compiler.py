@@ -10,10 +10,12 @@ every kernel ahead of time (``pagedopt kernels --arch sm_80,sm_90``).
   square root, no flush-to-zero: each operation rounds like the pure-torch reference.
 * **Cache.** ``$PAGEDOPT_KERNEL_CACHE`` (default ``~/.cache/pagedopt/kernels``), one cubin
   plus a JSON sidecar (symbols, PTX parameter sizes, ptxas resource usage, compile log) per
-  program and architecture, keyed by the SHA-256 of the sources (kernel file, every header
-  under ``native/include`` and ``native/cuda``, the generated prelude), the architecture, the
-  NVRTC version, the options and the requested kernels. Writes are atomic; a file lock keeps
-  several ranks on one node from compiling the same program at once.
+  program and architecture, keyed by the SHA-256 of the pagedopt version, the sources (kernel
+  file, every header under ``native/include`` and ``native/cuda``, the generated prelude), the
+  architecture, the NVRTC version, the options and the requested kernels. Writes are atomic
+  (:mod:`pagedopt.fileio`); a file lock keeps several ranks on one node from compiling the
+  same program at once; the cache is pruned to ``$PAGEDOPT_KERNEL_CACHE_MAX`` (1 GiB) least
+  recently used first (:mod:`pagedopt.backends.kernel_cache`).
 * **Statistics.** :data:`STATS` counts compiles, compile seconds, cache hits and misses (the
   telemetry exporter reads :func:`kernel_stats`).
 
@@ -27,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -39,12 +40,13 @@ import time
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterator
 
-from . import cuda_layout
+from .._version import __version__
+from ..fileio import atomic_write_bytes
+from . import cuda_layout, kernel_cache
 from .cuda_catalog import ProgramSpec
+from .kernel_cache import CACHE_ENV, cache_dir
 
-CACHE_ENV = "PAGEDOPT_KERNEL_CACHE"
 NATIVE_DIR_ENV = "PAGEDOPT_NATIVE_DIR"
 CACHE_FORMAT = "pagedopt-cubin-v1"
 INSTALL_HINT = "pip install pagedopt[cuda]"
@@ -122,14 +124,6 @@ def native_dir() -> Path:
         f"pagedopt's kernel sources (native/cuda, native/include) were not found in {where}; "
         f"reinstall pagedopt or set {NATIVE_DIR_ENV} to the native/ directory"
     )
-
-
-def cache_dir() -> Path:
-    override = os.environ.get(CACHE_ENV)
-    if override:
-        return Path(override).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "pagedopt" / "kernels"
 
 
 def _header_files(root: Path) -> list[Path]:
@@ -251,6 +245,7 @@ def cache_key(spec: ProgramSpec, arch: str, root: Path | None = None) -> str:
         h.update(raw)
 
     feed("format", CACHE_FORMAT)
+    feed("pagedopt", __version__)
     feed("source", program_source(spec, root))
     for header in _header_files(root):
         feed(f"header {header.relative_to(root).as_posix()}", header.read_bytes())
@@ -375,28 +370,6 @@ def _paths(spec: ProgramSpec, arch: str, key: str) -> tuple[Path, Path]:
     return stem.with_suffix(".cubin"), stem.with_suffix(".json")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive lock on ``path`` (POSIX); a no-op where fcntl is unavailable."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: compiling twice is harmless, only slower
-        yield
-        return
-    with open(path, "a+b") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _read_cached(spec: ProgramSpec, arch: str, key: str) -> CompiledProgram | None:
     cubin_path, meta_path = _paths(spec, arch, key)
     try:
@@ -406,6 +379,7 @@ def _read_cached(spec: ProgramSpec, arch: str, key: str) -> CompiledProgram | No
         return None
     if meta.get("key") != key or hashlib.sha256(cubin).hexdigest() != meta.get("cubin_sha256"):
         return None
+    kernel_cache.mark_used(meta_path)
     return CompiledProgram(
         spec=spec, arch=arch, key=key, cubin=cubin, symbols=meta["symbols"], ptx_params=meta["ptx_params"],
         resources=meta["resources"], log=meta["log"], compile_seconds=meta["compile_seconds"], from_cache=True,
@@ -416,6 +390,7 @@ def _write_cached(program: CompiledProgram) -> None:
     cubin_path, meta_path = _paths(program.spec, program.arch, program.key)
     meta = {
         "key": program.key,
+        "pagedopt": __version__,
         "program": program.spec.slug,
         "arch": program.arch,
         "nvrtc": "%d.%d" % nvrtc_version(),
@@ -427,8 +402,9 @@ def _write_cached(program: CompiledProgram) -> None:
         "compile_seconds": program.compile_seconds,
         "cubin_sha256": hashlib.sha256(program.cubin).hexdigest(),
     }
-    _atomic_write(cubin_path, program.cubin)
-    _atomic_write(meta_path, json.dumps(meta, indent=1, sort_keys=True).encode())
+    # The cubin first: a reader that finds the sidecar also finds the complete cubin it names.
+    atomic_write_bytes(cubin_path, program.cubin)
+    atomic_write_bytes(meta_path, json.dumps(meta, indent=1, sort_keys=True).encode())
 
 
 def check_signatures(program: CompiledProgram) -> None:
@@ -461,7 +437,7 @@ def compile_program(spec: ProgramSpec, arch: str, *, use_cache: bool = True) -> 
         _warn_uncached(directory, exc)
         return _compile_uncached(spec, arch, root, key)
     lock = directory / f".{spec.slug}.lock"
-    with _file_lock(lock):
+    with kernel_cache.file_lock(lock):
         if use_cache and (cached := _read_cached(spec, arch, key)) is not None:  # another rank won
             STATS.add(cache_hits=1)
             return cached
@@ -475,6 +451,8 @@ def compile_program(spec: ProgramSpec, arch: str, *, use_cache: bool = True) -> 
             _write_cached(program)
         except OSError as exc:
             _warn_uncached(directory, exc)
+        else:
+            kernel_cache.prune(keep=(_paths(spec, arch, key)[1],))
     STATS.add(cache_misses=1, programs_compiled=1, compile_seconds=seconds)
     return program
 

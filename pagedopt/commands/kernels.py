@@ -3,7 +3,10 @@
 For air-gapped clusters (fill the cache on a login node, copy it or point
 ``PAGEDOPT_KERNEL_CACHE`` at shared storage) and for CI. Prints
 ``compiled N kernels for sm_80,sm_90`` (N counts kernels per architecture times
-architectures) and exits non-zero with NVRTC's log on any compile error.
+architectures) and exits non-zero with NVRTC's log on any compile error. ``--list`` prints
+what the cache holds (program, architecture, size, last use) and ``--clear`` empties it; both
+work without cuda-python. The cache keeps at most ``$PAGEDOPT_KERNEL_CACHE_MAX`` bytes (1 GiB)
+and drops the least recently used programs first.
 
 Example:
     >>> from pagedopt.cli import build_parser
@@ -33,10 +36,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--force", action="store_true", help="recompile even when the cache has the cubin")
     parser.add_argument("--jobs", type=int, default=None, help="parallel NVRTC compilations (default: CPU count)")
     parser.add_argument("--verbose", action="store_true", help="print registers and spills of every kernel")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--list", action="store_true", help="list the cached kernels (no compiling)")
+    action.add_argument("--clear", action="store_true", help="remove every cached kernel (no compiling)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "list", False):
+        return _list()
+    if getattr(args, "clear", False):
+        return _clear()
     from ..backends import cuda_compiler
     from ..backends.cuda_catalog import all_programs, distinct_kernels
 
@@ -88,3 +98,32 @@ def _print_resources(programs) -> None:
         lowered = {v: k for k, v in p.symbols.items()}
         for name, r in sorted(p.resources.items()):
             print(f"{p.arch:6} {r['registers']:4d} {r['smem_bytes']:6d} {lowered.get(name, name)}")
+
+
+def _list() -> int:
+    from ..backends import kernel_cache
+
+    directory = kernel_cache.cache_dir()
+    try:
+        limit = f"{kernel_cache.max_bytes() / 2**20:.0f} MiB"
+    except ValueError as exc:
+        limit = f"invalid: {exc}"
+    items = kernel_cache.entries(directory)
+    print(f"kernel cache {directory}: {len(items)} programs, {kernel_cache.total_bytes(directory) / 2**20:.1f} MiB "
+          f"(limit {limit}, {kernel_cache.MAX_ENV})")
+    if items:
+        print(f"{'arch':7} {'KiB':>7} {'last used (UTC)':20} {'pagedopt':8} {'nvrtc':5} program")
+    for entry in reversed(items):  # most recently used first
+        info = entry.describe()
+        print(f"{entry.arch:7} {entry.bytes / 1024:7.0f} {info['last_used']:20} {str(info.get('pagedopt', '?')):8} "
+              f"{str(info.get('nvrtc', '?')):5} {entry.program}-{entry.key}")
+    return 0
+
+
+def _clear() -> int:
+    from ..backends import kernel_cache
+
+    directory = kernel_cache.cache_dir()
+    count, freed = kernel_cache.clear(directory)
+    print(f"removed {count} cached programs ({freed / 2**20:.1f} MiB) from {directory}")
+    return 0
