@@ -50,7 +50,7 @@ def test_snippet_runs(name, tmp_path):
     module, launch, code = _snippets()[name]
     if not _installed(module):
         pytest.skip(f"{module} is not installed (the {name} snippet needs it; pagedopt does not depend on it)")
-    script = tmp_path / f"{name}.py"
+    script = tmp_path / f"snippet_{name}.py"  # not "{name}.py": it would shadow the framework
     script.write_text(code)
     if launch == "torchrun":
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
