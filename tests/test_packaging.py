@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("setuptools", minversion="77", reason="building pagedopt needs setuptools>=77 (pip install build setuptools)")
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import check_wheel  # noqa: E402  (scripts/check_wheel.py)
