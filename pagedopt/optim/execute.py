@@ -75,6 +75,8 @@ class StepMixin:
     _plan: StepPlan | None = None
     _plan_generation: int = 0
     plan_builds: int = 0  # how many times a step plan was built (tests and telemetry)
+    # False: every parameter takes the per-item passes (the reference path of the plan tests).
+    prepared_launches: bool = True
 
     def invalidate_plan(self) -> None:
         """Make the next step rebuild its plan (called by everything that reshapes it)."""
@@ -99,7 +101,7 @@ class StepMixin:
         if self._uses_hook_path():
             works = self._hook_step()
         else:
-            works = self._planned_step(per_item_only=sink is not NULL_SINK)
+            works = self._planned_step(per_item_only=sink is not NULL_SINK or not self.prepared_launches)
         self.steps_taken += 1
         if sink is not NULL_SINK:
             sink.on_step(self, self._step_report(works, started))
@@ -151,12 +153,14 @@ class StepMixin:
             params=list(params),
             has_grad=[g is not None for g in grads],
             param_ptrs=[e.key.data_ptr() for e in entries],
-            state_tensors=[e.state.get("state1") for e in entries],
+            state_dicts=[e.state for e in entries],
+            state_tensors=[],
             generation=self._plan_key(),
             group_signatures=group_signatures(self.param_groups),
             entries=entries,
         )
         self._group_launches(plan, grads)
+        plan.state_tensors = [e.state.get("state1") for lg in plan.launch_groups for e in lg.entries]
         return plan
 
     def _group_launches(self, plan: StepPlan, grads: list[Any]) -> None:

@@ -83,7 +83,8 @@ class StepPlan:
     params: list[torch.Tensor]  # every parameter of every group, in order
     has_grad: list[bool]
     param_ptrs: list[int]  # storage of the planned parameters (p.data replaced -> re-plan)
-    state_tensors: list[Any]  # state1 of every entry (state replaced -> re-plan)
+    state_dicts: list[Any]  # every entry's state dict (state replaced -> re-plan)
+    state_tensors: list[Any]  # state1 of every launched entry (tensor replaced -> re-plan)
     generation: tuple[Any, ...]
     group_signatures: list[tuple[Any, ...]]
     entries: list[PlanEntry] = field(default_factory=list)
@@ -103,11 +104,12 @@ class StepPlan:
         keys = [e.key for e in self.entries]
         if [p.data_ptr() for p in keys] != self.param_ptrs:
             return False
-        current = [state.get(k, _EMPTY).get("state1") for k in keys]
-        return all(map(is_, current, self.state_tensors))
-
-
-_EMPTY: dict[str, Any] = {}
+        if not all(map(is_, [state.get(k) for k in keys], self.state_dicts)):
+            return False
+        # Prepared launches hold pointers to the state tensors: they must not have been replaced.
+        # (Paged state is replaced by the pager as it moves; it never joins a launch.)
+        launched = [e.state.get("state1") for lg in self.launch_groups for e in lg.entries]
+        return all(map(is_, launched, self.state_tensors))
 
 
 def flat_params(param_groups: list[dict[str, Any]]) -> list[torch.Tensor]:
