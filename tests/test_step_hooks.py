@@ -191,3 +191,13 @@ def test_compiled_step_matches_eager(mode):
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
     assert [s["step"] for s in compiled_opt.state.values()] == [3] * 4
+
+
+def test_config_numerics_and_cuda_graph_reach_the_optimizer():
+    model = torch.nn.Linear(4, 4)
+    opt = pagedopt.build_optimizer(model, {"optimizer": "AdamW8bit", "numerics": "strict", "cuda_graph": False})
+    assert (opt.numerics, opt.cuda_graph) == ("strict", False)
+    opt = pagedopt.build_optimizer(model, {"optimizer": "AdamW8bit"})
+    assert (opt.numerics, opt.cuda_graph) == ("fast", True)
+    with pytest.raises(pagedopt.ConfigError, match="numerics: Input should be 'fast' or 'strict'"):
+        pagedopt.build_optimizer(model, {"optimizer": "AdamW8bit", "numerics": "exact"})
