@@ -202,6 +202,7 @@ def optimizer_for(resolution: Resolution) -> Optimizer8bit:
     optimizer = cls(groups, **kwargs)
     optimizer.numerics = config.numerics
     optimizer.cuda_graph = config.cuda_graph
+    optimizer.update_in_backward = config.update_in_backward
     return optimizer
 
 

@@ -229,6 +229,8 @@ class PagedoptConfig(BaseModel):
         numerics: ``fast`` (default) or ``strict``: the CUDA kernels' math mode (``strict``:
             bit-identical to the CPU kernels; see :class:`~pagedopt.optim.Optimizer8bit`).
         cuda_graph: replay the planned step as a CUDA graph on CUDA devices (default true).
+        update_in_backward: update each parameter in backward and free its gradient
+            (default false; see :mod:`pagedopt.optim.backward_update`).
 
     Example:
         >>> cfg = PagedoptConfig.model_validate({"optimizer": "Lion8bit"})
@@ -245,6 +247,7 @@ class PagedoptConfig(BaseModel):
     strict: StrictBool = False
     numerics: Literal["fast", "strict"] = "fast"
     cuda_graph: StrictBool = True
+    update_in_backward: StrictBool = False
 
     _source: str | None = PrivateAttr(default=None)
 

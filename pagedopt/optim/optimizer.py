@@ -33,6 +33,8 @@ Example:
 from __future__ import annotations
 from __future__ import annotations
 
+import functools
+import inspect
 import warnings
 from copy import deepcopy
 from collections import defaultdict
@@ -41,16 +43,16 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from ..distributed import sharding
 from ..functional.kinds import UpdateKind, kind_for
 from ..paging.config import PagingConfig
 from ..paging.store import DeviceStateStore, StateStore
 from ..telemetry.sink import NULL_SINK, StatsSink
 from . import validation
+from .backward_update import BackwardUpdateMixin
 from .execute import StepMixin
 from .hooks import HooksMixin
 from .manager import STATE_SHAPING_SETTINGS, GlobalOptimManager, check_paging_value
-from .memory import MemoryReport, MemoryRow, precision_of
+from .memory import MemoryReportMixin
 from .passes import PerItemPassesMixin
 from .state_init import StateInitMixin
 from .state_io import (  # noqa: F401  (re-exported: the names lived here before the split)
@@ -80,7 +82,10 @@ class MockArgs:
 
 
 
-class Optimizer8bit(StepMixin, PerItemPassesMixin, HooksMixin, StateInitMixin, StateImportMixin, torch.optim.Optimizer):
+class Optimizer8bit(
+    StepMixin, PerItemPassesMixin, HooksMixin, BackwardUpdateMixin, StateInitMixin, StateImportMixin, MemoryReportMixin,
+    torch.optim.Optimizer,
+):
     """Base class of every pagedopt optimizer (bitsandbytes' ``Optimizer8bit``).
 
     Args:
@@ -96,6 +101,8 @@ class Optimizer8bit(StepMixin, PerItemPassesMixin, HooksMixin, StateInitMixin, S
             reference are always strict. Settable later as ``opt.numerics``.
         cuda_graph: replay a stable step plan as a CUDA graph on CUDA devices (default
             ``True``; no effect on CPU). Settable later as ``opt.cuda_graph``.
+        update_in_backward: update each parameter in backward as soon as its gradient is
+            ready and free the gradient (see :mod:`pagedopt.optim.backward_update`).
 
     The step is planned once and reused (:mod:`pagedopt.optim.plan`); subclasses that override
     bitsandbytes' hooks get the per-parameter loop (:mod:`pagedopt.optim.hooks`).
@@ -112,6 +119,12 @@ class Optimizer8bit(StepMixin, PerItemPassesMixin, HooksMixin, StateInitMixin, S
     kind: UpdateKind | None = None
     betas_len: int | None = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            cls.__init__ = _accept_runtime_options(init)
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -122,6 +135,7 @@ class Optimizer8bit(StepMixin, PerItemPassesMixin, HooksMixin, StateInitMixin, S
         paging: PagingConfig | Mapping[str, Any] | None = None,
         numerics: str = "fast",
         cuda_graph: bool = True,
+        update_in_backward: bool = False,
     ):
         validation.check_static({"optim_bits": optim_bits})
         self._numerics = check_numerics(numerics)
@@ -143,6 +157,8 @@ class Optimizer8bit(StepMixin, PerItemPassesMixin, HooksMixin, StateInitMixin, S
         self._qmaps: dict[tuple[torch.device, bool], torch.Tensor] = {}
         self.state_store: StateStore = self._make_state_store()
         super().__init__(params, defaults)
+        if update_in_backward:
+            self.update_in_backward = True
 
     # -- construction ------------------------------------------------------------------------
 
@@ -158,6 +174,7 @@ class Optimizer8bit(StepMixin, PerItemPassesMixin, HooksMixin, StateInitMixin, S
         paging: PagingConfig | Mapping[str, Any] | None,
         numerics: str = "fast",
         cuda_graph: bool = True,
+        update_in_backward: bool = False,
     ) -> None:
         """Shared constructor of Optimizer2State/Optimizer1State: resolve the update kind, the
         8-bit settings (``args`` replaces them, as in bitsandbytes) and the group defaults."""
@@ -175,7 +192,7 @@ class Optimizer8bit(StepMixin, PerItemPassesMixin, HooksMixin, StateInitMixin, S
         validation.check_hyperparameters(defaults, self.betas_len)
         Optimizer8bit.__init__(
             self, params, defaults, static["optim_bits"], is_paged, paging=paging, numerics=numerics,
-            cuda_graph=cuda_graph,
+            cuda_graph=cuda_graph, update_in_backward=update_in_backward,
         )
 
     def _make_state_store(self) -> StateStore:
@@ -220,6 +237,7 @@ class Optimizer8bit(StepMixin, PerItemPassesMixin, HooksMixin, StateInitMixin, S
             self.param_groups.pop()
             raise
         self._check_group(group)
+        self._hook_new_group(group)
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
         """Optimizer-specific group checks (subclasses)."""
@@ -300,60 +318,7 @@ class Optimizer8bit(StepMixin, PerItemPassesMixin, HooksMixin, StateInitMixin, S
             return str(names[pindex])
         return f"group{gindex}.param{pindex}"
 
-    # -- memory ------------------------------------------------------------------------------
-
-    def memory_report(self) -> MemoryReport:
-        """One row per parameter: name, numel, state precision, state bytes, residency.
-
-        Under FSDP2 each rank reports its own shards (numel and bytes of the local part)."""
-        self._sync_overrides()
-        rows = []
-        for gindex, group in enumerate(self.param_groups):
-            for pindex, p in enumerate(group["params"]):
-                state = self.state.get(p)
-                if not state:
-                    continue
-                tensors = [state[k] for k in STATE_TENSOR_KEYS if isinstance(state.get(k), torch.Tensor)]
-                rows.append(
-                    MemoryRow(
-                        name=self._param_name(group, gindex, pindex),
-                        numel=local_tensor(p).numel(),  # this rank's shard under FSDP2, like the bytes
-                        precision=precision_of(state, self._settings(group, p)["block_wise"]),
-                        state_bytes=sum(t.numel() * t.element_size() for t in tensors),
-                        residency=self.state_store.residency(p, state),
-                        state_elements=self.kind.num_states + self.kind.state1_moments - 1,
-                    )
-                )
-        shared = sum(q.numel() * q.element_size() for q in self._qmaps.values())
-        return MemoryReport(rows=rows, shared_bytes=shared)
-
     # -- state dict --------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """torch's state dict with the quantization tensors of each parameter nested under
-        ``"__bnb_optimizer_quant_state__"`` (the bitsandbytes >= 0.49 layout, which FSDP's
-        gathering skips). DTensor (FSDP2) parameters instead get flat DTensor entries that
-        DCP can reshard (see :mod:`pagedopt.distributed.sharding`)."""
-        sd = super().state_dict()
-        sd["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in sd["state"].items()}
-        # torch numbers parameters in param_groups order: index -> parameter.
-        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
-        group_of = {p: g for g in self.param_groups for p in g["params"]}
-        for index, param_state in sd["state"].items():
-            if not isinstance(param_state, dict):
-                continue
-            if isinstance(index, int) and index < len(params) and sharding.is_sharded(params[index]):
-                # FSDP2: DTensors with the parameter's placements, flat keys (for DCP).
-                p = params[index]
-                block_wise = self._settings(group_of[p], p)["block_wise"]
-                sd["state"][index] = sharding.checkpoint_state(
-                    p, param_state, self.kind, block_wise, f"parameter {index}"
-                )
-                continue
-            quant = {k: param_state.pop(k) for k in list(param_state) if k in self.non_castable_tensor_keys}
-            if quant:
-                param_state[QUANT_STATE_KEY] = quant
-        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any], move_to_device: bool = True) -> None:
         """Load a pagedopt or bitsandbytes (nested or flat) state dict; training continues.
@@ -393,6 +358,36 @@ class Optimizer8bit(StepMixin, PerItemPassesMixin, HooksMixin, StateInitMixin, S
         self.__setstate__({"state": new_state, "param_groups": new_groups})
         self.invalidate_plan()
 
+# Keyword arguments every optimizer class accepts, whether or not its own signature lists
+# them: they set attributes after construction (see Optimizer8bit's Args).
+RUNTIME_OPTIONS = ("numerics", "cuda_graph", "update_in_backward")
+
+
+def _accept_runtime_options(init: Any) -> Any:
+    """Wrap a subclass ``__init__`` whose signature lacks some of :data:`RUNTIME_OPTIONS`
+    (the per-algorithm classes keep bitsandbytes' signatures) so that it accepts them as
+    keyword arguments and applies them once the optimizer is built."""
+    try:
+        accepted = set(inspect.signature(init).parameters)
+    except (TypeError, ValueError):
+        return init
+    missing = [name for name in RUNTIME_OPTIONS if name not in accepted]
+    if not missing or getattr(init, "_pagedopt_runtime_options", False):
+        return init
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        options = {name: kwargs.pop(name) for name in missing if name in kwargs}
+        if "numerics" in options:
+            check_numerics(options["numerics"])
+        init(self, *args, **kwargs)
+        for name, value in options.items():
+            setattr(self, name, value)
+
+    __init__._pagedopt_runtime_options = True  # type: ignore[attr-defined]
+    return __init__
+
+
 def _static_settings(args: Any, given: Mapping[str, Any]) -> dict[str, Any]:
     """The six 8-bit settings from bitsandbytes' ``args`` object, falling back to ``given``."""
     if args is None:
@@ -428,7 +423,7 @@ class Optimizer2State(Optimizer8bit):
         is_paged: page the state (see :class:`~pagedopt.PagingConfig`).
         alpha, t_alpha, t_beta3: AdEMAMix mixing coefficient and warm-up lengths.
         paging: a :class:`~pagedopt.PagingConfig`; implies ``is_paged``.
-        numerics, cuda_graph: see :class:`Optimizer8bit`.
+        numerics, cuda_graph, update_in_backward: see :class:`Optimizer8bit`.
 
     Example:
         >>> import torch, pagedopt
@@ -464,6 +459,7 @@ class Optimizer2State(Optimizer8bit):
         paging: PagingConfig | Mapping[str, Any] | None = None,
         numerics: str = "fast",
         cuda_graph: bool = True,
+        update_in_backward: bool = False,
         _extra_defaults: Mapping[str, Any] | None = None,
     ):
         self._init_named(
@@ -472,7 +468,7 @@ class Optimizer2State(Optimizer8bit):
                  t_beta3=t_beta3, **(_extra_defaults or {})),
             dict(optim_bits=optim_bits, min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping,
                  block_wise=block_wise, max_unorm=max_unorm, skip_zeros=skip_zeros),
-            args, is_paged, paging, numerics, cuda_graph,
+            args, is_paged, paging, numerics, cuda_graph, update_in_backward,
         )
 
 
@@ -517,6 +513,7 @@ class Optimizer1State(Optimizer8bit):
         paging: PagingConfig | Mapping[str, Any] | None = None,
         numerics: str = "fast",
         cuda_graph: bool = True,
+        update_in_backward: bool = False,
         _extra_defaults: Mapping[str, Any] | None = None,
     ):
         self._init_named(
@@ -524,5 +521,5 @@ class Optimizer1State(Optimizer8bit):
             dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **(_extra_defaults or {})),
             dict(optim_bits=optim_bits, min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping,
                  block_wise=block_wise, max_unorm=max_unorm, skip_zeros=skip_zeros),
-            args, is_paged, paging, numerics, cuda_graph,
+            args, is_paged, paging, numerics, cuda_graph, update_in_backward,
         )

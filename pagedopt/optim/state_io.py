@@ -1,4 +1,5 @@
-"""Loading optimizer state: converting a loaded parameter state into this optimizer's layout.
+"""State dict I/O: saving (``state_dict``) and converting a loaded parameter state into this
+optimizer's layout.
 
 :meth:`Optimizer8bit.load_state_dict <pagedopt.optim.Optimizer8bit.load_state_dict>` (in
 :mod:`pagedopt.optim.optimizer`) checks the groups and maps saved indices to parameters; the
@@ -17,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any, Mapping
 
 import torch
@@ -43,7 +45,8 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 class StateImportMixin:
-    """Per-parameter conversions of loaded state (mixed into :class:`Optimizer8bit`)."""
+    """``state_dict()`` and the per-parameter conversions of loaded state (mixed into
+    :class:`Optimizer8bit`, whose ``load_state_dict`` calls them)."""
 
     @staticmethod
     def _merge_loaded_group(group: Mapping[str, Any], saved: Mapping[str, Any]) -> dict[str, Any]:
@@ -148,3 +151,28 @@ class StateImportMixin:
             shape = (moments, -1) if absmax.dim() == 2 else (-1,)
             value[f"absmax{index}"] = torch.stack(new_absmax).reshape(shape)
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict with the quantization tensors of each parameter nested under
+        ``"__bnb_optimizer_quant_state__"`` (the bitsandbytes >= 0.49 layout, which FSDP's
+        gathering skips). DTensor (FSDP2) parameters instead get flat DTensor entries that
+        DCP can reshard (see :mod:`pagedopt.distributed.sharding`)."""
+        sd = super().state_dict()
+        sd["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in sd["state"].items()}
+        # torch numbers parameters in param_groups order: index -> parameter.
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        group_of = {p: g for g in self.param_groups for p in g["params"]}
+        for index, param_state in sd["state"].items():
+            if not isinstance(param_state, dict):
+                continue
+            if isinstance(index, int) and index < len(params) and sharding.is_sharded(params[index]):
+                # FSDP2: DTensors with the parameter's placements, flat keys (for DCP).
+                p = params[index]
+                block_wise = self._settings(group_of[p], p)["block_wise"]
+                sd["state"][index] = sharding.checkpoint_state(
+                    p, param_state, self.kind, block_wise, f"parameter {index}"
+                )
+                continue
+            quant = {k: param_state.pop(k) for k in list(param_state) if k in self.non_castable_tensor_keys}
+            if quant:
+                param_state[QUANT_STATE_KEY] = quant
+        return sd
