@@ -47,26 +47,32 @@ from .state_io import QUANT_STATE_KEY, local_tensor
 _shape = attrgetter("shape")
 _dtype = attrgetter("dtype")
 _layout = attrgetter("layout")
-_is_cpu = attrgetter("is_cpu")
+_device = attrgetter("device")
 _data_ptr = methodcaller("data_ptr")
 _is_contiguous = methodcaller("is_contiguous")
 
 
 def _planner(device: torch.device):
-    """A factory ``(kind, items) -> launch`` for devices whose backend supports prepared
-    launches, else None."""
-    if device.type != "cpu":
-        return None
+    """A factory ``(kind, items) -> launch`` when the backend serving ``device`` supports
+    prepared launches (the native CPU kernels, the CUDA kernels), else None."""
     backend = backend_for(device)
-    if backend.name != "cpu":
-        return None
-    from ..backends import cpu_plan
+    if backend.name == "cpu":
+        from ..backends import cpu_plan
 
-    def make(kind, items):
-        return cpu_plan.CpuLaunch(backend.lib, kind, items)
+        def make(kind, items):
+            return cpu_plan.CpuLaunch(backend.lib, kind, items)
 
-    make.plannable = cpu_plan.plannable  # type: ignore[attr-defined]
-    return make
+        make.plannable = cpu_plan.plannable  # type: ignore[attr-defined]
+        return make
+    if backend.name == "cuda":
+        from ..backends import cuda_prepared
+
+        def make_cuda(kind, items):
+            return cuda_prepared.CudaLaunch(backend, kind, items)
+
+        make_cuda.plannable = cuda_prepared.plannable  # type: ignore[attr-defined]
+        return make_cuda
+    return None
 
 
 class StepMixin:
@@ -192,6 +198,7 @@ class StepMixin:
             lg.positions = [e.position for e in lg.entries]  # type: ignore[attr-defined]
             lg.shapes = [e.key.shape for e in lg.entries]  # type: ignore[attr-defined]
             lg.dtypes = [e.key.dtype for e in lg.entries]  # type: ignore[attr-defined]
+            lg.devices = [e.param.device for e in lg.entries]  # type: ignore[attr-defined]
             lg.state_list = lg.states  # type: ignore[attr-defined]
             lg.last_ptrs = None  # type: ignore[attr-defined]
 
@@ -244,13 +251,13 @@ class StepMixin:
 
     @staticmethod
     def _grads_fit(lg: LaunchGroup, gl: list[torch.Tensor]) -> bool:
-        """Bulk checks of a launch group's gradients: dense, on the CPU, contiguous, with the
-        parameters' shapes and dtypes. Raises (naming the parameter) what the per-item
+        """Bulk checks of a launch group's gradients: dense, contiguous, with the parameters'
+        shapes, dtypes and devices. Raises (naming the parameter) what the per-item
         path would raise; False for gradients only the per-item path takes."""
         if (list(map(_layout, gl)).count(torch.strided) == len(gl)
                 and list(map(_shape, gl)) == lg.shapes  # type: ignore[attr-defined]
                 and list(map(_dtype, gl)) == lg.dtypes  # type: ignore[attr-defined]
-                and all(map(_is_cpu, gl))):
+                and list(map(_device, gl)) == lg.devices):  # type: ignore[attr-defined]
             if all(map(_is_contiguous, gl)):
                 return True
         for e, g in zip(lg.entries, gl):
