@@ -62,7 +62,7 @@ def _planner(device: torch.device):
         def make(kind, items):
             return cpu_plan.CpuLaunch(backend.lib, kind, items)
 
-        make.plannable = cpu_plan.plannable  # type: ignore[attr-defined]
+        make.plannable = cpu_plan.plannable
         return make
     if backend.name == "cuda":
         from ..backends import cuda_prepared
@@ -70,7 +70,7 @@ def _planner(device: torch.device):
         def make_cuda(kind, items):
             return cuda_prepared.CudaLaunch(backend, kind, items)
 
-        make_cuda.plannable = cuda_prepared.plannable  # type: ignore[attr-defined]
+        make_cuda.plannable = cuda_prepared.plannable
         return make_cuda
     return None
 
@@ -195,12 +195,7 @@ class StepMixin:
                 LaunchGroup(gindex, self._overrides_for(group_entries[0].key), skip_zeros, group_entries, launch)
             )
         for lg in plan.launch_groups:
-            lg.positions = [e.position for e in lg.entries]  # type: ignore[attr-defined]
-            lg.shapes = [e.key.shape for e in lg.entries]  # type: ignore[attr-defined]
-            lg.dtypes = [e.key.dtype for e in lg.entries]  # type: ignore[attr-defined]
-            lg.devices = [e.param.device for e in lg.entries]  # type: ignore[attr-defined]
-            lg.state_list = lg.states  # type: ignore[attr-defined]
-            lg.last_ptrs = None  # type: ignore[attr-defined]
+            lg.freeze()
 
     # -- execution ---------------------------------------------------------------------------
 
@@ -231,16 +226,16 @@ class StepMixin:
     def _run_launch(self, lg: LaunchGroup, grads: list[Any]) -> bool:
         """Run one prepared launch; False (nothing done) when this step's gradients do not
         fit it (non-contiguous), so the caller runs those parameters per item."""
-        positions = lg.positions  # type: ignore[attr-defined]
+        positions = lg.positions
         gl = [grads[i] for i in positions]
         if not self._grads_fit(lg, gl):
             return False
         ptrs = list(map(_data_ptr, gl))
-        if ptrs == lg.last_ptrs:  # type: ignore[attr-defined]
+        if ptrs == lg.last_ptrs:
             ptrs_arg = None
         else:
-            ptrs_arg = lg.last_ptrs = ptrs  # type: ignore[attr-defined]
-        states = lg.state_list  # type: ignore[attr-defined]
+            ptrs_arg = lg.last_ptrs = ptrs
+        states = lg.state_list
         step = states[0]["step"] + 1
         for s in states:
             s["step"] = step
@@ -255,9 +250,9 @@ class StepMixin:
         shapes, dtypes and devices. Raises (naming the parameter) what the per-item
         path would raise; False for gradients only the per-item path takes."""
         if (list(map(_layout, gl)).count(torch.strided) == len(gl)
-                and list(map(_shape, gl)) == lg.shapes  # type: ignore[attr-defined]
-                and list(map(_dtype, gl)) == lg.dtypes  # type: ignore[attr-defined]
-                and list(map(_device, gl)) == lg.devices):  # type: ignore[attr-defined]
+                and list(map(_shape, gl)) == lg.shapes
+                and list(map(_dtype, gl)) == lg.dtypes
+                and list(map(_device, gl)) == lg.devices):
             if all(map(_is_contiguous, gl)):
                 return True
         for e, g in zip(lg.entries, gl):

@@ -107,7 +107,9 @@ class HooksMixin:
             hp=settings, cfg=settings, state=state, numerics=self.numerics,
         )
         self._run_per_item([work])
-        self._hook_works.append(work)
+        works = getattr(self, "_hook_works", None)
+        if works is not None:  # inside step(): reported to the telemetry sink
+            works.append(work)
 
     # -- the per-parameter step --------------------------------------------------------------
 

@@ -70,10 +70,21 @@ class LaunchGroup:
     skip_zeros: bool
     entries: list[PlanEntry]
     launch: Any = None  # e.g. a pagedopt.backends.cpu_plan.CpuLaunch
+    # Filled by the optimizer when the plan is built, for the per-step bulk checks:
+    positions: list[int] = field(default_factory=list)  # each entry's index in the gradient list
+    shapes: list[torch.Size] = field(default_factory=list)
+    dtypes: list[torch.dtype] = field(default_factory=list)
+    devices: list[torch.device] = field(default_factory=list)
+    state_list: list[dict[str, Any]] = field(default_factory=list)
+    last_ptrs: list[int] | None = None  # gradient pointers of the last run
 
-    @property
-    def states(self) -> list[dict[str, Any]]:
-        return [e.state for e in self.entries]
+    def freeze(self) -> None:
+        """Record what the per-step checks compare against (after the entries are final)."""
+        self.positions = [e.position for e in self.entries]
+        self.shapes = [e.key.shape for e in self.entries]
+        self.dtypes = [e.key.dtype for e in self.entries]
+        self.devices = [e.param.device for e in self.entries]
+        self.state_list = [e.state for e in self.entries]
 
 
 @dataclass(eq=False, repr=False)
