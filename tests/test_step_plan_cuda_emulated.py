@@ -94,3 +94,117 @@ def test_misaligned_new_gradient_clears_the_vector_flag(emulated):
             opt.step()
         return p
     assert torch.equal(go(True), go(False))
+
+
+# -- CUDA graph bookkeeping ----------------------------------------------------------------------
+
+
+class FakeGraph:
+    """Replays exactly what was recorded at capture: the descriptor copies (same source and
+    destination buffers) and the kernel launches (same arguments) - no Python of the step."""
+
+    def __init__(self, copies, launches):
+        self.copies, self.launches = copies, launches
+
+    def replay(self):
+        for dst, src in self.copies:
+            dst.copy_(src)
+        for launcher, args in self.launches:
+            launcher.launch(*args)
+
+
+class FakeGraphs:
+    def __init__(self):
+        self.captures = 0
+        self.fail = False
+        self.user_capturing = False
+
+    def available(self, device):
+        return True
+
+    def capturing(self, device):
+        return self.user_capturing
+
+    def capture(self, device, fn):
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.captures += 1
+        groups = fn.__self__.groups
+        launchers = {id(g.launcher): g.launcher for g in groups}.values()
+        launches = []
+        for launcher in launchers:  # record the launches instead of running them (a capture runs nothing)
+            launcher.launch = lambda *args, _l=launcher: launches.append((_l, args))
+        try:
+            fn()
+        finally:
+            for launcher in launchers:
+                del launcher.launch
+        return FakeGraph([(g.device_buffer, g.pinned) for g in groups],
+                         launches)
+
+    def event(self, device):
+        return None
+
+
+@pytest.fixture
+def graphs(monkeypatch):
+    from pagedopt.backends import cuda_prepared
+
+    fake = FakeGraphs()
+    monkeypatch.setattr(cuda_prepared, "GRAPHS", fake)
+    return fake
+
+
+def train_graph(prepared: bool, steps: int = 6, cuda_graph: bool = True, extra_group_at: int | None = None):
+    ps = params()
+    extra = torch.nn.Parameter(torch.randn(700, generator=torch.Generator().manual_seed(5)) * 0.1)
+    opt = pagedopt.AdamW8bit(ps, min_8bit_size=0, cuda_graph=cuda_graph)
+    opt.prepared_launches = prepared
+    for t in range(steps):
+        if t == extra_group_at:
+            opt.add_param_group({"params": [extra]})
+        g = torch.Generator().manual_seed(200 + t)
+        for p in ps + ([extra] if extra_group_at is not None and t >= extra_group_at else []):
+            p.grad = (torch.randn(p.shape, generator=g) * 0.01).to(p.dtype)  # new tensors: new pointers
+        opt.param_groups[0]["lr"] = 1e-3 / (t + 1)  # new scalars every step
+        opt.step()
+    return ps + [extra], opt
+
+
+def test_graph_replays_read_each_steps_scalars_and_pointers(emulated, graphs):
+    graphed_params, graphed = train_graph(True)
+    eager_params, _ = train_graph(False)
+    for a, b in zip(graphed_params, eager_params):
+        assert torch.equal(a, b)
+    launch = graphed._plan.launch_groups[0].launch
+    assert graphs.captures == 1 and launch.replays == 6 - 2  # two warm-up runs, then replays
+
+
+def test_recaptured_after_a_plan_change(emulated, graphs):
+    graphed_params, graphed = train_graph(True, steps=8, extra_group_at=4)
+    eager_params, _ = train_graph(False, steps=8, extra_group_at=4)
+    for a, b in zip(graphed_params, eager_params):
+        assert torch.equal(a, b)
+    # the second plan has two launch groups (the new parameter's step count differs): each is
+    # captured once after its warm-up, so three captures in all
+    assert graphed.plan_builds == 2 and len(graphed._plan.launch_groups) == 2 and graphs.captures == 3
+
+
+def test_capture_failure_falls_back_once_with_a_warning(emulated, graphs):
+    graphs.fail = True
+    with pytest.warns(RuntimeWarning, match="capturing the optimizer step as a CUDA graph failed"):
+        graphed_params, graphed = train_graph(True)
+    eager_params, _ = train_graph(False)
+    for a, b in zip(graphed_params, eager_params):
+        assert torch.equal(a, b)
+    launch = graphed._plan.launch_groups[0].launch
+    assert launch.graph is None and launch.replays == 0 and launch.graph_failed
+
+
+def test_no_capture_inside_a_user_capture_or_when_turned_off(emulated, graphs):
+    graphs.user_capturing = True
+    _, opt = train_graph(True)
+    assert graphs.captures == 0 and opt._plan.launch_groups[0].launch.replays == 0
+    graphs.user_capturing = False
+    _, opt = train_graph(True, cuda_graph=False)
+    assert graphs.captures == 0 and opt._plan.launch_groups[0].launch.use_graph is False

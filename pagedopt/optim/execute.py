@@ -63,14 +63,16 @@ def _planner(device: torch.device):
             return cpu_plan.CpuLaunch(backend.lib, kind, items)
 
         make.plannable = cpu_plan.plannable
+        make.graphs = False
         return make
     if backend.name == "cuda":
         from ..backends import cuda_prepared
 
-        def make_cuda(kind, items):
-            return cuda_prepared.CudaLaunch(backend, kind, items)
+        def make_cuda(kind, items, use_graph=False):
+            return cuda_prepared.CudaLaunch(backend, kind, items, use_graph=use_graph)
 
         make_cuda.plannable = cuda_prepared.plannable
+        make_cuda.graphs = True
         return make_cuda
     return None
 
@@ -125,7 +127,7 @@ class StepMixin:
     # -- planning ----------------------------------------------------------------------------
 
     def _plan_key(self) -> tuple[Any, ...]:
-        return (self._plan_generation, self.mng.generation, id(self.state_store), self.numerics)
+        return (self._plan_generation, self.mng.generation, id(self.state_store), self.numerics, self.cuda_graph)
 
     def _current_plan(self, params: list[torch.Tensor], grads: list[Any]) -> StepPlan:
         plan = self._plan
@@ -190,7 +192,8 @@ class StepMixin:
             buckets.setdefault(key, (make, []))[1].append((e, item))
         for (gindex, _, _, _, skip_zeros), (make, pairs) in buckets.items():
             group_entries = [e for e, _ in pairs]
-            launch = make(self.kind, [item for _, item in pairs])
+            items = [item for _, item in pairs]
+            launch = make(self.kind, items, use_graph=True) if self.cuda_graph and make.graphs else make(self.kind, items)
             plan.launch_groups.append(
                 LaunchGroup(gindex, self._overrides_for(group_entries[0].key), skip_zeros, group_entries, launch)
             )
