@@ -23,7 +23,7 @@ Example:
     >>> item = UpdateItem(p, g, m, None, None, None, step_scalars(kind, {"lr": 0.1, "betas": (0.9, 0.99)}, 1))
     >>> lib = cpu.library()
     >>> launch = cpu_plan.CpuLaunch(lib, kind, [item]) if lib is not None else None
-    >>> launch is None or (launch.run(None, item.scalars) or p[0].item())
+    >>> launch is None or (launch.run(None, item.scalars) or round(p[0].item(), 4))
     0.9
 """
 
