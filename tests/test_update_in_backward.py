@@ -143,3 +143,31 @@ def test_config_key_turns_it_on():
     model = make_model()
     opt = pagedopt.build_optimizer(model, {"optimizer": "AdamW8bit", "update_in_backward": True})
     assert opt.update_in_backward
+
+
+@pytest.mark.parametrize("policy", ["on_demand", "offload", "budgeted"])
+def test_paged_state_in_backward_matches_the_ordinary_paged_step(policy):
+    paging = {"backend": "simulated", "policy": policy}
+    if policy == "budgeted":
+        paging["device_budget_bytes"] = 40_000
+    in_backward = train("PagedAdamW8bit", True, paging=paging)
+    ordinary = train("PagedAdamW8bit", False, paging=paging)
+    assert_identical(in_backward, ordinary)
+
+
+def test_backward_prefetches_the_state_backward_reaches_next():
+    model = make_model()
+    opt = pagedopt.PagedAdamW8bit(model.parameters(), min_8bit_size=0, update_in_backward=True,
+                                  paging={"backend": "simulated", "policy": "offload"})
+    asked = []
+    real = opt.state_store.prefetch
+    opt.state_store.prefetch = lambda params=None: (asked.append(list(params)), real(params))
+    opt.prefetch_state = lambda p: None  # only the look-ahead asks the pager now
+    for x, y in batches(2):
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # step 1 creates the state as backward goes, so only step 2 can look ahead to all but the
+    # first parameter (the last one backward reaches has nothing after it)
+    prefetched = {id(q) for call in asked for q in call}
+    assert asked and prefetched == {id(p) for p in trainable[:-1]}

@@ -118,11 +118,33 @@ class BackwardUpdateMixin:
         self._hook_works = []
         p.grad = None
         self.backward_updates += 1
+        self._prefetch_ahead(p)
+
+    def _prefetch_ahead(self, p: torch.Tensor) -> None:
+        """Paged state: page in the state of the parameters backward reaches next (those
+        registered just before ``p``; ``prefetch_depth`` of them) while it computes them."""
+        prefetch = getattr(self.state_store, "prefetch", None)
+        if not self.is_paged or not callable(prefetch):
+            return
+        _, table, flat = self._positions_table()
+        index = table[p][2]
+        depth = max(1, int(getattr(self.paging, "prefetch_depth", 1) or 1))
+        ahead = [q for q in reversed(flat[max(0, index - depth):index]) if self.state.get(q)]
+        if ahead:
+            prefetch(ahead)
 
     def _position_of(self, p: torch.Tensor) -> tuple[int, int] | None:
+        found = self._positions_table()[1].get(p)
+        return found[:2] if found is not None else None
+
+    def _positions_table(self) -> tuple[Any, dict[torch.Tensor, tuple[int, int, int]], list[torch.Tensor]]:
         positions = getattr(self, "_positions", None)
         key = tuple(len(g["params"]) for g in self.param_groups)
         if positions is None or positions[0] != key:
-            table = {q: (gi, pi) for gi, g in enumerate(self.param_groups) for pi, q in enumerate(g["params"])}
-            positions = self._positions = (key, table)
-        return positions[1].get(p)
+            flat = [q for g in self.param_groups for q in g["params"]]
+            table: dict[torch.Tensor, tuple[int, int, int]] = {}
+            for gi, g in enumerate(self.param_groups):
+                for pi, q in enumerate(g["params"]):
+                    table[q] = (gi, pi, len(table))
+            positions = self._positions = (key, table, flat)
+        return positions
