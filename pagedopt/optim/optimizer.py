@@ -33,8 +33,6 @@ Example:
 from __future__ import annotations
 from __future__ import annotations
 
-import functools
-import inspect
 import warnings
 from copy import deepcopy
 from collections import defaultdict
@@ -53,6 +51,7 @@ from .execute import StepMixin
 from .hooks import HooksMixin
 from .manager import STATE_SHAPING_SETTINGS, GlobalOptimManager, check_paging_value
 from .memory import MemoryReportMixin
+from .options import accept_runtime_options, check_numerics
 from .passes import PerItemPassesMixin
 from .state_init import StateInitMixin
 from .state_io import (  # noqa: F401  (re-exported: the names lived here before the split)
@@ -62,16 +61,6 @@ from .state_io import (  # noqa: F401  (re-exported: the names lived here before
     StateImportMixin,
     local_tensor,
 )
-
-NUMERICS = ("fast", "strict")
-
-
-def check_numerics(value: Any) -> str:
-    """``numerics`` must be ``"fast"`` or ``"strict"`` (see :class:`Optimizer8bit`)."""
-    if value not in NUMERICS:
-        raise ValueError(f"numerics must be 'fast' or 'strict', got {value!r}")
-    return value
-
 
 class MockArgs:
     """bitsandbytes' ``args`` container: attributes from a dict."""
@@ -123,7 +112,7 @@ class Optimizer8bit(
         super().__init_subclass__(**kwargs)
         init = cls.__dict__.get("__init__")
         if init is not None:
-            cls.__init__ = _accept_runtime_options(init)
+            cls.__init__ = accept_runtime_options(init)
 
     def __init__(
         self,
@@ -357,36 +346,6 @@ class Optimizer8bit(
             new_state[p] = self._import_param_state(p, value, group_of[p], move_to_device)
         self.__setstate__({"state": new_state, "param_groups": new_groups})
         self.invalidate_plan()
-
-# Keyword arguments every optimizer class accepts, whether or not its own signature lists
-# them: they set attributes after construction (see Optimizer8bit's Args).
-RUNTIME_OPTIONS = ("numerics", "cuda_graph", "update_in_backward")
-
-
-def _accept_runtime_options(init: Any) -> Any:
-    """Wrap a subclass ``__init__`` whose signature lacks some of :data:`RUNTIME_OPTIONS`
-    (the per-algorithm classes keep bitsandbytes' signatures) so that it accepts them as
-    keyword arguments and applies them once the optimizer is built."""
-    try:
-        accepted = set(inspect.signature(init).parameters)
-    except (TypeError, ValueError):
-        return init
-    missing = [name for name in RUNTIME_OPTIONS if name not in accepted]
-    if not missing or getattr(init, "_pagedopt_runtime_options", False):
-        return init
-
-    @functools.wraps(init)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        options = {name: kwargs.pop(name) for name in missing if name in kwargs}
-        if "numerics" in options:
-            check_numerics(options["numerics"])
-        init(self, *args, **kwargs)
-        for name, value in options.items():
-            setattr(self, name, value)
-
-    __init__._pagedopt_runtime_options = True  # type: ignore[attr-defined]
-    return __init__
-
 
 def _static_settings(args: Any, given: Mapping[str, Any]) -> dict[str, Any]:
     """The six 8-bit settings from bitsandbytes' ``args`` object, falling back to ``given``."""
