@@ -199,7 +199,11 @@ def optimizer_for(resolution: Resolution) -> Optimizer8bit:
     kwargs = config.optimizer.given()
     if config.paging is not None:
         kwargs["paging"] = config.paging
-    return cls(groups, **kwargs)
+    optimizer = cls(groups, **kwargs)
+    optimizer.numerics = config.numerics
+    optimizer.cuda_graph = config.cuda_graph
+    optimizer.update_in_backward = config.update_in_backward
+    return optimizer
 
 
 def _group_values(entry: ResolvedParam, config: PagedoptConfig, algorithm_class: type,

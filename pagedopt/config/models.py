@@ -15,7 +15,7 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import re
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import (
     BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, ValidationError,
@@ -226,6 +226,11 @@ class PagedoptConfig(BaseModel):
         telemetry: the Prometheus exporter (:class:`TelemetryConfig`); read by ``pagedopt train``.
         overrides: rules applied in order to each parameter; later rules win.
         strict: a rule that matches no parameter is an error instead of a warning.
+        numerics: ``fast`` (default) or ``strict``: the CUDA kernels' math mode (``strict``:
+            bit-identical to the CPU kernels; see :class:`~pagedopt.optim.Optimizer8bit`).
+        cuda_graph: replay the planned step as a CUDA graph on CUDA devices (default true).
+        update_in_backward: update each parameter in backward and free its gradient
+            (default false; see :mod:`pagedopt.optim.backward_update`).
 
     Example:
         >>> cfg = PagedoptConfig.model_validate({"optimizer": "Lion8bit"})
@@ -240,6 +245,9 @@ class PagedoptConfig(BaseModel):
     telemetry: Optional[TelemetryConfig] = None
     overrides: list[OverrideRule] = Field(default_factory=list)
     strict: StrictBool = False
+    numerics: Literal["fast", "strict"] = "fast"
+    cuda_graph: StrictBool = True
+    update_in_backward: StrictBool = False
 
     _source: str | None = PrivateAttr(default=None)
 

@@ -20,6 +20,8 @@ from typing import Any, Mapping
 
 import torch
 
+from .state_io import STATE_TENSOR_KEYS, local_tensor
+
 
 def precision_of(state: Mapping[str, Any], block_wise: bool) -> str:
     """``"8bit-blockwise"``, ``"8bit-tensorwise"`` or ``"32bit"`` for a parameter's state."""
@@ -79,3 +81,32 @@ class MemoryReport:
         lines.append(f"{'shared (qmaps)':<{width}}  {'':>12}  {'':<16}  {self.shared_bytes:>14,}")
         lines.append(f"{'total':<{width}}  {sum(r.numel for r in self.rows):>12,}  {'':<16}  {self.total_bytes:>14,}")
         return "\n".join(lines)
+
+
+class MemoryReportMixin:
+    """``memory_report()`` (mixed into :class:`~pagedopt.optim.Optimizer8bit`)."""
+
+    def memory_report(self) -> MemoryReport:
+        """One row per parameter: name, numel, state precision, state bytes, residency.
+
+        Under FSDP2 each rank reports its own shards (numel and bytes of the local part)."""
+        self._sync_overrides()
+        rows = []
+        for gindex, group in enumerate(self.param_groups):
+            for pindex, p in enumerate(group["params"]):
+                state = self.state.get(p)
+                if not state:
+                    continue
+                tensors = [state[k] for k in STATE_TENSOR_KEYS if isinstance(state.get(k), torch.Tensor)]
+                rows.append(
+                    MemoryRow(
+                        name=self._param_name(group, gindex, pindex),
+                        numel=local_tensor(p).numel(),  # this rank's shard under FSDP2, like the bytes
+                        precision=precision_of(state, self._settings(group, p)["block_wise"]),
+                        state_bytes=sum(t.numel() * t.element_size() for t in tensors),
+                        residency=self.state_store.residency(p, state),
+                        state_elements=self.kind.num_states + self.kind.state1_moments - 1,
+                    )
+                )
+        shared = sum(q.numel() * q.element_size() for q in self._qmaps.values())
+        return MemoryReport(rows=rows, shared_bytes=shared)

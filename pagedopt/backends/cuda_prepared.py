@@ -1,0 +1,215 @@
+"""A planned CUDA launch: descriptors packed once per plan, reused every step.
+
+The CUDA backend (:class:`~pagedopt.backends.cuda.CudaBackend`) packs a ``TensorDesc`` per
+parameter on every call. A step plan (:mod:`pagedopt.optim.plan`) instead packs them once
+per launch group (one kernel launch per element type and state mode, as the backend does)
+and each step only rewrites, with whole-array numpy assignments, the step scalars (the same
+for every descriptor of the group) and - when the gradient tensors were replaced - the
+gradient pointers and the 16-byte-alignment flags; then one host-to-device copy per launch
+and the launch itself, on the current stream. The kernels, arguments and results are the
+backend's.
+
+Only items the kernels take directly are planned (:func:`plannable`): fp32/fp16/bf16
+parameters with gradients of the same dtype, contiguous, block-wise 8-bit or 32-bit state,
+no clipping or trust-ratio scale.
+
+**CUDA graphs** (``cuda_graph=True``, the default): the descriptor bytes live in a persistent
+pinned host buffer and a persistent device buffer, so after :data:`WARMUP_RUNS` runs of a
+launch the copy + kernel launches are captured once as a CUDA graph and every later step is
+one ``replay()``: the graph re-reads the pinned buffer, which the step has just rewritten
+with this step's scalars and gradient pointers - no kernel ABI change is needed. Before
+rewriting it, the host waits for the previous step's copy out of it (an event; that copy is
+the first thing of the previous step's launches). A new plan (anything that re-plans) builds
+a new launch and captures again. No graph is captured while the current stream is already
+capturing (inside a user's ``torch.cuda.graph``: the launches are recorded into the user's
+graph instead), and if a capture fails the launch warns once and stays eager. Percentile
+clipping, trust ratios, tensor-wise state and paged state run outside the graph, in the
+per-item passes (paging policies that move state never enter it).
+
+Example:
+    >>> import torch  # doctest: +SKIP
+    >>> from pagedopt.backends.cuda_prepared import CudaLaunch  # doctest: +SKIP
+    >>> launch = CudaLaunch(backend, kind, items); launch.run(None, scalars)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+import warnings
+
+from ..functional.items import UpdateItem
+from ..functional.kinds import UpdateKind
+from ..functional.scalars import StepScalars
+from . import cuda_catalog, cuda_plan
+from .cuda_layout import FLAG_VECTOR_OK, STEP_SCALARS, TENSOR_DESC
+
+
+def plannable(item: UpdateItem) -> bool:
+    """Whether ``item`` can join a prepared CUDA launch (see the module docstring)."""
+    tensors = [item.param, item.grad, item.state1, item.state2, item.absmax1, item.absmax2]
+    return (
+        cuda_plan.kernel_handles(item)
+        and item.gnorm_scale is None
+        and item.update_scale is None
+        and (item.block_wise or not item.quantized)
+        and all(t is None or t.is_contiguous() for t in tensors)
+    )
+
+
+class _Group:
+    """One kernel launch: the packed descriptor + prefix bytes and where the items sit."""
+
+    def __init__(self, launcher: Any, kind: UpdateKind, elem: str, mode: str, items: list[UpdateItem],
+                 positions: list[int]) -> None:
+        self.launcher = launcher
+        self.positions = np.asarray(positions, dtype=np.int64)  # index of each item in the launch's list
+        prefix = cuda_plan.chunk_prefix([it.param.numel() for it in items], cuda_plan.CHUNK_ELEMS)
+        descs = cuda_plan.pack_update_descs(kind, items)
+        self.host, self.offset = cuda_plan.launch_buffer(descs, prefix)
+        self.descs = self.host[: descs.nbytes].view(TENSOR_DESC)  # writable view into the bytes
+        # Vector access allowed by every pointer but the gradient's (the parameter stands in
+        # for it: same dtype and size); each step ANDs in the gradient's own alignment.
+        self.vector_ok = np.array([cuda_plan.vector_ok(kind, dataclasses.replace(it, grad=it.param)) for it in items],
+                                  dtype=bool)
+        grads = np.array([it.grad.data_ptr() for it in items], dtype=np.uint64)
+        self.descs["flags"] = np.where(self.vector_ok & (grads % cuda_plan.VECTOR_BYTES == 0), FLAG_VECTOR_OK, 0)
+        self.count = len(items)
+        self.work_units = int(prefix[-1])
+        self.program = cuda_catalog.optimizer_program(kind.algorithm, elem)
+        self.spec = cuda_catalog.update_kernel(kind.algorithm, elem, mode)
+        # Persistent buffers: the host bytes in pinned memory (the numpy views alias it), and
+        # their device copy, reused every step (and read by a captured graph).
+        with launcher.guard():
+            self.pinned = _pinned_like(self.host, launcher.device)
+            self.device_buffer = torch.empty(self.host.size, dtype=torch.uint8, device=launcher.device)
+        self.pinned.numpy()[:] = self.host
+        self.host = self.pinned.numpy()
+        self.descs = self.host[: descs.nbytes].view(TENSOR_DESC)
+
+    def write(self, grad_ptrs: np.ndarray | None, record: np.ndarray) -> None:
+        """This step's gradient pointers (when they changed) and scalars, into the pinned bytes."""
+        descs = self.descs
+        if grad_ptrs is not None:
+            ptrs = grad_ptrs[self.positions]
+            descs["grad"] = ptrs
+            aligned = (ptrs % cuda_plan.VECTOR_BYTES) == 0
+            descs["flags"] = np.where(self.vector_ok & aligned, FLAG_VECTOR_OK, 0)
+        descs["scalars"] = record
+
+    def launch(self) -> None:
+        """The device work of one step: copy the descriptors in, launch the kernel."""
+        launcher = self.launcher
+        with launcher.guard():
+            self.device_buffer.copy_(self.pinned, non_blocking=True)
+            base = self.device_buffer.data_ptr()
+            kernel = launcher.kernel(self.program, self.spec)
+            launcher.launch(kernel, self.work_units, None,
+                            (base, base + self.offset, self.count, launcher.maps.data_ptr(), launcher.luts.data_ptr()))
+
+
+WARMUP_RUNS = 2  # eager runs before a capture (kernels loaded, allocator warm)
+
+
+def _pinned_like(host: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.empty(host.size, dtype=torch.uint8, pin_memory=device.type == "cuda")
+
+
+class TorchGraphs:
+    """CUDA graph operations through torch (tests substitute a recorder)."""
+
+    @staticmethod
+    def available(device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    @staticmethod
+    def capturing(device: torch.device) -> bool:
+        return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+    @staticmethod
+    def capture(device: torch.device, fn) -> Any:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.device(device), torch.cuda.graph(graph):
+            fn()
+        return graph
+
+    @staticmethod
+    def event(device: torch.device) -> Any:
+        if device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        return event
+
+
+GRAPHS: Any = TorchGraphs()
+
+
+class CudaLaunch:
+    """Prepared update launches over a fixed list of items (see the module docstring).
+
+    ``backend`` is a :class:`~pagedopt.backends.cuda.CudaBackend` (its per-device launchers
+    run the kernels). ``run(grad_ptrs, scalars)`` as :class:`~pagedopt.backends.cpu_plan.CpuLaunch`.
+    ``use_graph``: capture and replay a CUDA graph once warm (see the module docstring).
+    """
+
+    def __init__(self, backend: Any, kind: UpdateKind, items: Sequence[UpdateItem], use_graph: bool = False):
+        self.groups: list[_Group] = []
+        for (device, elem, mode), positions in cuda_plan.group_items(items).items():
+            live = [p for p in positions if items[p].param.numel() > 0]
+            if live:
+                for p in live:
+                    cuda_plan.check_item(kind, items[p], p)
+                self.groups.append(_Group(backend._device(device), kind, elem, mode, [items[p] for p in live], live))
+        self.devices = sorted({g.launcher.device for g in self.groups}, key=str)
+        self.use_graph = use_graph and len(self.devices) == 1
+        self.graph: Any = None
+        self.graph_failed: str | None = None
+        self.runs = 0
+        self.replays = 0
+        self._copied: list[Any] = []
+        self._last_scalars: StepScalars | None = None
+        self._record: np.ndarray | None = None
+
+    def run(self, grad_ptrs: Sequence[int] | None, scalars: StepScalars) -> None:
+        if scalars is not self._last_scalars:
+            self._record = np.array(cuda_plan._scalar_fields(scalars), dtype=STEP_SCALARS)
+            self._last_scalars = scalars
+        ptrs = np.asarray(grad_ptrs, dtype=np.uint64) if grad_ptrs is not None else None
+        for event in self._copied:  # the previous step's copies out of the pinned bytes
+            event.synchronize()
+        for group in self.groups:
+            group.write(ptrs, self._record)
+        self.runs += 1
+        if self.graph is None and self._should_capture():
+            self._capture()
+        if self.graph is not None:
+            self.graph.replay()
+            self.replays += 1
+        else:
+            self._launch_all()
+        self._copied = [e for e in (GRAPHS.event(d) for d in self.devices) if e is not None]
+
+    def _launch_all(self) -> None:
+        for group in self.groups:
+            group.launch()
+
+    def _should_capture(self) -> bool:
+        return (self.use_graph and self.graph_failed is None and self.runs > WARMUP_RUNS and bool(self.groups)
+                and GRAPHS.available(self.devices[0]) and not GRAPHS.capturing(self.devices[0]))
+
+    def _capture(self) -> None:
+        try:
+            self.graph = GRAPHS.capture(self.devices[0], self._launch_all)
+        except RuntimeError as exc:  # e.g. an operation the driver cannot capture
+            self.graph, self.graph_failed = None, str(exc)
+            warnings.warn(
+                f"pagedopt: capturing the optimizer step as a CUDA graph failed ({exc}); the step runs "
+                "without a graph (pass cuda_graph=False to skip the attempt)",
+                RuntimeWarning,
+                stacklevel=4,
+            )

@@ -1,0 +1,267 @@
+"""The step: build the plan when it is stale, run its prepared launches, then the per-item passes.
+
+``opt.step()`` does, per step:
+
+1. collect the gradients (one list comprehension) and check the plan is still valid
+   (:meth:`~pagedopt.optim.plan.StepPlan.still_valid`); if not, build it again
+   (:meth:`StepMixin._build_plan`: check gradients, create missing state, group parameters);
+2. each launch group: check the gradients in bulk, advance the step count, compute the step
+   scalars once from the live param group, run its prepared launch;
+3. the remaining parameters: the batched per-item passes (:mod:`pagedopt.optim.passes`).
+
+With a telemetry sink attached every parameter takes the per-item passes (the sink reports
+per-parameter values). A subclass that overrides ``update_step`` or ``init_state`` takes
+bitsandbytes' per-parameter loop instead (:mod:`pagedopt.optim.hooks`).
+
+The step runs outside TorchDynamo (``torch._dynamo.disable``): it calls native code through
+ctypes and keeps host-side step counts, so ``torch.compile`` of a training step that calls
+``opt.step()`` (or of ``opt.step`` itself) graph-breaks around it and runs it eagerly, with
+the same results as without compilation.
+
+Example:
+    >>> import torch, pagedopt
+    >>> model = torch.nn.Linear(64, 64)
+    >>> opt = pagedopt.AdamW8bit(model.parameters(), min_8bit_size=1024)
+    >>> model(torch.randn(2, 64)).sum().backward(); opt.step()
+    >>> opt.plan_builds, int(opt.state[model.weight]["step"])
+    (1, 1)
+"""
+
+from __future__ import annotations
+
+import time
+from operator import attrgetter, methodcaller
+from typing import Any
+
+import torch
+
+from ..functional.dispatch import backend_for
+from ..functional.scalars import step_scalars
+from ..paging.store import DeviceStateStore
+from ..telemetry.sink import NULL_SINK, StatsSink
+from . import validation
+from .passes import Work
+from .plan import LaunchGroup, PlanEntry, StepPlan, flat_params, group_signatures, overrides_key
+from .state_io import QUANT_STATE_KEY, local_tensor
+
+_shape = attrgetter("shape")
+_dtype = attrgetter("dtype")
+_layout = attrgetter("layout")
+_device = attrgetter("device")
+_data_ptr = methodcaller("data_ptr")
+_is_contiguous = methodcaller("is_contiguous")
+
+
+def _planner(device: torch.device):
+    """A factory ``(kind, items) -> launch`` when the backend serving ``device`` supports
+    prepared launches (the native CPU kernels, the CUDA kernels), else None."""
+    backend = backend_for(device)
+    if backend.name == "cpu":
+        from ..backends import cpu_plan
+
+        def make(kind, items):
+            return cpu_plan.CpuLaunch(backend.lib, kind, items)
+
+        make.plannable = cpu_plan.plannable
+        make.graphs = False
+        return make
+    if backend.name == "cuda":
+        from ..backends import cuda_prepared
+
+        def make_cuda(kind, items, use_graph=False):
+            return cuda_prepared.CudaLaunch(backend, kind, items, use_graph=use_graph)
+
+        make_cuda.plannable = cuda_prepared.plannable
+        make_cuda.graphs = True
+        return make_cuda
+    return None
+
+
+class StepMixin:
+    """Plan building and the step (mixed into :class:`~pagedopt.optim.Optimizer8bit`)."""
+
+    _plan: StepPlan | None = None
+    _plan_generation: int = 0
+    plan_builds: int = 0  # how many times a step plan was built (tests and telemetry)
+    # False: every parameter takes the per-item passes (the reference path of the plan tests).
+    prepared_launches: bool = True
+
+    def invalidate_plan(self) -> None:
+        """Make the next step rebuild its plan (called by everything that reshapes it)."""
+        self._plan_generation += 1
+        self._plan = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step (``closure`` re-evaluates the model and returns the loss)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._step_impl()
+        return loss
+
+    @torch._dynamo.disable
+    def _step_impl(self) -> None:
+        started = time.perf_counter()
+        sink = self.sink
+        self._quant_probe = self._telemetry_begin(sink) if sink is not NULL_SINK else None
+        if self._uses_hook_path():
+            works = self._hook_step()
+        else:
+            works = self._planned_step(per_item_only=sink is not NULL_SINK or not self.prepared_launches)
+        self.steps_taken += 1
+        if sink is not NULL_SINK:
+            sink.on_step(self, self._step_report(works, started))
+        self._quant_probe = None
+
+    def _telemetry_begin(self, sink: StatsSink) -> Any:
+        """Optional sink hooks (see :mod:`pagedopt.telemetry.sink`): the step starts, and the
+        sink may return a probe that watches this step's update for quantization error."""
+        begin = getattr(sink, "on_step_begin", None)
+        if begin is not None:
+            begin(self)
+        ask = getattr(sink, "quant_error_probe", None)
+        return ask(self, self.steps_taken + 1) if ask is not None else None
+
+    # -- planning ----------------------------------------------------------------------------
+
+    def _plan_key(self) -> tuple[Any, ...]:
+        return (self._plan_generation, self.mng.generation, id(self.state_store), self.numerics, self.cuda_graph)
+
+    def _current_plan(self, params: list[torch.Tensor], grads: list[Any]) -> StepPlan:
+        plan = self._plan
+        if plan is None or not plan.still_valid(self._plan_key(), self.param_groups, params, grads, self.state):
+            plan = self._plan = self._build_plan(params, grads)
+        return plan
+
+    def _build_plan(self, params: list[torch.Tensor], grads: list[Any]) -> StepPlan:
+        """Check gradients, create missing state and group the parameters (see
+        :mod:`pagedopt.optim.plan`)."""
+        self._sync_overrides()
+        self.plan_builds += 1
+        entries: list[PlanEntry] = []
+        position = 0
+        for gindex, group in enumerate(self.param_groups):
+            for pindex, p in enumerate(group["params"]):
+                grad = grads[position]
+                if grad is not None:
+                    name = self._param_name(group, gindex, pindex)
+                    validation.check_grad(p, grad, name)
+                    state = self.state[p]
+                    if QUANT_STATE_KEY in state:
+                        # Written in the state-dict layout straight into ``self.state`` (torch's
+                        # ZeroRedundancyOptimizer.load_state_dict does this): import it now.
+                        state = self.state[p] = self._import_param_state(p, state, group, True)
+                    if len(state) == 0:
+                        self.init_state(group, p, gindex, pindex)
+                    entries.append(PlanEntry(p, local_tensor(p), position, gindex, pindex, name, self.state[p]))
+                position += 1
+        plan = StepPlan(
+            params=list(params),
+            has_grad=[g is not None for g in grads],
+            param_ptrs=[e.key.data_ptr() for e in entries],
+            state_dicts=[e.state for e in entries],
+            state_tensors=[],
+            generation=self._plan_key(),
+            group_signatures=group_signatures(self.param_groups),
+            entries=entries,
+        )
+        self._group_launches(plan, grads)
+        plan.state_tensors = [e.state.get("state1") for lg in plan.launch_groups for e in lg.entries]
+        return plan
+
+    def _group_launches(self, plan: StepPlan, grads: list[Any]) -> None:
+        """Split the entries into prepared launch groups and per-item entries."""
+        if type(self.state_store) is not DeviceStateStore:  # paged state moves: per-item visits
+            plan.per_item = list(plan.entries)
+            return
+        buckets: dict[tuple, tuple[Any, list[tuple[PlanEntry, Any]]]] = {}
+        for e in plan.entries:
+            group = self.param_groups[e.gindex]
+            cfg = self._settings(group, e.key)
+            make = None if _is_sharded(e.key) else _planner(e.param.device)
+            work = self._work_for(e, grads[e.position], cfg, advance=False)
+            item = work.item(self.kind, step=e.state["step"] + 1) if make is not None else None
+            if (make is None or cfg["percentile_clipping"] < 100 or cfg["max_unorm"] > 0.0
+                    or not make.plannable(item)):
+                plan.per_item.append(e)
+                continue
+            overrides = self._overrides_for(e.key)
+            key = (e.gindex, overrides_key(overrides), e.state["step"], e.param.device, bool(cfg["skip_zeros"]))
+            buckets.setdefault(key, (make, []))[1].append((e, item))
+        for (gindex, _, _, _, skip_zeros), (make, pairs) in buckets.items():
+            group_entries = [e for e, _ in pairs]
+            items = [item for _, item in pairs]
+            launch = make(self.kind, items, use_graph=True) if self.cuda_graph and make.graphs else make(self.kind, items)
+            plan.launch_groups.append(
+                LaunchGroup(gindex, self._overrides_for(group_entries[0].key), skip_zeros, group_entries, launch)
+            )
+        for lg in plan.launch_groups:
+            lg.freeze()
+
+    # -- execution ---------------------------------------------------------------------------
+
+    def _planned_step(self, per_item_only: bool = False) -> list[Work]:
+        params = flat_params(self.param_groups)
+        grads = [p.grad for p in params]
+        plan = self._current_plan(params, grads)
+        fallback: list[PlanEntry] = []
+        for lg in plan.launch_groups:
+            if per_item_only or not self._run_launch(lg, grads):
+                fallback.extend(lg.entries)
+        entries = plan.per_item + fallback if fallback else plan.per_item
+        works = [self._work_for(e, grads[e.position], None, advance=True) for e in entries]
+        self._run_per_item(works)
+        return works
+
+    def _work_for(self, e: PlanEntry, grad: torch.Tensor, cfg: Any, advance: bool) -> Work:
+        group = self.param_groups[e.gindex]
+        if advance:
+            validation.check_grad(e.key, grad, e.name)
+            e.state["step"] += 1
+        settings = cfg if cfg is not None else self._settings(group, e.key)
+        return Work(
+            key=e.key, param=local_tensor(e.key), grad=local_tensor(grad), group_index=e.gindex, name=e.name,
+            hp=settings, cfg=settings, state=e.state, numerics=self.numerics,
+        )
+
+    def _run_launch(self, lg: LaunchGroup, grads: list[Any]) -> bool:
+        """Run one prepared launch; False (nothing done) when this step's gradients do not
+        fit it (non-contiguous), so the caller runs those parameters per item."""
+        positions = lg.positions
+        gl = [grads[i] for i in positions]
+        if not self._grads_fit(lg, gl):
+            return False
+        ptrs = list(map(_data_ptr, gl))
+        if ptrs == lg.last_ptrs:
+            ptrs_arg = None
+        else:
+            ptrs_arg = lg.last_ptrs = ptrs
+        states = lg.state_list
+        step = states[0]["step"] + 1
+        for s in states:
+            s["step"] = step
+        group = self.param_groups[lg.gindex]
+        hp = {**group, **lg.overrides} if lg.overrides else group
+        lg.launch.run(ptrs_arg, step_scalars(self.kind, hp, step, skip_zeros=lg.skip_zeros))
+        return True
+
+    @staticmethod
+    def _grads_fit(lg: LaunchGroup, gl: list[torch.Tensor]) -> bool:
+        """Bulk checks of a launch group's gradients: dense, contiguous, with the parameters'
+        shapes, dtypes and devices. Raises (naming the parameter) what the per-item
+        path would raise; False for gradients only the per-item path takes."""
+        if (list(map(_layout, gl)).count(torch.strided) == len(gl)
+                and list(map(_shape, gl)) == lg.shapes
+                and list(map(_dtype, gl)) == lg.dtypes
+                and list(map(_device, gl)) == lg.devices):
+            if all(map(_is_contiguous, gl)):
+                return True
+        for e, g in zip(lg.entries, gl):
+            validation.check_grad(e.key, g, e.name)
+        return False
+
+
+def _is_sharded(p: torch.Tensor) -> bool:
+    return callable(getattr(p, "to_local", None))

@@ -1,0 +1,232 @@
+"""The step plan (pagedopt/optim/plan.py, execute.py): built once, rebuilt exactly when
+something that shapes it changes, and bit-identical to the per-item path.
+
+Tolerance tier: ``EXACT`` everywhere - the prepared launches run the same native kernels on
+the same float32 scalars as the per-item path, so parameters and states must be equal bit
+for bit (``torch.equal``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pagedopt
+from pagedopt.functional.dispatch import backend_for
+
+NATIVE = backend_for(torch.device("cpu")).name == "cpu"
+needs_native = pytest.mark.skipif(
+    not NATIVE, reason="the native CPU kernels are not in use (library not built, or PAGEDOPT_BACKEND=reference)"
+)
+
+ALGORITHMS = ["AdamW", "Adam", "Lion", "SGD", "RMSprop", "Adagrad", "AdEMAMix", "LAMB", "LARS"]
+HP = {"SGD": dict(lr=1e-2, momentum=0.9), "LARS": dict(lr=1e-2, momentum=0.9), "AdEMAMix": dict(t_alpha=5, t_beta3=5)}
+
+
+def make_params(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shapes_dtypes = [((257, 65), torch.float32), ((4097,), torch.bfloat16), ((1,), torch.float32),
+                     ((0,), torch.float32), ((300, 20), torch.float16), ((5000,), torch.float32)]
+    return [torch.nn.Parameter((torch.randn(s, generator=g) * 0.1).to(d)) for s, d in shapes_dtypes]
+
+
+def grads_for(params, step: int):
+    g = torch.Generator().manual_seed(1000 + step)
+    return [(torch.randn(p.shape, generator=g) * 0.01).to(p.dtype) for p in params]
+
+
+def run(name: str, bits: int, prepared: bool, steps: int = 4, set_to_none: bool = True, **extra):
+    params = make_params()
+    cls = pagedopt.optim.get_optimizer_class(f"{name}{bits}bit")
+    kwargs = {**HP.get(name, {}), **extra}
+    opt = cls(params, min_8bit_size=0, **kwargs) if bits == 8 else cls(params, **kwargs)
+    opt.prepared_launches = prepared
+    for t in range(steps):
+        gs = grads_for(params, t)
+        for p, g in zip(params, gs):
+            if set_to_none or p.grad is None:
+                p.grad = g
+            else:
+                p.grad.copy_(g)
+        opt.param_groups[0]["lr"] = 1e-3 * (0.9 ** t)  # a schedule: must not re-plan
+        opt.step()
+        if set_to_none:
+            opt.zero_grad(set_to_none=True)
+    return params, opt
+
+
+def assert_same(a_params, a_opt, b_params, b_opt):
+    for pa, pb in zip(a_params, b_params):
+        assert torch.equal(pa, pb), "parameters differ"
+        sa, sb = a_opt.state[pa], b_opt.state[pb]
+        assert sa["step"] == sb["step"]
+        for key in ("state1", "state2", "absmax1", "absmax2"):
+            if key in sa:
+                assert torch.equal(sa[key], sb[key]), key
+
+
+@needs_native
+@pytest.mark.parametrize("name", ALGORITHMS)
+@pytest.mark.parametrize("bits", [8, 32])
+def test_prepared_launches_are_bit_identical_to_per_item(name, bits):
+    planned = run(name, bits, prepared=True)
+    per_item = run(name, bits, prepared=False)
+    assert_same(*planned, *per_item)
+    assert planned[1].plan_builds == 1
+    # every parameter went through a prepared launch, except with a trust ratio (LAMB/LARS
+    # default max_unorm > 0), which needs the per-item prepare pass
+    plan = planned[1]._plan
+    launched = sum(len(lg.entries) for lg in plan.launch_groups)
+    if planned[1].defaults["max_unorm"] > 0:
+        assert launched == 0 and len(plan.per_item) == len(planned[0])
+    else:
+        assert not plan.per_item and launched == len(planned[0])
+
+
+@needs_native
+def test_gradients_kept_between_steps_and_weight_decay_groups():
+    planned = run("AdamW", 8, prepared=True, set_to_none=False, weight_decay=0.1)
+    per_item = run("AdamW", 8, prepared=False, set_to_none=False, weight_decay=0.1)
+    assert_same(*planned, *per_item)
+
+
+@needs_native
+def test_features_outside_launches_still_match():
+    # percentile clipping, trust ratio and tensor-wise state take the per-item passes
+    for extra in (dict(percentile_clipping=90), dict(block_wise=False)):
+        planned = run("AdamW", 8, prepared=True, **extra)
+        per_item = run("AdamW", 8, prepared=False, **extra)
+        assert_same(*planned, *per_item)
+        assert len(planned[1]._plan.per_item) == len(planned[0])
+    planned = run("LAMB", 8, prepared=True, max_unorm=1.0)
+    per_item = run("LAMB", 8, prepared=False, max_unorm=1.0)
+    assert_same(*planned, *per_item)
+
+
+@needs_native
+def test_non_contiguous_gradient_falls_back_for_that_step():
+    p = torch.nn.Parameter(torch.randn(64, 64))
+    q = torch.nn.Parameter(p.detach().clone())
+    a, b = pagedopt.AdamW8bit([p], min_8bit_size=0), pagedopt.AdamW8bit([q], min_8bit_size=0)
+    b.prepared_launches = False
+    for t in range(3):
+        g = torch.randn(64, 64).t() if t == 1 else torch.randn(64, 64)  # step 2: transposed view
+        p.grad, q.grad = g, g.clone() if t != 1 else g
+        a.step()
+        b.step()
+    assert torch.equal(p, q)
+    assert a.plan_builds == 1
+
+
+def test_bad_gradient_raises_with_the_parameter_name():
+    model = torch.nn.Linear(8, 8)
+    opt = pagedopt.AdamW8bit(list(model.named_parameters()), min_8bit_size=0)
+    model.weight.grad, model.bias.grad = torch.randn(8, 8), torch.randn(8)
+    opt.step()
+    model.weight.grad = torch.randn(8, 8).to_sparse()  # torch itself rejects other dtypes/shapes
+    with pytest.raises(RuntimeError, match="weight: sparse gradients are not supported"):
+        opt.step()
+
+
+# -- re-planning triggers ----------------------------------------------------------------------
+
+
+def stepped(opt, params):
+    for p in params:
+        if p.requires_grad:
+            p.grad = torch.randn_like(p)
+    opt.step()
+    return opt.plan_builds
+
+
+def test_hyperparameters_and_step_counts_do_not_replan():
+    ps = [torch.nn.Parameter(torch.randn(4096)) for _ in range(3)]
+    opt = pagedopt.AdamW8bit(ps)
+    assert stepped(opt, ps) == 1
+    for t in range(5):
+        g = opt.param_groups[0]
+        g["lr"] *= 0.5
+        g["betas"] = (0.8 + 0.01 * t, 0.99)
+        g["weight_decay"] = 0.01 * t
+        g["eps"] = 1e-7
+        assert stepped(opt, ps) == 1
+    assert opt.state[ps[0]]["step"] == 6
+
+
+def test_replans_on_each_trigger():
+    ps = [torch.nn.Parameter(torch.randn(4096)) for _ in range(3)]
+    opt = pagedopt.AdamW8bit(ps[:2])
+    builds = stepped(opt, ps[:2])
+    assert builds == 1
+    # add_param_group
+    opt.add_param_group({"params": [ps[2]]})
+    assert stepped(opt, ps) == 2
+    # load_state_dict
+    opt.load_state_dict(opt.state_dict())
+    assert stepped(opt, ps) == 3
+    # a GlobalOptimManager override
+    pagedopt.GlobalOptimManager.get_instance().override_config(ps[0], "lr", 1e-5)
+    assert stepped(opt, ps) == 4
+    assert stepped(opt, ps) == 4
+    # a parameter frozen (no gradient) and then unfrozen
+    ps[1].requires_grad_(False)
+    ps[1].grad = None
+    assert stepped(opt, ps) == 5
+    ps[1].requires_grad_(True)
+    assert stepped(opt, ps) == 6
+    # p.data replaced (new storage)
+    ps[0].data = torch.randn(4096)
+    assert stepped(opt, ps) == 7
+    # a plan-shaping setting of a group
+    opt.param_groups[0]["skip_zeros"] = True
+    assert stepped(opt, ps) == 8
+    # state replaced from outside (e.g. ZeroRedundancyOptimizer writing into opt.state)
+    opt.state[ps[2]] = {}
+    assert stepped(opt, ps) == 9
+    assert opt.state[ps[2]]["step"] == 1  # fresh state was created for it
+    # numerics
+    opt.numerics = "strict"
+    assert stepped(opt, ps) == 10
+    assert stepped(opt, ps) == 10
+
+
+def test_state_is_created_when_a_parameter_first_gets_a_gradient():
+    a, b = torch.nn.Parameter(torch.randn(4096)), torch.nn.Parameter(torch.randn(4096))
+    opt = pagedopt.AdamW8bit([a, b])
+    a.grad = torch.randn(4096)
+    opt.step()
+    assert len(opt.state[b]) == 0 and opt.plan_builds == 1
+    b.grad = torch.randn(4096)
+    before = a.detach().clone()
+    opt.step()
+    assert opt.plan_builds == 2
+    assert opt.state[b]["step"] == 1 and opt.state[a]["step"] == 2
+    assert not torch.equal(before, a)
+
+
+@needs_native
+def test_different_step_counts_share_no_launch_but_match_per_item():
+    # b joins at step 3: its step count differs, so it gets its own launch group
+    def go(prepared):
+        torch.manual_seed(0)
+        a, b = torch.nn.Parameter(torch.randn(4096)), torch.nn.Parameter(torch.randn(4096))
+        opt = pagedopt.AdamW8bit([a, b])
+        opt.prepared_launches = prepared
+        for t in range(5):
+            a.grad = torch.randn(4096)
+            b.grad = torch.randn(4096) if t >= 2 else None
+            opt.step()
+        return [a, b], opt
+    planned, per_item = go(True), go(False)
+    assert_same(*planned, *per_item)
+    assert len(planned[1]._plan.launch_groups) == 2
+
+
+def test_per_parameter_override_values_apply_without_replanning():
+    ps = [torch.nn.Parameter(torch.zeros(4096)) for _ in range(2)]
+    pagedopt.GlobalOptimManager.get_instance().override_config(ps[0], "lr", 0.5)
+    opt = pagedopt.optim.Lion32bit(ps, lr=0.1, betas=(0.0, 0.0))
+    for p in ps:
+        p.grad = torch.ones(4096)
+    opt.step()
+    assert float(ps[0].detach()[0]) == pytest.approx(-0.5) and float(ps[1].detach()[0]) == pytest.approx(-0.1)  # Lion: -lr * sign

@@ -1,0 +1,210 @@
+"""Prepared CUDA launches of the step plan (pagedopt/backends/cuda_prepared.py), run on the CPU
+through the kernel emulation (tests/cuda_emulation.py): the CUDA backend serves CPU tensors
+with an emulated launcher, so the host code - descriptor packing once per plan, per-step
+scalar and gradient-pointer rewrites, launch arguments - is checked without a GPU.
+
+Tolerance tier: ``EXACT`` - the emulator runs the reference per chunk on the descriptors the
+host code uploaded, so the planned and per-item paths must agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pagedopt
+from cuda_emulation import EmulatedLauncher
+from pagedopt.backends import cuda_plan
+from pagedopt.backends.cuda import CudaBackend
+from pagedopt.functional import dispatch
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    launchers = []
+
+    def factory(device):
+        launchers.append(EmulatedLauncher())
+        return launchers[-1]
+
+    backend = CudaBackend(launcher_factory=factory)
+    monkeypatch.setitem(dispatch._resolved, "cpu", backend)
+    yield launchers
+    dispatch.reset_backends()
+
+
+def params():
+    g = torch.Generator().manual_seed(0)
+    specs = [((300, 20), torch.float32), ((4097,), torch.bfloat16), ((1,), torch.float32), ((0,), torch.float32),
+             ((513,), torch.float16), ((2048,), torch.float32)]
+    return [torch.nn.Parameter((torch.randn(s, generator=g) * 0.1).to(d)) for s, d in specs]
+
+
+def run(name: str, prepared: bool, steps: int = 3):
+    ps = params()
+    opt = pagedopt.optim.get_optimizer_class(name)(ps, min_8bit_size=0) if name.endswith("8bit") else \
+        pagedopt.optim.get_optimizer_class(name)(ps)
+    opt.prepared_launches = prepared
+    for t in range(steps):
+        g = torch.Generator().manual_seed(100 + t)
+        for p in ps:
+            p.grad = (torch.randn(p.shape, generator=g) * 0.01).to(p.dtype)
+        opt.param_groups[0]["lr"] = 1e-3 / (t + 1)
+        opt.step()
+    return ps, opt
+
+
+@pytest.mark.parametrize("name", ["AdamW8bit", "AdamW32bit", "Lion8bit", "AdEMAMix8bit"])
+def test_prepared_cuda_launches_match_the_per_item_path(emulated, name):
+    planned_params, planned = run(name, True)
+    per_item_params, per_item = run(name, False)
+    for a, b in zip(planned_params, per_item_params):
+        assert torch.equal(a, b)
+        for key in ("state1", "state2", "absmax1", "absmax2"):
+            if key in planned.state[a]:
+                assert torch.equal(planned.state[a][key], per_item.state[b][key]), key
+    assert planned.plan_builds == 1 and not planned._plan.per_item
+
+
+def test_descriptors_are_packed_once_per_plan(emulated, monkeypatch):
+    packed = []
+    real = cuda_plan.pack_update_descs
+
+    def counting(kind, items):
+        packed.append(len(items))
+        return real(kind, items)
+
+    monkeypatch.setattr(cuda_plan, "pack_update_descs", counting)
+    ps, opt = run("AdamW8bit", True, steps=4)
+    # three element types (f32, bf16, f16), one state mode: three launches, packed at plan time only
+    assert len(packed) == 3 and sum(packed) == 5  # the empty parameter is never launched
+    updates = [name for launcher in emulated for name, _, _ in launcher.launches if "update" in name]
+    assert len(updates) == 3 * 4
+
+
+def test_misaligned_new_gradient_clears_the_vector_flag(emulated):
+    # a gradient that is a view at an odd offset: not 16-byte aligned, so vector loads must be off
+    def go(prepared):
+        p = torch.nn.Parameter(torch.randn(1000, generator=torch.Generator().manual_seed(9)) * 0.1)
+        opt = pagedopt.AdamW32bit([p])
+        opt.prepared_launches = prepared
+        for t in range(4):
+            base = torch.randn(1001, generator=torch.Generator().manual_seed(t)) * 0.01
+            p.grad = base[1:] if t in (0, 2) else base[:1000].clone()  # plan built with a misaligned one
+            opt.step()
+        return p
+    assert torch.equal(go(True), go(False))
+
+
+# -- CUDA graph bookkeeping ----------------------------------------------------------------------
+
+
+class FakeGraph:
+    """Replays exactly what was recorded at capture: the descriptor copies (same source and
+    destination buffers) and the kernel launches (same arguments) - no Python of the step."""
+
+    def __init__(self, copies, launches):
+        self.copies, self.launches = copies, launches
+
+    def replay(self):
+        for dst, src in self.copies:
+            dst.copy_(src)
+        for launcher, args in self.launches:
+            launcher.launch(*args)
+
+
+class FakeGraphs:
+    def __init__(self):
+        self.captures = 0
+        self.fail = False
+        self.user_capturing = False
+
+    def available(self, device):
+        return True
+
+    def capturing(self, device):
+        return self.user_capturing
+
+    def capture(self, device, fn):
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.captures += 1
+        groups = fn.__self__.groups
+        launchers = {id(g.launcher): g.launcher for g in groups}.values()
+        launches = []
+        for launcher in launchers:  # record the launches instead of running them (a capture runs nothing)
+            launcher.launch = lambda *args, _l=launcher: launches.append((_l, args))
+        try:
+            fn()
+        finally:
+            for launcher in launchers:
+                del launcher.launch
+        return FakeGraph([(g.device_buffer, g.pinned) for g in groups],
+                         launches)
+
+    def event(self, device):
+        return None
+
+
+@pytest.fixture
+def graphs(monkeypatch):
+    from pagedopt.backends import cuda_prepared
+
+    fake = FakeGraphs()
+    monkeypatch.setattr(cuda_prepared, "GRAPHS", fake)
+    return fake
+
+
+def train_graph(prepared: bool, steps: int = 6, cuda_graph: bool = True, extra_group_at: int | None = None):
+    ps = params()
+    extra = torch.nn.Parameter(torch.randn(700, generator=torch.Generator().manual_seed(5)) * 0.1)
+    opt = pagedopt.AdamW8bit(ps, min_8bit_size=0, cuda_graph=cuda_graph)
+    opt.prepared_launches = prepared
+    for t in range(steps):
+        if t == extra_group_at:
+            opt.add_param_group({"params": [extra]})
+        g = torch.Generator().manual_seed(200 + t)
+        for p in ps + ([extra] if extra_group_at is not None and t >= extra_group_at else []):
+            p.grad = (torch.randn(p.shape, generator=g) * 0.01).to(p.dtype)  # new tensors: new pointers
+        opt.param_groups[0]["lr"] = 1e-3 / (t + 1)  # new scalars every step
+        opt.step()
+    return ps + [extra], opt
+
+
+def test_graph_replays_read_each_steps_scalars_and_pointers(emulated, graphs):
+    graphed_params, graphed = train_graph(True)
+    eager_params, _ = train_graph(False)
+    for a, b in zip(graphed_params, eager_params):
+        assert torch.equal(a, b)
+    launch = graphed._plan.launch_groups[0].launch
+    assert graphs.captures == 1 and launch.replays == 6 - 2  # two warm-up runs, then replays
+
+
+def test_recaptured_after_a_plan_change(emulated, graphs):
+    graphed_params, graphed = train_graph(True, steps=8, extra_group_at=4)
+    eager_params, _ = train_graph(False, steps=8, extra_group_at=4)
+    for a, b in zip(graphed_params, eager_params):
+        assert torch.equal(a, b)
+    # the second plan has two launch groups (the new parameter's step count differs): each is
+    # captured once after its warm-up, so three captures in all
+    assert graphed.plan_builds == 2 and len(graphed._plan.launch_groups) == 2 and graphs.captures == 3
+
+
+def test_capture_failure_falls_back_once_with_a_warning(emulated, graphs):
+    graphs.fail = True
+    with pytest.warns(RuntimeWarning, match="capturing the optimizer step as a CUDA graph failed"):
+        graphed_params, graphed = train_graph(True)
+    eager_params, _ = train_graph(False)
+    for a, b in zip(graphed_params, eager_params):
+        assert torch.equal(a, b)
+    launch = graphed._plan.launch_groups[0].launch
+    assert launch.graph is None and launch.replays == 0 and launch.graph_failed
+
+
+def test_no_capture_inside_a_user_capture_or_when_turned_off(emulated, graphs):
+    graphs.user_capturing = True
+    _, opt = train_graph(True)
+    assert graphs.captures == 0 and opt._plan.launch_groups[0].launch.replays == 0
+    graphs.user_capturing = False
+    _, opt = train_graph(True, cuda_graph=False)
+    assert graphs.captures == 0 and opt._plan.launch_groups[0].launch.use_graph is False
