@@ -50,6 +50,7 @@ class UpdateItem:
     update_scale: torch.Tensor | None = None
     new_absmax1: torch.Tensor | None = None
     new_absmax2: torch.Tensor | None = None
+    numerics: str = "fast"  # "fast" | "strict": CUDA kernel math mode (CPU and reference are always strict)
 
     @property
     def quantized(self) -> bool:

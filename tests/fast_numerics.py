@@ -1,0 +1,242 @@
+"""A CPU replay of the fast-numerics CUDA kernels (``native/cuda/fast_math.cuh``) in torch.
+
+The fast kernels write every multiply-add as an explicit fused multiply-add and use two
+hardware approximations, so their float32 results can be replayed here operation by
+operation:
+
+* ``fma(a, b, c)``: the exact product ``a * b`` (float32 products fit float64 exactly) plus
+  ``c`` in float64, rounded to float32. That is the correctly rounded fma except in the rare
+  double-rounding case, far inside every tolerance the tests use.
+* ``sqrt.approx.f32`` and ``__fdividef`` are replayed as the correctly rounded result times
+  ``1 + e`` with ``|e|`` up to their documented error bound (PTX ISA: ``sqrt.approx.f32``
+  relative error at most 2^-23; CUDA C++ Programming Guide: ``__fdividef`` 2 ulp), ``e``
+  drawn by an :class:`Approx` policy: exact, random in the bound, or always at the top or the
+  bottom of it (the worst cases for a bias that accumulates over many steps).
+* dequantization decodes the map arithmetically (:func:`fast_code_values`), exactly as the
+  kernel does.
+
+Everything else (skip rule, block scale, normalization, code search) is the reference's,
+which the fast kernels share. :func:`update` is the fast counterpart of
+``pagedopt.functional.reference.update``; the CPU emulator of the CUDA launcher runs it for
+fast kernels, and tests/test_fast_numerics.py checks it against the float64 reference.
+
+Example:
+    >>> import torch
+    >>> from pagedopt.functional.qmap import dynamic_map
+    >>> codes = torch.arange(256)
+    >>> bool((fast_code_values(codes, True) - dynamic_map(True)).abs().max() < 1e-6)
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from pagedopt.functional import reference
+from pagedopt.functional.items import PrepareResult, UpdateItem
+from pagedopt.functional.kinds import Algorithm, UpdateKind
+from pagedopt.functional.quantization import BLOCK_SIZE
+from pagedopt.functional.scalars import StepScalars
+
+Tensor = torch.Tensor
+
+SQRT_REL_ERROR = 2.0**-23  # sqrt.approx.f32 (PTX ISA)
+DIV_ULPS = 2.0  # __fdividef for 2^-126 <= |d| <= 2^126 (CUDA C++ Programming Guide)
+_ULP_REL = 2.0**-23  # one ulp relative to the value, at most
+
+
+@dataclass
+class Approx:
+    """How the approximate operations err: ``mode`` is "exact", "random" (uniform in the
+    bound), "high" (always +bound) or "low" (always -bound); ``scale`` multiplies the bound
+    (tests use 2 for a safety margin)."""
+
+    mode: str = "random"
+    scale: float = 1.0
+    seed: int = 0
+    _gen: torch.Generator = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("exact", "random", "high", "low"):
+            raise ValueError(f"mode={self.mode!r}")
+        self._gen = torch.Generator().manual_seed(self.seed)
+
+    def perturb(self, exact: Tensor, bound: float) -> Tensor:
+        """float32 ``exact * (1 + e)``, ``|e| <= scale * bound``."""
+        if self.mode == "exact":
+            return exact
+        if self.mode == "random":
+            e = (torch.rand(exact.shape, generator=self._gen, dtype=torch.float64) * 2 - 1) * bound * self.scale
+        else:
+            e = torch.full(exact.shape, (bound if self.mode == "high" else -bound) * self.scale, dtype=torch.float64)
+        return (exact.double() * (1.0 + e)).float()
+
+
+EXACT = Approx("exact")
+
+
+def _f(x) -> Tensor:
+    return x if isinstance(x, Tensor) else torch.tensor(x, dtype=torch.float32)
+
+
+def fma(a, b, c) -> Tensor:
+    """float32 fused multiply-add (see the module docstring)."""
+    return (_f(a).double() * _f(b).double() + _f(c).double()).float()
+
+
+def fast_sqrt(x: Tensor, approx: Approx) -> Tensor:
+    return approx.perturb(torch.sqrt(x.double()).float(), SQRT_REL_ERROR)
+
+
+def fast_div(a: Tensor, b: Tensor, approx: Approx) -> Tensor:
+    return approx.perturb((a.double() / b.double()).float(), DIV_ULPS * _ULP_REL)
+
+
+def fast_ema(beta: float, old: Tensor, one_minus_beta: float, value: Tensor) -> Tensor:
+    return fma(beta, old, _f(one_minus_beta) * value)
+
+
+def _denominator(v: Tensor, s: StepScalars, approx: Approx) -> Tensor:
+    return fma(fast_sqrt(v, approx), s.inv_bias_correction2_sqrt, s.eps)
+
+
+def _adam(g, states, s, approx):
+    m, v = states
+    m = fast_ema(s.beta1, m, s.one_minus_beta1, g)
+    v = fma(s.beta2, v, (_f(s.one_minus_beta2) * g) * g)
+    return [m, v], fast_div(m * _f(s.inv_bias_correction1), _denominator(v, s, approx), approx)
+
+
+def _ademamix(g, states, s, approx):
+    m1, m2, v = states
+    m1 = fast_ema(s.beta1, m1, s.one_minus_beta1, g)
+    m2 = fast_ema(s.beta3, m2, s.one_minus_beta3, g)
+    v = fma(s.beta2, v, (_f(s.one_minus_beta2) * g) * g)
+    numerator = fma(s.alpha, m2, m1 * _f(s.inv_bias_correction1))
+    return [m1, m2, v], fast_div(numerator, _denominator(v, s, approx), approx)
+
+
+def _momentum(g, states, s, approx):
+    (m,) = states
+    m = g.clone() if s.first_step else fma(s.beta1, m, _f(s.dampening_factor) * g)
+    return [m], (fma(s.beta1, m, g) if s.nesterov else m)
+
+
+def _lion(g, states, s, approx):
+    (m,) = states
+    d = torch.sign(fast_ema(s.beta1, m, s.one_minus_beta1, g))
+    return [fast_ema(s.beta2, m, s.one_minus_beta2, g)], d
+
+
+def _rmsprop(g, states, s, approx):
+    (v,) = states
+    v = fma(s.beta1, v, (_f(s.one_minus_beta1) * g) * g)
+    return [v], fast_div(g, fast_sqrt(v, approx) + _f(s.eps), approx)
+
+
+def _adagrad(g, states, s, approx):
+    (v,) = states
+    v = fma(g, g, v)
+    return [v], fast_div(g, fast_sqrt(v, approx) + _f(s.eps), approx)
+
+
+ALGORITHMS = {
+    Algorithm.ADAM: _adam, Algorithm.ADEMAMIX: _ademamix, Algorithm.MOMENTUM: _momentum,
+    Algorithm.LION: _lion, Algorithm.RMSPROP: _rmsprop, Algorithm.ADAGRAD: _adagrad,
+}
+
+# --- arithmetic dequantization (fast_code_value) -------------------------------------------------
+
+_POW10 = torch.tensor([10.0 ** (i - 6) for i in range(7)], dtype=torch.float32)
+
+
+def fast_code_values(codes: Tensor, signed: bool) -> Tensor:
+    """The map value of every code as ``fast_code_value`` computes it (float32)."""
+    c = codes.long()
+    negative = (c < 127) if signed else torch.zeros_like(c, dtype=torch.bool)
+    t = torch.where(negative, 127 - c, c - 127) if signed else c + 1
+    t = t.clamp_min(1)
+    e = torch.floor(torch.log2(t.double())).long()  # exact for integers below 2^52
+    level = e if signed else e - 1
+    k = t - (1 << e)
+    inv_n = torch.pow(2.0, -e.double()).float()
+    mid = fma(torch.tensor(0.45, dtype=torch.float32) * (2 * k + 1).float(), inv_n, 0.1)
+    value = mid * _POW10[level.clamp(0, 6)]
+    value = torch.where(c == (127 if signed else 0), 0.0, value)
+    value = torch.where(c == 255, 1.0, value)
+    return torch.where(negative, -value, value)
+
+
+def fast_dequantize(codes: Tensor, absmax: Tensor, signed: bool, block_wise: bool) -> Tensor:
+    values = fast_code_values(codes.reshape(-1), signed)
+    n = values.numel()
+    scale = absmax.float().repeat_interleave(BLOCK_SIZE)[:n] if block_wise else absmax.float().reshape(1).expand(n)
+    return values * scale
+
+
+def _load_states(kind: UpdateKind, item: UpdateItem) -> list[Tensor]:
+    out: list[Tensor] = []
+    for index, (tensor, absmax) in enumerate(((item.state1, item.absmax1), (item.state2, item.absmax2))[: kind.num_states]):
+        count = kind.state1_moments if index == 0 else 1
+        codes = reference._moments(tensor, count)
+        if not item.quantized:
+            out += [c.float() for c in codes]
+            continue
+        scales = absmax.reshape(count, -1)
+        out += [fast_dequantize(c, a, kind.state_signed[index], item.block_wise) for c, a in zip(codes, scales)]
+    return out
+
+
+# --- one item ---------------------------------------------------------------------------------------
+
+
+def _compute(kind: UpdateKind, item: UpdateItem, approx: Approx):
+    s = item.scalars
+    p = item.param.detach().reshape(-1).float()
+    g_raw = item.grad.detach().reshape(-1).float()
+    keep = torch.isfinite(g_raw)
+    if s.skip_zeros:
+        keep &= g_raw != 0
+    g = torch.where(keep, g_raw, 0.0) * reference._scale_or_one(item.gnorm_scale, p.device)
+    if s.weight_decay != 0.0:
+        g = fma(s.weight_decay, p, g)
+    old = _load_states(kind, item)
+    new, d = ALGORITHMS[kind.algorithm](g, old, s, approx)
+    new = [torch.where(keep, n, o) for n, o in zip(new, old)]
+    return p, new, torch.where(keep, d, 0.0), keep
+
+
+def update_one(kind: UpdateKind, item: UpdateItem, approx: Approx = EXACT) -> None:
+    p, new_states, d, keep = _compute(kind, item, approx)
+    s = item.scalars
+    scaled = d * reference._scale_or_one(item.update_scale, p.device)
+    p_new = torch.where(keep, fma(-s.lr, scaled, p * _f(s.decay_factor)), p)
+    reference._store_states(kind, item, new_states)
+    item.param.detach().copy_(p_new.reshape(item.param.shape))
+
+
+def prepare_one(kind: UpdateKind, item: UpdateItem, want_norms: bool, approx: Approx = EXACT) -> PrepareResult:
+    p, new_states, d, _ = _compute(kind, item, approx)
+    result = PrepareResult()
+    if item.quantized and not item.block_wise:
+        k1 = kind.state1_moments
+        result.max1 = reference._new_absmax(new_states[:k1], None, kind.state_signed[0], False).reshape(k1)
+        if kind.num_states == 2:
+            result.max2 = reference._new_absmax(new_states[k1:], None, kind.state_signed[1], False).reshape(1)
+    if want_norms:
+        result.unorm_sq = d.double().square().sum()
+        result.pnorm_sq = p.double().square().sum()
+    return result
+
+
+def prepare(kind: UpdateKind, items: Sequence[UpdateItem], want_norms: bool, approx: Approx = EXACT) -> list[PrepareResult]:
+    return [prepare_one(kind, item, want_norms, approx) for item in items]
+
+
+@torch.no_grad()
+def update(kind: UpdateKind, items: Sequence[UpdateItem], approx: Approx = EXACT) -> None:
+    for item in items:
+        update_one(kind, item, approx)
