@@ -67,8 +67,9 @@ def structs(address: int, count: int, dtype: np.dtype) -> np.ndarray:
 class EmulatedLauncher(DeviceLauncher):
     """Executes the backend's launches on the CPU (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, approx: fast_numerics.Approx = fast_numerics.EXACT) -> None:
         tables = build_tables()
+        self.approx = approx  # how the fast kernels' approximate sqrt/division err
         self.device = torch.device("cpu")
         self.maps = torch.from_numpy(tables.maps.copy())
         self.luts = torch.from_numpy(tables.luts.copy())
@@ -148,7 +149,12 @@ class EmulatedLauncher(DeviceLauncher):
         )
 
     def _update_kernel(self, algo, elem, mode, numerics, descs_ptr, prefix_ptr, n, maps, luts, *, work_units, grid):
-        run = fast_numerics.update if numerics == 1 else reference.update
+        def run(kind, items):
+            if numerics == 1:
+                fast_numerics.update(kind, items, self.approx)
+            else:
+                reference.update(kind, items)
+
         assert (maps, luts) == (self.maps.data_ptr(), self.luts.data_ptr())
         kind, items = self._items(algo, elem, mode, descs_ptr, prefix_ptr, n, CHUNK_ELEMS)
         assert work_units == items[-1][2] if items else work_units == 0
@@ -164,7 +170,11 @@ class EmulatedLauncher(DeviceLauncher):
 
     def _prepare_kernel(self, algo, elem, mode, numerics, descs_ptr, prefix_ptr, n, maps, luts, partials_ptr,
                         want_norms, *, work_units, grid):
-        prepare_one = fast_numerics.prepare_one if numerics == 1 else reference.prepare_one
+        def prepare_one(kind, item, want_norms):
+            if numerics == 1:
+                return fast_numerics.prepare_one(kind, item, want_norms, self.approx)
+            return reference.prepare_one(kind, item, want_norms)
+
         kind, items = self._items(algo, elem, mode, descs_ptr, prefix_ptr, n, REDUCE_CHUNK_ELEMS)
         total = items[-1][2] if items else 0
         assert work_units == total

@@ -30,7 +30,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -48,28 +48,30 @@ DIV_ULPS = 2.0  # __fdividef for 2^-126 <= |d| <= 2^126 (CUDA C++ Programming Gu
 _ULP_REL = 2.0**-23  # one ulp relative to the value, at most
 
 
-@dataclass
+@dataclass(frozen=True)
 class Approx:
-    """How the approximate operations err: ``mode`` is "exact", "random" (uniform in the
+    """How the approximate operations err: ``mode`` is "exact", "random" (spread over the
     bound), "high" (always +bound) or "low" (always -bound); ``scale`` multiplies the bound
-    (tests use 2 for a safety margin)."""
+    (tests use 2 for a safety margin). Like the hardware, the error is a deterministic
+    function of the operation's value (a hash of its exact result's bits and ``seed``), so
+    a prepare pass and the update that follows it agree, as they do on a GPU."""
 
     mode: str = "random"
     scale: float = 1.0
     seed: int = 0
-    _gen: torch.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in ("exact", "random", "high", "low"):
-            raise ValueError(f"mode={self.mode!r}")
-        self._gen = torch.Generator().manual_seed(self.seed)
+            raise ValueError(f"mode={self.mode!r} is not 'exact', 'random', 'high' or 'low'")
 
     def perturb(self, exact: Tensor, bound: float) -> Tensor:
         """float32 ``exact * (1 + e)``, ``|e| <= scale * bound``."""
         if self.mode == "exact":
             return exact
         if self.mode == "random":
-            e = (torch.rand(exact.shape, generator=self._gen, dtype=torch.float64) * 2 - 1) * bound * self.scale
+            bits = exact.contiguous().view(torch.int32).long() & 0xFFFFFFFF
+            mixed = ((bits ^ (self.seed * 0x9E3779B1)) * 2654435761) & 0xFFFFFFFF
+            e = (mixed.double() / 2.0**31 - 1.0) * bound * self.scale
         else:
             e = torch.full(exact.shape, (bound if self.mode == "high" else -bound) * self.scale, dtype=torch.float64)
         return (exact.double() * (1.0 + e)).float()
@@ -240,3 +242,54 @@ def prepare(kind: UpdateKind, items: Sequence[UpdateItem], want_norms: bool, app
 def update(kind: UpdateKind, items: Sequence[UpdateItem], approx: Approx = EXACT) -> None:
     for item in items:
         update_one(kind, item, approx)
+
+
+# --- the float64 oracle of one step (same inputs, exact arithmetic up to float64) --------------------
+
+
+def _f64_algorithm(algo: Algorithm, g: Tensor, states: list[Tensor], s: StepScalars) -> tuple[list[Tensor], Tensor]:
+    if algo == Algorithm.ADAM:
+        m, v = states
+        m, v = s.beta1 * m + s.one_minus_beta1 * g, s.beta2 * v + s.one_minus_beta2 * g * g
+        return [m, v], m * s.inv_bias_correction1 / (v.sqrt() * s.inv_bias_correction2_sqrt + s.eps)
+    if algo == Algorithm.ADEMAMIX:
+        m1, m2, v = states
+        m1, m2 = s.beta1 * m1 + s.one_minus_beta1 * g, s.beta3 * m2 + s.one_minus_beta3 * g
+        v = s.beta2 * v + s.one_minus_beta2 * g * g
+        return [m1, m2, v], (m1 * s.inv_bias_correction1 + s.alpha * m2) / (v.sqrt() * s.inv_bias_correction2_sqrt + s.eps)
+    if algo == Algorithm.MOMENTUM:
+        (m,) = states
+        m = g.clone() if s.first_step else s.beta1 * m + s.dampening_factor * g
+        return [m], (g + s.beta1 * m if s.nesterov else m)
+    if algo == Algorithm.LION:
+        (m,) = states
+        return [s.beta2 * m + s.one_minus_beta2 * g], torch.sign(s.beta1 * m + s.one_minus_beta1 * g)
+    (v,) = states
+    v = s.beta1 * v + s.one_minus_beta1 * g * g if algo == Algorithm.RMSPROP else v + g * g
+    return [v], g / (v.sqrt() + s.eps)
+
+
+def float64_step(kind: UpdateKind, item: UpdateItem) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
+    """The step of ``item`` in float64 from its stored (float32 / dequantized) inputs:
+    (new parameter before rounding to its dtype, new states, direction, keep mask)."""
+    s = item.scalars
+    p = item.param.detach().reshape(-1).double()
+    g_raw = item.grad.detach().reshape(-1).double()
+    keep = torch.isfinite(g_raw)
+    if s.skip_zeros:
+        keep &= g_raw != 0
+    g = torch.where(keep, g_raw, 0.0) * reference._scale_or_one(item.gnorm_scale, p.device).double()
+    if s.weight_decay != 0.0:
+        g = g + s.weight_decay * p
+    old = [x.double() for x in reference._load_states(kind, item)]
+    new, d = _f64_algorithm(kind.algorithm, g, old, s)
+    new = [torch.where(keep, n, o) for n, o in zip(new, old)]
+    d = torch.where(keep, d, 0.0)
+    scaled = d * reference._scale_or_one(item.update_scale, p.device).double()
+    p_new = torch.where(keep, p * s.decay_factor - s.lr * scaled, p)
+    return p_new, new, d, keep
+
+
+def float_states(kind: UpdateKind, item: UpdateItem) -> list[Tensor]:
+    """The item's states as float32 values (8-bit: dequantized with the exact map)."""
+    return reference._load_states(kind, item)

@@ -63,7 +63,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90(compiled):
             lowered = p.symbols[kernel.name]
             assert lowered in p.resources, f"{kernel.name} ({p.arch}) missing from the ptxas report"
     distinct = {k.name for p in programs for k in p.spec.kernels}
-    assert len(distinct) == len(cuda_catalog.distinct_kernels()) == 117
+    assert len(distinct) == len(cuda_catalog.distinct_kernels()) == 225  # 117 strict + 108 fast
 
 
 def test_compile_logs_have_no_warnings(compiled):
@@ -100,8 +100,12 @@ def test_catalog_covers_every_algorithm_dtype_and_mode():
     for algorithm in Algorithm:
         for elem in cuda_catalog.ELEM_CODES:
             for mode in cuda_catalog.MODE_CODES:
-                assert cuda_catalog.update_kernel(algorithm, elem, mode).name in names
-                assert cuda_catalog.prepare_kernel(algorithm, elem, mode).name in names
+                for numerics in cuda_catalog.NUMERICS_CODES:
+                    assert cuda_catalog.update_kernel(algorithm, elem, mode, numerics).name in names
+                    assert cuda_catalog.prepare_kernel(algorithm, elem, mode, numerics).name in names
+    assert cuda_catalog.update_kernel(Algorithm.ADAM, "f32", "block8", "fast").name.endswith("<0, 0, 1, 1>")
+    with pytest.raises(ValueError, match="numerics='exact' is not one of"):
+        cuda_catalog.optimizer_program(Algorithm.ADAM, "f32", "exact")
     for elem in cuda_catalog.ELEM_CODES:
         assert cuda_catalog.grad_norm_kernel(elem).name in names
 
@@ -113,8 +117,8 @@ def test_kernels_command_compiles_everything_and_reports(compiled, monkeypatch, 
     monkeypatch.setenv(cuda_compiler.CACHE_ENV, str(cache))
     assert main(["kernels", "--arch", "sm_80,sm_90"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("compiled 234 kernels for sm_80,sm_90")
-    assert "40 of 40 programs from the cache" in out
+    assert out.startswith("compiled 450 kernels for sm_80,sm_90")
+    assert "76 of 76 programs from the cache" in out
 
 
 def _broken_native_tree(tmp_path: Path) -> Path:
