@@ -293,3 +293,63 @@ def float64_step(kind: UpdateKind, item: UpdateItem) -> tuple[Tensor, list[Tenso
 def float_states(kind: UpdateKind, item: UpdateItem) -> list[Tensor]:
     """The item's states as float32 values (8-bit: dequantized with the exact map)."""
     return reference._load_states(kind, item)
+
+
+# --- the tolerance tiers (tests/test_fast_numerics.py states them) -----------------------------------
+
+FAST_MATH_RATIO = 4.0
+TIE_WINDOW = 2.0**-18
+MAX_CODE_MISMATCH = 1e-3
+
+
+def step_errors(kind: UpdateKind, item: UpdateItem, p64: Tensor, s64: list[Tensor]) -> list[Tensor]:
+    """|state - oracle| per state value, then |param - oracle| (float64, on the CPU)."""
+    states = float_states(kind, item)
+    errs = [(a.double().cpu() - b).abs() for a, b in zip(states, s64)]
+    errs.append((item.param.detach().reshape(-1).double().cpu() - p64).abs())
+    return errs
+
+
+def assert_fast_math_tier(kind: UpdateKind, fast: UpdateItem, strict: UpdateItem, p64: Tensor, s64: list[Tensor],
+                          label: str = "") -> None:
+    """Largest and mean error of ``fast`` against the float64 oracle at most FAST_MATH_RATIO
+    times those of ``strict`` (the same step with the strict, float32-rounding-only math)."""
+    names = [f"state {i}" for i in range(len(s64))] + ["param"]
+    for name, e, b in zip(names, step_errors(kind, fast, p64, s64), step_errors(kind, strict, p64, s64)):
+        limit = FAST_MATH_RATIO * float(b.max()) + 1e-30
+        assert float(e.max()) <= limit, f"{label} {name}: max error {float(e.max()):.3e} > {limit:.3e}"
+        limit = FAST_MATH_RATIO * float(b.mean()) + 1e-30
+        assert float(e.mean()) <= limit, f"{label} {name}: mean error {float(e.mean()):.3e} > {limit:.3e}"
+
+
+def assert_codes_tier(kind: UpdateKind, fast: UpdateItem, strict: UpdateItem, s64: list[Tensor], label: str = "") -> None:
+    """8-bit codes of ``fast`` equal ``strict``'s except neighbours around a decision
+    threshold that the float64 value lies within TIE_WINDOW of; at most MAX_CODE_MISMATCH."""
+    from pagedopt.functional.qmap import decision_thresholds
+
+    k1 = kind.state1_moments
+    groups = [(strict.state1, fast.state1, strict.absmax1, s64[:k1], kind.state_signed[0])]
+    if kind.num_states == 2:
+        groups.append((strict.state2, fast.state2, strict.absmax2, s64[k1:], kind.state_signed[1]))
+    total = mismatched = 0
+    for codes_s, codes_f, absmax, values, signed in groups:
+        t = decision_thresholds(signed).double()
+        codes_s = codes_s.detach().cpu().reshape(len(values), -1).long()
+        codes_f = codes_f.detach().cpu().reshape(len(values), -1).long()
+        scale = absmax.detach().cpu().reshape(len(values), -1).double()
+        for row, v in enumerate(values):
+            cs, cf = codes_s[row], codes_f[row]
+            bad = (cs != cf).nonzero().flatten()
+            total += cs.numel()
+            mismatched += bad.numel()
+            if not bad.numel():
+                continue
+            assert int((cs[bad] - cf[bad]).abs().max()) == 1, f"{label}: fast and strict codes are not neighbours"
+            if strict.block_wise:
+                blocks = scale[row].repeat_interleave(BLOCK_SIZE)[: v.numel()]
+            else:
+                blocks = scale[row].expand(v.numel())
+            x = v[bad] / blocks[bad]
+            threshold = t[torch.minimum(cs[bad], cf[bad])]
+            assert bool(((x - threshold).abs() <= TIE_WINDOW * threshold.abs()).all()), f"{label}: code outside the tie window"
+    assert mismatched <= MAX_CODE_MISMATCH * total, f"{label}: {mismatched} of {total} codes differ"

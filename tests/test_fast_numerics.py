@@ -42,9 +42,6 @@ from pagedopt.functional.qmap import decision_thresholds, dynamic_map
 from pagedopt.functional.scalars import step_scalars
 
 APPROX = [F.Approx(mode, 2.0, seed=11) for mode in ("random", "high", "low")]
-FAST_MATH_RATIO = 4.0
-TIE_WINDOW = 2.0**-18
-MAX_CODE_MISMATCH = 1e-3
 
 
 def _fresh(kind_name, n, dtype, mode, **kw):
@@ -68,13 +65,6 @@ def test_arithmetic_decode_is_within_2_ulp_and_keeps_every_code(signed):
 # --- one step, 32-bit state: fast-math tier ---------------------------------------------------------
 
 
-def _errors(kind, item, p64, s64):
-    states = F.float_states(kind, item)
-    errs = [(a.double() - b).abs() for a, b in zip(states, s64)]
-    errs.append((item.param.reshape(-1).double() - p64).abs())
-    return errs
-
-
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=("f32", "bf16", "f16"))
 @pytest.mark.parametrize("kind_name", KINDS)
 def test_one_step_within_fast_math_tier(kind_name, dtype):
@@ -82,14 +72,10 @@ def test_one_step_within_fast_math_tier(kind_name, dtype):
     p64, s64, _, keep = F.float64_step(kind, item)
     strict = _fresh(kind_name, 20_000, dtype, "state32")[1]
     reference.update(kind, [strict])
-    base = _errors(kind, strict, p64, s64)
     for approx in APPROX:
         fast = _fresh(kind_name, 20_000, dtype, "state32")[1]
         F.update(kind, [fast], approx)
-        for name, e, b in zip(["state"] * len(s64) + ["param"], _errors(kind, fast, p64, s64), base):
-            limit_max = FAST_MATH_RATIO * float(b.max()) + 1e-30
-            assert float(e.max()) <= limit_max, f"{approx.mode} {name}: max error {float(e.max()):.3e} > {limit_max:.3e}"
-            assert float(e.mean()) <= FAST_MATH_RATIO * float(b.mean()) + 1e-30, f"{approx.mode} {name}: mean error"
+        F.assert_fast_math_tier(kind, fast, strict, p64, s64, approx.mode)
         # skipped elements (NaN/Inf gradients) keep their exact bits
         assert torch.equal(fast.param.reshape(-1)[~keep], _fresh(kind_name, 20_000, dtype, "state32")[1].param[~keep])
 
@@ -101,11 +87,11 @@ def test_fast_math_tier_catches_a_wrong_formula():
     p64, s64, _, _ = F.float64_step(kind, item)
     strict = _fresh("adamw", 20_000, torch.float32, "state32")[1]
     reference.update(kind, [strict])
-    base = _errors(kind, strict, p64, s64)[-1]
+    base = F.step_errors(kind, strict, p64, s64)[-1]
     wrong = _fresh("adamw", 20_000, torch.float32, "state32")[1]
     wrong.scalars = dataclasses.replace(wrong.scalars, inv_bias_correction1=1.0)
     F.update(kind, [wrong])
-    assert float(_errors(kind, wrong, p64, s64)[-1].max()) > 100 * FAST_MATH_RATIO * float(base.max())
+    assert float(F.step_errors(kind, wrong, p64, s64)[-1].max()) > 100 * F.FAST_MATH_RATIO * float(base.max())
 
 
 # --- one step, 8-bit state: codes tier ---------------------------------------------------------------
@@ -124,28 +110,7 @@ def test_codes_equal_except_ties(kind_name, mode):
             it.new_absmax1, it.new_absmax2 = r.max1, r.max2
     reference.update(kind, [strict])
     F.update(kind, [fast], APPROX[0])
-    k1 = kind.state1_moments
-    groups = [(strict.state1, fast.state1, strict.absmax1, s64[:k1], kind.state_signed[0])]
-    if kind.num_states == 2:
-        groups.append((strict.state2, fast.state2, strict.absmax2, s64[k1:], kind.state_signed[1]))
-    total = mismatched = 0
-    for codes_s, codes_f, absmax, values, signed in groups:
-        t = decision_thresholds(signed).double()
-        codes_s, codes_f = codes_s.reshape(len(values), -1).long(), codes_f.reshape(len(values), -1).long()
-        scale = absmax.reshape(len(values), -1).double()
-        for row, v in enumerate(values):
-            cs, cf = codes_s[row], codes_f[row]
-            bad = (cs != cf).nonzero().flatten()
-            total += cs.numel()
-            mismatched += bad.numel()
-            if not bad.numel():
-                continue
-            assert int((cs[bad] - cf[bad]).abs().max()) == 1, "fast and strict codes are not neighbours"
-            blocks = scale[row].repeat_interleave(256)[: v.numel()] if mode == "block8" else scale[row].expand(v.numel())
-            x = v[bad] / blocks[bad]
-            threshold = t[torch.minimum(cs[bad], cf[bad])]
-            assert bool(((x - threshold).abs() <= TIE_WINDOW * threshold.abs()).all()), "a code differs outside the tie window"
-    assert mismatched <= MAX_CODE_MISMATCH * total
+    F.assert_codes_tier(kind, fast, strict, s64, f"{kind_name}/{mode}")
 
 
 # --- drift over 200 steps --------------------------------------------------------------------------------
