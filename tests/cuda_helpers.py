@@ -120,19 +120,22 @@ def assert_items_equal(got: UpdateItem, want: UpdateItem, label: str) -> None:
             assert_bit_equal(getattr(got, name), getattr(want, name), f"{label} {name}")
 
 
-def run_prepare_and_update(backend, kind, cpu_items, gpu_items, want_norms=True, oracle=reference):
+def run_prepare_and_update(backend, kind, cpu_items, gpu_items, want_norms=True, oracle=reference, exact=True):
     """Prepare (norms; tensor-wise maxima) and update on both sides; compare the prepare.
     ``oracle``: a module with ``prepare``/``update`` run on the CPU items (the reference, or
-    the fast-kernel replay ``fast_numerics``)."""
+    the fast-kernel replay ``fast_numerics``). ``exact=False`` (fast kernels against strict
+    CPU items): maxima within 1e-5 relative instead of bit for bit."""
     ref = oracle.prepare(kind, cpu_items, want_norms)
     got = backend.prepare(kind, gpu_items, want_norms)
     for i, (r, g) in enumerate(zip(ref, got)):
         for name in ("max1", "max2"):
-            if getattr(r, name) is not None:
+            if getattr(r, name) is not None and exact:
                 assert_bit_equal(getattr(g, name), getattr(r, name), f"item {i} prepare {name}")  # exact: max
+            elif getattr(r, name) is not None:
+                torch.testing.assert_close(getattr(g, name).cpu(), getattr(r, name), rtol=1e-5, atol=0.0)
             else:
                 assert getattr(g, name) is None
-        if want_norms:
+        if want_norms and exact:
             for name in ("unorm_sq", "pnorm_sq"):
                 # tier float64 order
                 torch.testing.assert_close(getattr(g, name).cpu(), getattr(r, name), rtol=1e-10, atol=0.0)

@@ -311,14 +311,23 @@ def step_errors(kind: UpdateKind, item: UpdateItem, p64: Tensor, s64: list[Tenso
 
 
 def assert_fast_math_tier(kind: UpdateKind, fast: UpdateItem, strict: UpdateItem, p64: Tensor, s64: list[Tensor],
-                          label: str = "") -> None:
+                          label: str = "", d64: Tensor | None = None) -> None:
     """Largest and mean error of ``fast`` against the float64 oracle at most FAST_MATH_RATIO
-    times those of ``strict`` (the same step with the strict, float32-rounding-only math)."""
+    times those of ``strict`` (the same step with the strict, float32-rounding-only math),
+    plus a floor for tensors too small for that statistic (a strict error may be 0 there):
+    one float32 ulp at the tensor's scale, and for parameters 8 ulp (2^-20, the approximate
+    sqrt and division at twice their bounds) of the largest step ``lr * |d64|``."""
     names = [f"state {i}" for i in range(len(s64))] + ["param"]
-    for name, e, b in zip(names, step_errors(kind, fast, p64, s64), step_errors(kind, strict, p64, s64)):
-        limit = FAST_MATH_RATIO * float(b.max()) + 1e-30
+    wants = list(s64) + [p64]
+    step = fast.scalars.lr * float(d64.abs().max()) if d64 is not None and d64.numel() else 0.0
+    for name, e, b, want in zip(names, step_errors(kind, fast, p64, s64), step_errors(kind, strict, p64, s64), wants):
+        finite = want[torch.isfinite(want)]
+        ulp = 2.0**-23 * float(finite.abs().max()) if finite.numel() else 0.0
+        if name == "param":
+            ulp += 2.0**-20 * step
+        limit = FAST_MATH_RATIO * float(b.max()) + ulp
         assert float(e.max()) <= limit, f"{label} {name}: max error {float(e.max()):.3e} > {limit:.3e}"
-        limit = FAST_MATH_RATIO * float(b.mean()) + 1e-30
+        limit = FAST_MATH_RATIO * float(b.mean()) + ulp
         assert float(e.mean()) <= limit, f"{label} {name}: mean error {float(e.mean()):.3e} > {limit:.3e}"
 
 
@@ -353,3 +362,32 @@ def assert_codes_tier(kind: UpdateKind, fast: UpdateItem, strict: UpdateItem, s6
             threshold = t[torch.minimum(cs[bad], cf[bad])]
             assert bool(((x - threshold).abs() <= TIE_WINDOW * threshold.abs()).all()), f"{label}: code outside the tie window"
     assert mismatched <= MAX_CODE_MISMATCH * total, f"{label}: {mismatched} of {total} codes differ"
+
+
+def check_backend_tiers(backend, device, kind_name: str, dtype: torch.dtype, mode: str) -> None:
+    """One multi-tensor prepare + update of fast items on ``backend`` (odd sizes, NaN/Inf/zero
+    gradients, scales on every other tensor) held to the fast-math tier (32-bit state) or
+    the codes tier (8-bit), skipped elements bit for bit. Used by the GPU tests and, with
+    the emulated launcher, on the CPU."""
+    from cuda_helpers import SIZES, make_item, run_prepare_and_update, to_device
+    from pagedopt.functional.kinds import kind_for
+
+    kind = kind_for(kind_name)
+
+    def items(numerics):
+        return [make_item(kind_name, n, dtype, mode, seed=n, scales=i % 2 == 1, numerics=numerics)[1]
+                for i, n in enumerate(SIZES)]
+
+    cpu = items("fast")
+    oracles = [float64_step(kind, it) for it in cpu]
+    strict = items("strict")
+    fast = [to_device(it, device) for it in cpu]
+    strict, fast = run_prepare_and_update(backend, kind, strict, fast, want_norms=False, exact=False)
+    for i, (f, s, (p64, s64, d64, keep)) in enumerate(zip(fast, strict, oracles)):
+        label = f"{kind_name}/{dtype}/{mode} n={SIZES[i]}"
+        kept = f.param.detach().cpu().reshape(-1)[~keep]
+        assert torch.equal(kept, cpu[i].param.reshape(-1)[~keep]), f"{label}: skipped elements changed"
+        if mode == "state32":
+            assert_fast_math_tier(kind, f, s, p64, s64, label, d64)
+        else:
+            assert_codes_tier(kind, f, s, s64, label)

@@ -113,6 +113,24 @@ def test_codes_equal_except_ties(kind_name, mode):
     F.assert_codes_tier(kind, fast, strict, s64, f"{kind_name}/{mode}")
 
 
+@pytest.mark.parametrize("mode", ("state32", "block8", "tensor8"))
+@pytest.mark.parametrize("kind_name,dtype", [
+    ("adamw", torch.bfloat16), ("lion", torch.float32),
+    pytest.param("ademamix", torch.float16, marks=pytest.mark.slow),
+    pytest.param("rmsprop", torch.float32, marks=pytest.mark.slow),
+])
+def test_tiers_through_the_emulated_cuda_backend(kind_name, dtype, mode):
+    """The GPU tier check (tests/test_cuda_fast.py) on the CUDA backend's host code with the
+    fast kernels emulated on the CPU (approximations perturbed), odd sizes down to 1."""
+    from cuda_emulation import EmulatedLauncher
+    from pagedopt.backends import cuda as cuda_backend
+
+    launcher = EmulatedLauncher(approx=F.Approx("random", 2.0, seed=5))
+    backend = cuda_backend.CudaBackend(launcher_factory=lambda device: launcher)
+    F.check_backend_tiers(backend, torch.device("cpu"), kind_name, dtype, mode)
+    assert 1 in launcher.numerics_launched
+
+
 # --- drift over 200 steps --------------------------------------------------------------------------------
 
 
