@@ -5,7 +5,8 @@ the driver. Each "launch" is checked like the driver would (argument count and r
 the declared ctypes types) and then executed the way the kernel reads its inputs: the
 descriptor array and chunk prefix are decoded from the raw bytes the launcher uploaded,
 tensors are rebuilt from the raw pointers, and the per-element work is the pure-torch
-reference applied chunk by chunk. So a wrong pointer, size, flag, scalar, prefix, argument
+reference applied chunk by chunk (fast-numerics kernels: its fast replay,
+tests/fast_numerics.py, with exact approximations). So a wrong pointer, size, flag, scalar, prefix, argument
 order or result layout in the host code shows up as a wrong result here.
 
 Only the host code is under test; the CUDA C++ itself is checked on a GPU (tests/test_cuda.py).
@@ -20,6 +21,7 @@ import re
 import numpy as np
 import torch
 
+import fast_numerics
 from pagedopt.backends.cuda import DeviceLauncher
 from pagedopt.backends.cuda_catalog import ELEM_CODES, MODE_CODES
 from pagedopt.backends.cuda_layout import NORM_DESC, PREPARE_PARTIAL, TENSOR_DESC
@@ -65,12 +67,14 @@ def structs(address: int, count: int, dtype: np.dtype) -> np.ndarray:
 class EmulatedLauncher(DeviceLauncher):
     """Executes the backend's launches on the CPU (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, approx: fast_numerics.Approx = fast_numerics.EXACT) -> None:
         tables = build_tables()
+        self.approx = approx  # how the fast kernels' approximate sqrt/division err
         self.device = torch.device("cpu")
         self.maps = torch.from_numpy(tables.maps.copy())
         self.luts = torch.from_numpy(tables.luts.copy())
         self.launches: list[tuple[str, int, int | None]] = []
+        self.numerics_launched: list[int | None] = []
 
     def kernel(self, program, spec):
         assert spec in program.kernels, f"{spec.name} is not part of program {program.slug}"
@@ -93,6 +97,9 @@ class EmulatedLauncher(DeviceLauncher):
         self.launches.append((kernel.name, work_units, grid))
         base, targs = _NAME_RE.match(kernel.name).groups()
         targs = [int(a) for a in targs.split(",")] if targs else []
+        if base in ("update_kernel", "prepare_kernel") and len(targs) == 3:
+            targs.append(0)  # the numerics parameter's default: strict
+        self.numerics_launched.append(targs[3] if len(targs) == 4 else None)
         getattr(self, f"_{base}")(*targs, *args, work_units=work_units, grid=grid)
 
     # -- optimizer kernels ---------------------------------------------------------------------------
@@ -141,7 +148,13 @@ class EmulatedLauncher(DeviceLauncher):
             new_absmax1=n1, new_absmax2=n2,
         )
 
-    def _update_kernel(self, algo, elem, mode, descs_ptr, prefix_ptr, n, maps, luts, *, work_units, grid):
+    def _update_kernel(self, algo, elem, mode, numerics, descs_ptr, prefix_ptr, n, maps, luts, *, work_units, grid):
+        def run(kind, items):
+            if numerics == 1:
+                fast_numerics.update(kind, items, self.approx)
+            else:
+                reference.update(kind, items)
+
         assert (maps, luts) == (self.maps.data_ptr(), self.luts.data_ptr())
         kind, items = self._items(algo, elem, mode, descs_ptr, prefix_ptr, n, CHUNK_ELEMS)
         assert work_units == items[-1][2] if items else work_units == 0
@@ -149,14 +162,19 @@ class EmulatedLauncher(DeviceLauncher):
             if mode == MODE_CODES["tensor8"]:
                 assert item.new_absmax1 is not None, "tensor-wise update without maxima"
                 saved = [a.clone() for a in (item.absmax1, item.absmax2) if a is not None]
-                reference.update(kind, [item])
+                run(kind, [item])
                 for a, s in zip([a for a in (item.absmax1, item.absmax2) if a is not None], saved):
                     a.copy_(s)  # the kernel never writes tensor-wise absmax; the host copies it after
             else:
-                reference.update(kind, [item])
+                run(kind, [item])
 
-    def _prepare_kernel(self, algo, elem, mode, descs_ptr, prefix_ptr, n, maps, luts, partials_ptr, want_norms, *,
-                        work_units, grid):
+    def _prepare_kernel(self, algo, elem, mode, numerics, descs_ptr, prefix_ptr, n, maps, luts, partials_ptr,
+                        want_norms, *, work_units, grid):
+        def prepare_one(kind, item, want_norms):
+            if numerics == 1:
+                return fast_numerics.prepare_one(kind, item, want_norms, self.approx)
+            return reference.prepare_one(kind, item, want_norms)
+
         kind, items = self._items(algo, elem, mode, descs_ptr, prefix_ptr, n, REDUCE_CHUNK_ELEMS)
         total = items[-1][2] if items else 0
         assert work_units == total
@@ -164,7 +182,7 @@ class EmulatedLauncher(DeviceLauncher):
         for item, first, last in items:
             for c in range(first, last):
                 part = _chunk_of(kind, item, (c - first) * REDUCE_CHUNK_ELEMS, REDUCE_CHUNK_ELEMS)
-                r = reference.prepare_one(kind, part, bool(want_norms))
+                r = prepare_one(kind, part, bool(want_norms))
                 maxima = [0.0, 0.0, 0.0]
                 if mode == MODE_CODES["tensor8"]:
                     values = r.max1.tolist() + (r.max2.tolist() if r.max2 is not None else [])

@@ -59,8 +59,10 @@ def _states(kind, n, mode, gen):
     return out
 
 
-def make_item(kind_name, n, dtype, mode, seed, *, step=3, scales=False, specials=True, skip_zeros=False):
-    """A CPU item with random data (gradients with NaN/+-Inf/0 at fixed spots)."""
+def make_item(kind_name, n, dtype, mode, seed, *, step=3, scales=False, specials=True, skip_zeros=False,
+              numerics="strict"):
+    """A CPU item with random data (gradients with NaN/+-Inf/0 at fixed spots); ``numerics``
+    picks the CUDA kernel variant (strict: bit-exact against the reference)."""
     kind = kind_for(kind_name)
     gen = torch.Generator().manual_seed(seed)
     param = (torch.randn(n, generator=gen) * 0.1).to(dtype)
@@ -71,7 +73,7 @@ def make_item(kind_name, n, dtype, mode, seed, *, step=3, scales=False, specials
     s2, a2 = rest[0] if rest else (None, None)
     item = UpdateItem(
         param, grad, s1, s2, a1, a2, step_scalars(kind, HP[kind_name], step, skip_zeros=skip_zeros),
-        block_wise=mode != "tensor8",
+        block_wise=mode != "tensor8", numerics=numerics,
     )
     if scales:
         item.gnorm_scale = torch.tensor(0.75)
@@ -118,22 +120,27 @@ def assert_items_equal(got: UpdateItem, want: UpdateItem, label: str) -> None:
             assert_bit_equal(getattr(got, name), getattr(want, name), f"{label} {name}")
 
 
-def run_prepare_and_update(backend, kind, cpu_items, gpu_items, want_norms=True):
-    """Prepare (norms; tensor-wise maxima) and update on both sides; compare the prepare."""
-    ref = reference.prepare(kind, cpu_items, want_norms)
+def run_prepare_and_update(backend, kind, cpu_items, gpu_items, want_norms=True, oracle=reference, exact=True):
+    """Prepare (norms; tensor-wise maxima) and update on both sides; compare the prepare.
+    ``oracle``: a module with ``prepare``/``update`` run on the CPU items (the reference, or
+    the fast-kernel replay ``fast_numerics``). ``exact=False`` (fast kernels against strict
+    CPU items): maxima within 1e-5 relative instead of bit for bit."""
+    ref = oracle.prepare(kind, cpu_items, want_norms)
     got = backend.prepare(kind, gpu_items, want_norms)
     for i, (r, g) in enumerate(zip(ref, got)):
         for name in ("max1", "max2"):
-            if getattr(r, name) is not None:
+            if getattr(r, name) is not None and exact:
                 assert_bit_equal(getattr(g, name), getattr(r, name), f"item {i} prepare {name}")  # exact: max
+            elif getattr(r, name) is not None:
+                torch.testing.assert_close(getattr(g, name).cpu(), getattr(r, name), rtol=1e-5, atol=0.0)
             else:
                 assert getattr(g, name) is None
-        if want_norms:
+        if want_norms and exact:
             for name in ("unorm_sq", "pnorm_sq"):
                 # tier float64 order
                 torch.testing.assert_close(getattr(g, name).cpu(), getattr(r, name), rtol=1e-10, atol=0.0)
     cpu_items = [dataclasses.replace(it, new_absmax1=r.max1, new_absmax2=r.max2) for it, r in zip(cpu_items, ref)]
     gpu_items = [dataclasses.replace(it, new_absmax1=g.max1, new_absmax2=g.max2) for it, g in zip(gpu_items, got)]
-    reference.update(kind, cpu_items)
+    oracle.update(kind, cpu_items)
     backend.update(kind, gpu_items)
     return cpu_items, gpu_items

@@ -13,17 +13,6 @@
 namespace pagedopt {
 namespace cuda {
 
-// CTA-wide sum in a fixed order; every thread passes its value, thread 0 gets the result.
-__device__ __forceinline__ double block_sum(double v, double* scratch /* [kWarps] shared */) {
-  v = warp_sum(v);
-  if (lane_id() == 0) scratch[warp_id()] = v;
-  __syncthreads();
-  double total = 0.0;
-  if (warp_id() == 0) total = warp_sum(lane_id() < kWarps ? scratch[lane_id()] : 0.0);
-  __syncthreads();  // scratch is reused by the caller's next round
-  return total;
-}
-
 template <int P>
 __global__ void __launch_bounds__(kThreads) grad_norm_partials(const NormDesc* __restrict__ descs,
                                                                const int64_t* __restrict__ chunk_prefix,
@@ -58,7 +47,7 @@ __global__ void __launch_bounds__(kThreads) grad_norm_partials(const NormDesc* _
         }
       }
     }
-    const double sum = block_sum(acc, scratch);
+    const double sum = block_reduce<SumReduce>(acc, scratch);
     if (threadIdx.x == 0) partials[chunk] = sum;
   }
 }
@@ -72,7 +61,7 @@ __global__ void __launch_bounds__(kThreads) finalize_sums(const int64_t* __restr
   if (t >= num_tensors) return;  // uniform over the CTA
   double acc = 0.0;
   for (int64_t c = chunk_prefix[t] + threadIdx.x; c < chunk_prefix[t + 1]; c += kThreads) acc += partials[c];
-  const double sum = block_sum(acc, scratch);
+  const double sum = block_reduce<SumReduce>(acc, scratch);
   if (threadIdx.x == 0) out[t] = sum;
 }
 

@@ -2,8 +2,8 @@
 // every algorithm, parameter dtype (fp32/fp16/bf16, gradient of the same dtype) and state
 // mode, many tensors per launch.
 //
-//   update_kernel<ALGO, P, MODE>    the update (writes parameters, states, block absmax)
-//   prepare_kernel<ALGO, P, MODE>   the same math without writing: per-chunk partials of the
+//   update_kernel<ALGO, P, MODE, NUM>    the update (writes parameters, states, block absmax)
+//   prepare_kernel<ALGO, P, MODE, NUM>   the same math without writing: per-chunk partials of the
 //                                   update norm^2 and parameter norm^2 (float64, trust ratio)
 //                                   and the maxima of the updated states (tensor-wise 8-bit)
 //   finalize_prepare                per-tensor sums/maxima of those partials, fixed order
@@ -13,11 +13,15 @@
 // the old absmax, requantize with the maxima of the prepare pass; the host copies them
 // into absmax after the launch, because every CTA still reads the old value).
 //
-// Per-element math: native/include/pagedopt/update.h (= pagedopt.functional.reference).
+// NUM: numerics mode (fast_math.cuh). NUMERICS_STRICT (0, the default, so the strict kernels
+// keep their names): the per-element math of native/include/pagedopt/update.h
+// (= pagedopt.functional.reference), bit for bit. NUMERICS_FAST (1): fused multiply-adds,
+// approximate sqrt and division, arithmetic dequantization (fast_math.cuh).
 #include "pagedopt/common.h"
 #include "pagedopt/convert.h"
 #include "pagedopt/quant.h"
 #include "pagedopt/update.h"
+#include "fast_math.cuh"
 #include "qsearch.cuh"
 #include "tiling.cuh"
 
@@ -53,6 +57,18 @@ struct PrepareAcc {
   double unorm_sq;
   double pnorm_sq;
   float max[3];
+};
+
+// How block_reduce (tiling.cuh) combines two PrepareAcc: sums and NaN-propagating maxima.
+struct PrepareReduce {
+  static __device__ __forceinline__ PrepareAcc identity() { return PrepareAcc{0.0, 0.0, {0.0f, 0.0f, 0.0f}}; }
+  static __device__ __forceinline__ PrepareAcc warp(PrepareAcc a) {
+    a.unorm_sq = warp_sum(a.unorm_sq);
+    a.pnorm_sq = warp_sum(a.pnorm_sq);
+#pragma unroll
+    for (int v = 0; v < 3; ++v) a.max[v] = warp_max(a.max[v]);
+    return a;
+  }
 };
 
 // The absmax entry value v was quantized with (tensor-wise: entry per moment).
@@ -131,9 +147,9 @@ __device__ __forceinline__ void store_tile(const TensorDesc& d, int64_t base, co
 
 // One warp's 256 elements starting at `base` (< numel): load, update, and either store
 // (PREPARE = false) or accumulate into `acc` (PREPARE = true). All 32 lanes must call it.
-template <int ALGO, int P, int MODE, bool PREPARE>
+template <int ALGO, int P, int MODE, bool PREPARE, int NUM>
 __device__ __forceinline__ void run_tile(const TensorDesc& d, int64_t base, const QMapShared* qs,
-                                         PrepareAcc& acc, bool want_norms) {
+                                         PrepareAcc& acc, bool want_norms, float pow10_lane) {
   typedef typename Elem<P>::storage T;
   constexpr int VEC = 16 / (int)sizeof(T);  // elements per 16-byte parameter access
   constexpr int GROUPS = kElemsPerLane / VEC;
@@ -178,9 +194,16 @@ __device__ __forceinline__ void run_tile(const TensorDesc& d, int64_t base, cons
 #pragma unroll
       for (int j = 0; j < GROUPS; ++j) load_group<uint8_t, VEC>(src + first[j], codes + j * VEC, vec[j], valid[j]);
       const float old_absmax = *absmax_of<ALGO, MODE>(d, v, MODE == MODE_BLOCK8 ? block : 0);
-      const QMapShared& m = qs[AlgoTraits<ALGO>::value_signed(v) ? 0 : 1];
+      const bool is_signed = AlgoTraits<ALGO>::value_signed(v);
+      if constexpr (NUM == NUMERICS_FAST) {
 #pragma unroll
-      for (int i = 0; i < kElemsPerLane; ++i) val[v][i] = dequantize_value(m.qmap, codes[i], old_absmax);
+        for (int i = 0; i < kElemsPerLane; ++i)
+          val[v][i] = __fmul_rn(fast_code_value(codes[i], is_signed, pow10_lane), old_absmax);
+      } else {
+        const QMapShared& m = qs[is_signed ? 0 : 1];
+#pragma unroll
+        for (int i = 0; i < kElemsPerLane; ++i) val[v][i] = dequantize_value(m.qmap, codes[i], old_absmax);
+      }
     }
   }
 
@@ -192,16 +215,16 @@ __device__ __forceinline__ void run_tile(const TensorDesc& d, int64_t base, cons
     const bool live = (int64_t)(i % VEC) < valid[i / VEC];
     const float p = Elem<P>::load(praw[i]);
     float g = Elem<P>::load(graw[i]);
-    const bool k = live && prepare_gradient(g, p, gnorm_scale, s);
+    const bool k = live && numerics_prepare_gradient<ALGO, NUM>(g, p, gnorm_scale, s);
     float dir = 0.0f;
     p_new[i] = p;
     if (k) {
       float s0 = val[0][i], s1 = NV > 1 ? val[1][i] : 0.0f, s2 = NV > 2 ? val[2][i] : 0.0f;
-      dir = element_update<ALGO>(g, s0, s1, s2, s);
+      dir = numerics_update<ALGO, NUM>(g, s0, s1, s2, s);
       val[0][i] = s0;
       if (NV > 1) val[1][i] = s1;
       if (NV > 2) val[2][i] = s2;
-      if (!PREPARE) p_new[i] = apply_direction(p, dir, update_scale, s);
+      if (!PREPARE) p_new[i] = numerics_apply_direction<NUM>(p, dir, update_scale, s);
     }
     if (!live) {
 #pragma unroll
@@ -234,7 +257,7 @@ __device__ __forceinline__ void load_maps(QMapShared* qs, const float* maps, con
   __syncthreads();
 }
 
-template <int ALGO, int P, int MODE>
+template <int ALGO, int P, int MODE, int NUM = NUMERICS_STRICT>
 __global__ void __launch_bounds__(kThreads, update_min_blocks_per_sm<ALGO>()) update_kernel(const TensorDesc* __restrict__ descs,
                                                           const int64_t* __restrict__ chunk_prefix,
                                                           int num_tensors, const float* __restrict__ maps,
@@ -243,61 +266,49 @@ __global__ void __launch_bounds__(kThreads, update_min_blocks_per_sm<ALGO>()) up
   if constexpr (MODE != MODE_STATE32) load_maps<ALGO>(qs, maps, luts);
   const int64_t total = chunk_prefix[num_tensors];
   PrepareAcc unused;
+  const float pow10_lane = NUM == NUMERICS_FAST ? pow10_of_lane() : 0.0f;
   int t = 0;
   for (int64_t chunk = blockIdx.x; chunk < total; chunk += gridDim.x) {
     t = find_tensor(chunk_prefix, num_tensors, chunk, t);
     const TensorDesc& d = descs[t];
     const int64_t base = (chunk - chunk_prefix[t]) * kChunkElems + (int64_t)warp_id() * kWarpElems;
-    if (base < d.numel) run_tile<ALGO, P, MODE, false>(d, base, qs, unused, false);
+    if (base < d.numel) run_tile<ALGO, P, MODE, false, NUM>(d, base, qs, unused, false, pow10_lane);
   }
 }
 
-template <int ALGO, int P, int MODE>
+template <int ALGO, int P, int MODE, int NUM = NUMERICS_STRICT>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) prepare_kernel(const TensorDesc* __restrict__ descs,
                                                            const int64_t* __restrict__ chunk_prefix,
                                                            int num_tensors, const float* __restrict__ maps,
                                                            const uint8_t* __restrict__ luts,
                                                            PreparePartial* __restrict__ partials, int want_norms) {
   __shared__ QMapShared qs[2];
-  __shared__ PrepareAcc warp_acc[kWarps];
+  __shared__ PrepareAcc scratch[kWarps];
   if constexpr (MODE != MODE_STATE32) load_maps<ALGO>(qs, maps, luts);
+  const float pow10_lane = NUM == NUMERICS_FAST ? pow10_of_lane() : 0.0f;
   const int64_t total = chunk_prefix[num_tensors];
-  const int lane = lane_id(), warp = warp_id();
   int t = 0;
   // The loop condition is uniform over the CTA, so the barriers inside are safe.
   for (int64_t chunk = blockIdx.x; chunk < total; chunk += gridDim.x) {
     t = find_tensor(chunk_prefix, num_tensors, chunk, t);
     const TensorDesc& d = descs[t];
-    PrepareAcc acc = {0.0, 0.0, {0.0f, 0.0f, 0.0f}};
+    PrepareAcc acc = PrepareReduce::identity();
     const int64_t chunk_base = (chunk - chunk_prefix[t]) * kReduceChunkElems;
     for (int sub = 0; sub < kReduceSubchunks; ++sub) {
-      const int64_t base = chunk_base + (int64_t)sub * kChunkElems + (int64_t)warp * kWarpElems;
-      if (base < d.numel) run_tile<ALGO, P, MODE, true>(d, base, qs, acc, want_norms != 0);
+      const int64_t base = chunk_base + (int64_t)sub * kChunkElems + (int64_t)warp_id() * kWarpElems;
+      if (base < d.numel) run_tile<ALGO, P, MODE, true, NUM>(d, base, qs, acc, want_norms != 0, pow10_lane);
     }
-    acc.unorm_sq = warp_sum(acc.unorm_sq);
-    acc.pnorm_sq = warp_sum(acc.pnorm_sq);
-#pragma unroll
-    for (int v = 0; v < 3; ++v) acc.max[v] = warp_max(acc.max[v]);
-    if (lane == 0) warp_acc[warp] = acc;
-    __syncthreads();
-    if (warp == 0) {
-      PrepareAcc w = lane < kWarps ? warp_acc[lane] : PrepareAcc{0.0, 0.0, {0.0f, 0.0f, 0.0f}};
-      w.unorm_sq = warp_sum(w.unorm_sq);
-      w.pnorm_sq = warp_sum(w.pnorm_sq);
-#pragma unroll
-      for (int v = 0; v < 3; ++v) w.max[v] = warp_max(w.max[v]);
-      if (lane == 0) {
-        PreparePartial out;
-        out.unorm_sq = w.unorm_sq;
-        out.pnorm_sq = w.pnorm_sq;
-        out.max[0] = w.max[0];
-        out.max[1] = w.max[1];
-        out.max[2] = w.max[2];
-        out.padding = 0.0f;
-        partials[chunk] = out;
-      }
+    const PrepareAcc w = block_reduce<PrepareReduce>(acc, scratch);
+    if (threadIdx.x == 0) {
+      PreparePartial out;
+      out.unorm_sq = w.unorm_sq;
+      out.pnorm_sq = w.pnorm_sq;
+      out.max[0] = w.max[0];
+      out.max[1] = w.max[1];
+      out.max[2] = w.max[2];
+      out.padding = 0.0f;
+      partials[chunk] = out;
     }
-    __syncthreads();  // warp_acc is reused by the next chunk
   }
 }
 
@@ -307,11 +318,10 @@ __global__ void __launch_bounds__(kThreads) finalize_prepare(const int64_t* __re
                                                              int num_tensors,
                                                              const PreparePartial* __restrict__ partials,
                                                              double* __restrict__ norms, float* __restrict__ maxima) {
-  __shared__ PrepareAcc warp_acc[kWarps];
+  __shared__ PrepareAcc scratch[kWarps];
   const int t = blockIdx.x;
   if (t >= num_tensors) return;  // uniform over the CTA
-  const int lane = lane_id(), warp = warp_id();
-  PrepareAcc acc = {0.0, 0.0, {0.0f, 0.0f, 0.0f}};
+  PrepareAcc acc = PrepareReduce::identity();
   for (int64_t c = chunk_prefix[t] + threadIdx.x; c < chunk_prefix[t + 1]; c += kThreads) {
     const PreparePartial p = partials[c];
     acc.unorm_sq += p.unorm_sq;
@@ -319,24 +329,12 @@ __global__ void __launch_bounds__(kThreads) finalize_prepare(const int64_t* __re
 #pragma unroll
     for (int v = 0; v < 3; ++v) acc.max[v] = nan_max(acc.max[v], p.max[v]);
   }
-  acc.unorm_sq = warp_sum(acc.unorm_sq);
-  acc.pnorm_sq = warp_sum(acc.pnorm_sq);
+  const PrepareAcc w = block_reduce<PrepareReduce>(acc, scratch);
+  if (threadIdx.x == 0) {
+    norms[2 * (int64_t)t] = w.unorm_sq;
+    norms[2 * (int64_t)t + 1] = w.pnorm_sq;
 #pragma unroll
-  for (int v = 0; v < 3; ++v) acc.max[v] = warp_max(acc.max[v]);
-  if (lane == 0) warp_acc[warp] = acc;
-  __syncthreads();
-  if (warp == 0) {
-    PrepareAcc w = lane < kWarps ? warp_acc[lane] : PrepareAcc{0.0, 0.0, {0.0f, 0.0f, 0.0f}};
-    w.unorm_sq = warp_sum(w.unorm_sq);
-    w.pnorm_sq = warp_sum(w.pnorm_sq);
-#pragma unroll
-    for (int v = 0; v < 3; ++v) w.max[v] = warp_max(w.max[v]);
-    if (lane == 0) {
-      norms[2 * (int64_t)t] = w.unorm_sq;
-      norms[2 * (int64_t)t + 1] = w.pnorm_sq;
-#pragma unroll
-      for (int v = 0; v < 3; ++v) maxima[3 * (int64_t)t + v] = w.max[v];
-    }
+    for (int v = 0; v < 3; ++v) maxima[3 * (int64_t)t + v] = w.max[v];
   }
 }
 

@@ -201,5 +201,25 @@ __device__ __forceinline__ double warp_sum(double v) {
   return v;
 }
 
+struct SumReduce {
+  static __device__ __forceinline__ double identity() { return 0.0; }
+  static __device__ __forceinline__ double warp(double v) { return warp_sum(v); }
+};
+
+// The one CTA-wide reduction of the kernels, in a fixed order (deterministic run to run):
+// every thread passes its value, thread 0 gets the result (other threads: R::identity()).
+// R::warp reduces over a warp, R::identity() is the neutral value; `scratch` is kWarps
+// values in shared memory, free again when this returns. All threads of the CTA must call it.
+template <class R, class T>
+__device__ __forceinline__ T block_reduce(T v, T* scratch) {
+  v = R::warp(v);
+  if (lane_id() == 0) scratch[warp_id()] = v;
+  __syncthreads();
+  T total = R::identity();
+  if (warp_id() == 0) total = R::warp(lane_id() < kWarps ? scratch[lane_id()] : R::identity());
+  __syncthreads();  // scratch is reused by the caller's next round
+  return total;
+}
+
 }  // namespace cuda
 }  // namespace pagedopt

@@ -233,7 +233,15 @@ class DeviceLauncher:
         from . import cuda_catalog, cuda_plan
         from .cuda_layout import PREPARE_PARTIAL
 
-        program = cuda_catalog.optimizer_program(kind.algorithm, elem)
+        by_numerics = cuda_catalog.split_by_numerics(items)  # one launch per numerics mode
+        if len(by_numerics) > 1:
+            results: list[PrepareResult] = [PrepareResult()] * len(items)
+            for positions in by_numerics.values():
+                for p, r in zip(positions, self.prepare(kind, elem, mode, [items[p] for p in positions], want_norms)):
+                    results[p] = r
+            return results
+        numerics = next(iter(by_numerics), cuda_catalog.DEFAULT_NUMERICS)
+        program = cuda_catalog.optimizer_program(kind.algorithm, elem, numerics)
         prefix = cuda_plan.chunk_prefix([it.param.numel() for it in items], cuda_plan.REDUCE_CHUNK_ELEMS)
         total, n = int(prefix[-1]), len(items)
         with self.guard():
@@ -242,7 +250,7 @@ class DeviceLauncher:
             maxima = torch.empty((n, 3), dtype=torch.float32, device=self.device)
             buffer, descs_ptr, prefix_ptr = self._descriptors(cuda_plan.pack_update_descs(kind, items), prefix)
             if total:
-                kernel = self.kernel(program, cuda_catalog.prepare_kernel(kind.algorithm, elem, mode))
+                kernel = self.kernel(program, cuda_catalog.prepare_kernel(kind.algorithm, elem, mode, numerics))
                 args = (descs_ptr, prefix_ptr, n, self.maps.data_ptr(), self.luts.data_ptr(), partials.data_ptr(), int(want_norms))
                 self.launch(kernel, total, None, args)
             finalize = self.kernel(program, cuda_catalog.FINALIZE_PREPARE)
@@ -264,13 +272,19 @@ class DeviceLauncher:
     def update(self, kind: UpdateKind, elem: str, mode: str, items: list[UpdateItem]) -> None:
         from . import cuda_catalog, cuda_plan
 
-        program = cuda_catalog.optimizer_program(kind.algorithm, elem)
+        by_numerics = cuda_catalog.split_by_numerics(items)  # one launch per numerics mode
+        if len(by_numerics) > 1:
+            for positions in by_numerics.values():
+                self.update(kind, elem, mode, [items[p] for p in positions])
+            return
+        numerics = next(iter(by_numerics), cuda_catalog.DEFAULT_NUMERICS)
+        program = cuda_catalog.optimizer_program(kind.algorithm, elem, numerics)
         live = [it for it in items if it.param.numel() > 0]
         with self.guard():
             if live:
                 prefix = cuda_plan.chunk_prefix([it.param.numel() for it in live], cuda_plan.CHUNK_ELEMS)
                 buffer, descs_ptr, prefix_ptr = self._descriptors(cuda_plan.pack_update_descs(kind, live), prefix)
-                kernel = self.kernel(program, cuda_catalog.update_kernel(kind.algorithm, elem, mode))
+                kernel = self.kernel(program, cuda_catalog.update_kernel(kind.algorithm, elem, mode, numerics))
                 args = (descs_ptr, prefix_ptr, len(live), self.maps.data_ptr(), self.luts.data_ptr())
                 self.launch(kernel, int(prefix[-1]), None, args)
                 del buffer

@@ -2,9 +2,15 @@
 
 A *program* is one NVRTC compilation (one ``.cu`` file and the template instantiations
 requested from it); it is the unit of compiling, caching and loading. Optimizer kernels are
-grouped per (algorithm, parameter dtype), so a job that trains with bf16 AdamW compiles only
-what it uses: the six Adam kernels for bf16 (three state modes, update and prepare) plus
-the shared norm kernels.
+grouped per (algorithm, parameter dtype, numerics mode), so a job that trains with bf16
+AdamW compiles only what it uses: the six Adam kernels for bf16 in its numerics mode (three
+state modes, update and prepare) plus the shared norm kernels.
+
+Numerics modes (``UpdateItem.numerics``): ``"strict"`` kernels compute exactly what the CPU
+kernels and the reference compute, bit for bit; ``"fast"`` kernels (the CUDA default) use
+fused multiply-adds, approximate square roots and divisions and an arithmetic dequantization
+(``native/cuda/fast_math.cuh``). They are one template with a numerics parameter whose
+default is strict, so the strict kernels keep their names.
 
 Kernel parameter types are declared here once (as ctypes types); the compiler checks them
 against the PTX signature of every kernel (``cuda_compiler``), so a launch can never pack
@@ -16,8 +22,12 @@ Example:
     >>> prog = optimizer_program(Algorithm.ADAM, "bf16")
     >>> prog.slug, update_kernel(Algorithm.ADAM, "bf16", "block8").name
     ('optimizer-adam-bf16', 'pagedopt::cuda::update_kernel<0, 2, 1>')
+    >>> optimizer_program(Algorithm.ADAM, "bf16", "fast").slug
+    'optimizer-adam-bf16-fast'
+    >>> update_kernel(Algorithm.ADAM, "bf16", "block8", "fast").name
+    'pagedopt::cuda::update_kernel<0, 2, 1, 1>'
     >>> len(distinct_kernels())
-    117
+    225
 """
 
 from __future__ import annotations
@@ -32,6 +42,9 @@ from ..functional.kinds import Algorithm
 # (native/cuda/optimizer_kernels.cu StateMode).
 ELEM_CODES = {"f32": 0, "f16": 1, "bf16": 2}
 MODE_CODES = {"state32": 0, "block8": 1, "tensor8": 2}
+# Numerics modes (native/cuda/fast_math.cuh Numerics); "fast" is the CUDA default.
+NUMERICS_CODES = {"strict": 0, "fast": 1}
+DEFAULT_NUMERICS = "fast"
 
 _P = ctypes.c_void_p
 _I32 = ctypes.c_int32
@@ -81,14 +94,25 @@ def _ns(name: str) -> str:
     return f"pagedopt::cuda::{name}"
 
 
-def update_kernel(algorithm: Algorithm, elem: str, mode: str) -> KernelSpec:
-    args = f"{int(algorithm)}, {ELEM_CODES[elem]}, {MODE_CODES[mode]}"
-    return KernelSpec(_ns(f"update_kernel<{args}>"), UPDATE_PARAMS)
+def check_numerics(numerics: str) -> str:
+    """``numerics`` if it names a mode, else a ValueError listing the modes."""
+    if numerics not in NUMERICS_CODES:
+        raise ValueError(f"numerics={numerics!r} is not one of {', '.join(repr(n) for n in NUMERICS_CODES)}")
+    return numerics
 
 
-def prepare_kernel(algorithm: Algorithm, elem: str, mode: str) -> KernelSpec:
+def _template_args(algorithm: Algorithm, elem: str, mode: str, numerics: str) -> str:
     args = f"{int(algorithm)}, {ELEM_CODES[elem]}, {MODE_CODES[mode]}"
-    return KernelSpec(_ns(f"prepare_kernel<{args}>"), PREPARE_PARAMS)
+    code = NUMERICS_CODES[check_numerics(numerics)]
+    return args if code == 0 else f"{args}, {code}"  # strict: the template's default
+
+
+def update_kernel(algorithm: Algorithm, elem: str, mode: str, numerics: str = "strict") -> KernelSpec:
+    return KernelSpec(_ns(f"update_kernel<{_template_args(algorithm, elem, mode, numerics)}>"), UPDATE_PARAMS)
+
+
+def prepare_kernel(algorithm: Algorithm, elem: str, mode: str, numerics: str = "strict") -> KernelSpec:
+    return KernelSpec(_ns(f"prepare_kernel<{_template_args(algorithm, elem, mode, numerics)}>"), PREPARE_PARAMS)
 
 
 FINALIZE_PREPARE = KernelSpec(_ns("finalize_prepare"), FINALIZE_PREPARE_PARAMS)
@@ -108,12 +132,21 @@ def check_search_kernel(signed: bool) -> KernelSpec:
 
 
 @functools.lru_cache(maxsize=None)
-def optimizer_program(algorithm: Algorithm, elem: str) -> ProgramSpec:
-    kernels = [update_kernel(algorithm, elem, m) for m in MODE_CODES]
-    kernels += [prepare_kernel(algorithm, elem, m) for m in MODE_CODES]
+def optimizer_program(algorithm: Algorithm, elem: str, numerics: str = "strict") -> ProgramSpec:
+    kernels = [update_kernel(algorithm, elem, m, numerics) for m in MODE_CODES]
+    kernels += [prepare_kernel(algorithm, elem, m, numerics) for m in MODE_CODES]
     kernels.append(FINALIZE_PREPARE)
-    slug = f"optimizer-{algorithm.name.lower()}-{elem}"
+    slug = f"optimizer-{algorithm.name.lower()}-{elem}" + ("" if numerics == "strict" else f"-{numerics}")
     return ProgramSpec(slug, "optimizer_kernels.cu", tuple(kernels))
+
+
+def split_by_numerics(items) -> dict[str, list[int]]:
+    """Positions of ``items`` (objects with a ``numerics`` attribute) per numerics mode, in
+    order of first appearance: one launch per mode. Raises ValueError for an unknown mode."""
+    groups: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(check_numerics(getattr(item, "numerics", DEFAULT_NUMERICS)), []).append(i)
+    return groups
 
 
 @functools.lru_cache(maxsize=1)
@@ -130,7 +163,7 @@ def quant_program() -> ProgramSpec:
 
 def all_programs() -> list[ProgramSpec]:
     """Every program, in a stable order (what ``pagedopt kernels`` compiles)."""
-    programs = [optimizer_program(a, e) for a in Algorithm for e in ELEM_CODES]
+    programs = [optimizer_program(a, e, n) for n in NUMERICS_CODES for a in Algorithm for e in ELEM_CODES]
     return programs + [norm_program(), quant_program()]
 
 

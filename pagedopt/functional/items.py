@@ -36,6 +36,10 @@ class UpdateItem:
 
     ``new_absmax1``/``new_absmax2`` are only used for tensor-wise (``block_wise=False``)
     8-bit state: the maxima of the updated states, from the backend's ``prepare`` pass.
+
+    ``numerics`` picks the CUDA kernel variant: ``"fast"`` (FMA, approximate sqrt/division,
+    table-free dequantization; docs/numerics.md) or ``"strict"`` (bit-identical to the CPU
+    kernels and the reference, which ignore the field).
     """
 
     param: torch.Tensor
