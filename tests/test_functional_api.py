@@ -67,8 +67,11 @@ def test_quantize_blockwise_other_maps_out_absmax_and_errors():
         F.quantize_blockwise(torch.zeros(3, dtype=torch.int32))
     with pytest.raises(ValueError, match="quant_state= or absmax="):
         F.dequantize_blockwise(codes)
-    with pytest.raises(ValueError, match="absmax has 1 entries"):
-        F.dequantize_blockwise(codes, absmax=torch.ones(1), blocksize=128)
+    with pytest.raises(ValueError, match="absmax has 3 entries, 1000 codes in blocks of 128 need 8"):
+        F.dequantize_blockwise(codes, absmax=torch.ones(3), blocksize=128)
+    # one scale: the whole tensor (pagedopt's tensor-wise LAMB/LARS state)
+    whole = F.dequantize_blockwise(codes, absmax=torch.tensor([2.0]), code=code, blocksize=128)
+    assert torch.equal(whole, code[codes.long()] * 2.0)
 
 
 def test_nested_quant_state_and_absmax_form():

@@ -261,7 +261,8 @@ def dequantize_blockwise(
     Pass the ``QuantState`` from :func:`quantize_blockwise`, or ``absmax`` (and optionally
     ``code`` and ``blocksize``) - which is how an 8-bit optimizer state is decoded:
     ``dequantize_blockwise(state["state1"], absmax=state["absmax1"], code=state["qmap1"],
-    blocksize=256)``. ``nested`` is read from ``quant_state``.
+    blocksize=256)``; a single scale covers the whole tensor (tensor-wise state, where
+    bitsandbytes 0.49 names it ``max1``). ``nested`` is read from ``quant_state``.
 
     Example:
         >>> import torch
@@ -282,7 +283,9 @@ def dequantize_blockwise(
         scales = dequantize_blockwise(quant_state.absmax, quant_state.state2).float() + quant_state.offset
     size = _check_blocksize(quant_state.blocksize)
     n = A.numel()
-    needed = -(-n // size)
+    if scales.numel() == 1 and n > size:
+        size = n  # one scale for the whole tensor: pagedopt's tensor-wise state (LAMB/LARS ``absmax1``)
+    needed = -(-n // size) if n else 0
     if scales.numel() < needed:
         raise ValueError(
             f"dequantize_blockwise: absmax has {scales.numel()} entries, {n} codes in blocks of {size} need {needed}"
