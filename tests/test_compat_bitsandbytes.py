@@ -97,6 +97,7 @@ def test_alias_is_opt_in_reversible_and_refuses_to_shadow_a_loaded_bitsandbytes(
         else:
             raise AssertionError("no error")
         c.install_alias(replace=True)
+        c.install_alias()  # twice is harmless
         import bitsandbytes.optim.optimizer as o, bitsandbytes.nn
         assert sys.modules["bitsandbytes"] is c and o.GlobalOptimManager is c.optim.GlobalOptimManager
         c.uninstall_alias()

@@ -59,6 +59,8 @@ def install_alias(replace: bool = False) -> ModuleType:
     """
     existing = sys.modules.get(_ALIAS)
     this = sys.modules[__name__]
+    if existing is this:
+        return this  # already installed
     if existing is not None and existing is not this and not replace:
         raise RuntimeError(
             "bitsandbytes is already imported in this process (from "
