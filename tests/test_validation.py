@@ -53,7 +53,7 @@ def test_adam_hyperparameters(kwargs, message):
         (lambda: pagedopt.optim.Optimizer2State("adamx", params()), r"optimizer_name='adamx' is not a known"),
         (lambda: pagedopt.optim.Optimizer2State("lion", params()), r"1-state update"),
         (lambda: pagedopt.optim.Optimizer1State("adam", params()), r"2-state update"),
-        (lambda: pagedopt.Adam8bit(params(), optim_bits=32), r"Adam8bit always uses optim_bits=8"),
+        (lambda: pagedopt.Adam8bit(params(), optim_bits=16), r"Adam8bit always uses optim_bits=8"),
         (lambda: pagedopt.PagedLion(params(), is_paged=False), r"PagedLion always uses is_paged=True"),
         (lambda: pagedopt.AdamW(params(), paging={"policy": "never"}), r"policy"),
         (lambda: pagedopt.AdamW([{"params": params(), "lr": -3.0}]), r"Invalid lr: -3.0"),

@@ -125,7 +125,10 @@ def suggest_names(name: Any) -> list[str]:
 def constructor_arguments(cls: type) -> dict[str, inspect.Parameter]:
     """Setting-like constructor arguments of optimizer class ``cls`` (variants included)."""
     signature = inspect.signature(cls)
-    return {n: p for n, p in signature.parameters.items() if n not in NOT_SETTINGS and p.kind is not p.VAR_KEYWORD}
+    # a variant's pinned value, not bitsandbytes' placeholder default (Adam8bit's optim_bits=32)
+    pinned = getattr(cls, "pinned_arguments", {})
+    return {n: p.replace(default=pinned.get(n, p.default)) for n, p in signature.parameters.items()
+            if n not in NOT_SETTINGS and p.kind is not p.VAR_KEYWORD}
 
 
 def setting_names(name: str) -> list[str]:

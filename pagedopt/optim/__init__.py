@@ -18,7 +18,7 @@ from .ademamix import (
     AdEMAMix, AdEMAMix8bit, AdEMAMix32bit, PagedAdEMAMix, PagedAdEMAMix8bit, PagedAdEMAMix32bit,
 )
 from .lamb import LAMB, LAMB8bit, LAMB32bit, PagedLAMB, PagedLAMB8bit, PagedLAMB32bit
-from .lars import LARS, LARS8bit, LARS32bit, PagedLARS, PagedLARS8bit, PagedLARS32bit
+from .lars import LARS, LARS8bit, LARS32bit, PagedLARS, PagedLARS8bit, PagedLARS32bit, PytorchLARS
 from .lion import Lion, Lion8bit, Lion32bit, PagedLion, PagedLion8bit, PagedLion32bit
 from .manager import GlobalOptimManager
 from .optimizer import Optimizer1State, Optimizer2State, Optimizer8bit
@@ -31,7 +31,7 @@ OPTIMIZER_NAMES = tuple(fmt.format(a) for a in ALGORITHMS for fmt in VARIANT_FOR
 
 __all__ = [
     "Optimizer8bit", "Optimizer2State", "Optimizer1State", "GlobalOptimManager",
-    "ALGORITHMS", "OPTIMIZER_NAMES", *OPTIMIZER_NAMES,
+    "ALGORITHMS", "OPTIMIZER_NAMES", "PytorchLARS", *OPTIMIZER_NAMES,
 ]
 
 

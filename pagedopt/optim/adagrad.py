@@ -57,4 +57,4 @@ class Adagrad(Optimizer1State):
         )
 
 
-Adagrad8bit, Adagrad32bit, PagedAdagrad, PagedAdagrad8bit, PagedAdagrad32bit = variants(Adagrad)
+Adagrad8bit, Adagrad32bit, PagedAdagrad, PagedAdagrad8bit, PagedAdagrad32bit = variants(Adagrad, bits_placeholder="pinned")

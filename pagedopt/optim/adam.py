@@ -59,4 +59,4 @@ class Adam(Optimizer2State):
         )
 
 
-Adam8bit, Adam32bit, PagedAdam, PagedAdam8bit, PagedAdam32bit = variants(Adam)
+Adam8bit, Adam32bit, PagedAdam, PagedAdam8bit, PagedAdam32bit = variants(Adam, bits_placeholder="base", paged_placeholder=True)

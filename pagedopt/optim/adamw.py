@@ -58,4 +58,4 @@ class AdamW(Optimizer2State):
         )
 
 
-AdamW8bit, AdamW32bit, PagedAdamW, PagedAdamW8bit, PagedAdamW32bit = variants(AdamW)
+AdamW8bit, AdamW32bit, PagedAdamW, PagedAdamW8bit, PagedAdamW32bit = variants(AdamW, bits_placeholder="base")
