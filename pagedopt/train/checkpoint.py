@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -51,13 +52,13 @@ from typing import Any
 
 import torch
 
+from .config import RESUME_LATEST as LATEST
 from ..fileio import AtomicWriteError, atomic_save, atomic_write_text, remove_stale_temporaries
 
 FORMAT = "pagedopt-train-checkpoint"
 FORMAT_VERSION = 1
 MARKER = "pagedopt-checkpoint.json"  # completion marker of a sharded (DCP) checkpoint directory
 TRAIN_STATE = "train-state.pt"  # scheduler + per-rank generators inside a DCP directory
-LATEST = "latest"  # TrainConfig.resume value: the newest complete checkpoint in checkpoint_dir
 _NAME = re.compile(r"^step-(\d{8,})(\.pt)?$")
 
 
@@ -255,17 +256,12 @@ def save_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
             shutil.rmtree(path, ignore_errors=True)
         path.mkdir(parents=True, exist_ok=True)
     runtime.barrier()
-    failure: BaseException | None = None
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException subclass
+
     try:
         save_checkpoint(path, model, optimizer, extra=extra)
-    except (OSError, RuntimeError, ValueError) as err:  # DCP's CheckpointException is a BaseException subclass
-        failure = err
-    except BaseException as err:  # noqa: B036 - re-raised below unless it is DCP's failure report
-        if type(err).__name__ != "CheckpointException":
-            raise
-        failure = err
-    if failure is not None:
-        raise _write_error(path, failure) from failure
+    except (OSError, RuntimeError, CheckpointException) as err:
+        raise _write_error(path, err) from err
     if runtime.is_main:
         try:
             if train_state is not None:
@@ -286,7 +282,7 @@ def load_file(path: Path) -> dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError) as err:
         raise CheckpointError(path, f"cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
-    except Exception as err:  # noqa: BLE001 - pickle's UnpicklingError and friends from a foreign file
+    except pickle.UnpicklingError as err:  # weights_only refused something: not a file pagedopt wrote
         raise CheckpointError(path, f"is not a weights-only torch file ({type(err).__name__}: {err})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(path, f"not a pagedopt training checkpoint (expected format {FORMAT!r}; a --save "

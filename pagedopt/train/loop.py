@@ -37,19 +37,30 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from ..distributed import DistributedRun, init_distributed, save_checkpoint
+from ..distributed import DistributedRun, init_distributed
+from ..fileio import atomic_write_text
+from .checkpoint import resolve_resume, save_sharded, save_single
 from .config import DEVICE_AUTO, TrainConfig, TrainConfigError
-from .data import Corpus, BatchSampler, VOCAB_SIZE, check_split_size, eval_batches, load_corpus
+from .data import BatchSampler, VOCAB_SIZE, check_split_size, eval_batches, load_corpus
 from .model import DecoderLM, ModelConfig, lm_loss
 from .optimizers import (
     StateMemory, build_optimizer, combine_state_memory, resolved_lr, resolved_weight_decay, state_memory,
 )
+from .preemption import PreemptionGuard, TrainingAborted
+from .progress import ConsoleReporter
+from .resume import Checkpointer, RunHistory, restore_run
+from .types import Callback, EvalInfo, StepInfo, TrainResult, TrainRun
+
+__all__ = [
+    "train", "Callback", "EvalInfo", "StepInfo", "TrainResult", "TrainRun", "OptimizerFactory",
+    "resolve_device", "start_runtime", "build_model", "wrap_model", "lr_schedule", "evaluate", "job_state_memory",
+]
 
 OptimizerFactory = Callable[[nn.Module, TrainConfig], torch.optim.Optimizer]
 
@@ -150,28 +161,29 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = (), *,
     """Train the demo transformer as ``config`` says; returns the :class:`TrainResult`.
 
     Console progress (``config.progress``) is added to ``callbacks`` on the main rank and
-    written to ``stream`` (default ``sys.stdout``). Ctrl-C stops a single-process run after
-    the current step; the run still evaluates, reports and returns (``result.interrupted``).
-    In a multi-process run it propagates instead (the ranks would stop at different steps and
-    wait for each other forever). ``config.threads`` applies for the run only: torch's thread
-    count is restored afterwards. Under ``torchrun`` every rank calls this and gets the same
-    result.
+    written to ``stream`` (default ``sys.stdout``). SIGTERM, SIGINT and SIGUSR1 stop the run
+    after the current step (never inside it; see :mod:`pagedopt.train.preemption`): with
+    ``config.checkpoint_dir`` a checkpoint is written and the result says ``preempted``;
+    without it the run evaluates, reports, writes its outputs and returns
+    (``result.interrupted``). A second Ctrl-C outside a save aborts
+    (:class:`~pagedopt.train.preemption.TrainingAborted`). ``config.resume`` continues from a
+    checkpoint (:mod:`pagedopt.train.checkpoint`). ``config.threads`` applies for the run
+    only. Under ``torchrun`` every rank calls this and gets the same result.
     """
     threads_before = torch.get_num_threads()
     try:
-        with start_runtime(config) as runtime:
-            return _train(config, runtime, callbacks, optimizer_factory, stream)
+        with start_runtime(config) as runtime, PreemptionGuard() as guard:
+            return _train(config, runtime, callbacks, optimizer_factory, stream, guard)
     finally:
         if torch.get_num_threads() != threads_before:
             torch.set_num_threads(threads_before)
 
 
 def _train(config: TrainConfig, runtime: DistributedRun, callbacks: Sequence[Callback],
-           optimizer_factory: OptimizerFactory, stream) -> TrainResult:
-    from .progress import ConsoleReporter  # progress imports this module
-
+           optimizer_factory: OptimizerFactory, stream, guard: PreemptionGuard) -> TrainResult:
     started = time.perf_counter()
     _check_outputs(config, runtime)
+    resume_from = resolve_resume(config.resume, config.checkpoint_dir) if config.resume else None
     corpus = load_corpus(config.data, config.data_glob, config.max_corpus_bytes, config.val_fraction)
     check_split_size("train", corpus.train, config.seq_len)
     check_split_size("validation", corpus.val, config.seq_len)
@@ -188,75 +200,119 @@ def _train(config: TrainConfig, runtime: DistributedRun, callbacks: Sequence[Cal
         callbacks.insert(0, ConsoleReporter(config.progress, stream))
     run = TrainRun(config, runtime, corpus, model, train_model, optimizer, scheduler,
                    tokens_per_step=config.batch_size * config.seq_len * runtime.world_size)
+    history = RunHistory()
+    checkpoints = Checkpointer(config, runtime)
+    if resume_from is not None:
+        restore_run(resume_from, run, sampler, history)
+        checkpoints.mark_saved(run.step, resume_from.path)
+        run.resumed_from = run.step
 
     for cb in callbacks:
         cb.on_train_start(run)
-    eval_seconds = 0.0
 
     def run_eval(step: int) -> EvalInfo:
-        nonlocal eval_seconds
         t0 = time.perf_counter()
         # The plain model: a compiled one would recompile for eval mode and no_grad, which costs
         # more than a few evaluations save. Every rank evaluates the same fixed batches.
         info = EvalInfo(step, runtime.mean(evaluate(model, val_batches, autocast)))
-        eval_seconds += time.perf_counter() - t0
+        history.eval_seconds += time.perf_counter() - t0
         for cb in callbacks:
             cb.on_eval(run, info)
         return info
 
-    evals = [run_eval(0)]
-    losses: list[torch.Tensor] = []
+    if not history.evals:
+        history.evals.append(run_eval(0))
     interrupted = False
     model.train()
-    train_started, eval_seconds_before = time.perf_counter(), eval_seconds
-
-    def training_seconds() -> float:  # wall time since training began, evaluations excluded
-        return time.perf_counter() - train_started - (eval_seconds - eval_seconds_before)
+    clock = _TrainingClock(history)
 
     try:
-        for step in range(1, config.steps + 1):
+        for step in range(run.step + 1, config.steps + 1):
+            if checkpoints.stop_requested(guard):
+                break
             info = _train_step(run, sampler, autocast, step)
-            losses.append(info.loss)
-            info.train_seconds = training_seconds()
+            history.losses.append(info.loss)
+            info.train_seconds = clock.seconds()
             for cb in callbacks:
                 cb.on_step_end(run, info)
             if config.eval_every and step % config.eval_every == 0 and step != config.steps:
-                evals.append(run_eval(step))
+                history.evals.append(run_eval(step))
+            if step != config.steps and checkpoints.due(step):
+                history.train_seconds = clock.seconds()
+                checkpoints.save(run, sampler, history, guard)
+                clock = _TrainingClock(history)
+    except TrainingAborted:
+        raise
     except KeyboardInterrupt:
         if runtime.world_size > 1:
             raise
         interrupted = True
     runtime.synchronize()
-    train_seconds = training_seconds()
-    if run.step and (not evals or evals[-1].step != run.step):
-        evals.append(run_eval(run.step))
+    history.train_seconds = clock.seconds()
+    preempted = checkpoints.stop_requested(guard) and run.step < config.steps
+    if preempted and config.checkpoint_dir:
+        path = checkpoints.save(run, sampler, history, guard)
+        return _finish(run, history, callbacks, started, interrupted=True, preempted=True, checkpoint=path,
+                       write_outputs=False)
+    interrupted = interrupted or preempted
+    if run.step and history.evals[-1].step != run.step:
+        history.evals.append(run_eval(run.step))
+    checkpoint = None
+    if config.checkpoint_dir and run.step and not interrupted:
+        checkpoint = checkpoints.save(run, sampler, history, guard)  # the end of the run, for a requeue
+    return _finish(run, history, callbacks, started, interrupted=interrupted, preempted=False,
+                   checkpoint=checkpoint, write_outputs=True)
 
-    train_losses = torch.stack(losses).float().cpu().tolist() if losses else []
+
+class _TrainingClock:
+    """Wall time spent training: what the history had, plus time since this clock started."""
+
+    def __init__(self, history: RunHistory) -> None:
+        self.history = history
+        self.base = history.train_seconds
+        self.started = time.perf_counter()
+        self.eval_before = history.eval_seconds
+
+    def seconds(self) -> float:  # evaluations excluded
+        return self.base + time.perf_counter() - self.started - (self.history.eval_seconds - self.eval_before)
+
+
+def _finish(run: TrainRun, history: RunHistory, callbacks: Sequence[Callback], started: float, *,
+            interrupted: bool, preempted: bool, checkpoint: Any, write_outputs: bool) -> TrainResult:
+    config, runtime = run.config, run.runtime
+    train_losses = torch.stack(history.losses).float().cpu().tolist() if history.losses else []
     window = min(config.resolved_log_every, len(train_losses)) or 1
+    evals = history.evals
     result = TrainResult(
         config=config,
         device=str(runtime.device),
         optimizer=config.optimizer,
         lr=resolved_lr(config),
         weight_decay=resolved_weight_decay(config),
-        num_parameters=model.num_parameters(),
+        num_parameters=run.model.num_parameters(),
         steps_completed=run.step,
         interrupted=interrupted,
         train_losses=train_losses,
         final_train_loss=sum(train_losses[-window:]) / window if train_losses else math.nan,
         initial_val_loss=evals[0].val_loss,
         final_val_loss=evals[-1].val_loss,
-        evals=evals,
+        evals=list(evals),
         tokens=run.step * run.tokens_per_step,
-        train_seconds=train_seconds,
-        eval_seconds=eval_seconds,
+        train_seconds=history.train_seconds,
+        eval_seconds=history.eval_seconds,
         total_seconds=time.perf_counter() - started,
-        memory=job_state_memory(optimizer, runtime),
+        memory=job_state_memory(run.optimizer, runtime),
         loss_window=window,
         world_size=runtime.world_size,
         distributed=runtime.mode,
+        resumed_from_step=run.resumed_from,
+        preempted=preempted,
+        checkpoint=None if checkpoint is None else str(checkpoint),
     )
-    _write_outputs(run, result)
+    if write_outputs:
+        _write_outputs(run, result)
+    elif config.json_path and runtime.is_main:
+        write_json_summary(config.json_path, result)
     for cb in callbacks:
         cb.on_train_end(run, result)
     return result
@@ -293,25 +349,30 @@ def _train_step(run: TrainRun, sampler: BatchSampler, autocast, step: int) -> St
 
 
 def _write_outputs(run: TrainRun, result: TrainResult) -> None:
-    """The JSON summary (main rank) and the checkpoint: ``torch.save`` of the model and
-    optimizer state dicts by the main rank, or under FSDP2 a DCP directory written by every
-    rank (:func:`pagedopt.distributed.save_checkpoint`; load it at any world size with
-    :func:`pagedopt.distributed.load_checkpoint`)."""
+    """The final export (``--save``), then the JSON summary (main rank): the checkpoint first,
+    so that a JSON failure (a full disk) can never cost the checkpoint. ``--save`` is
+    ``torch.save`` of the model and optimizer state dicts by the main rank, written atomically,
+    or under FSDP2 a DCP directory written by every rank
+    (:func:`pagedopt.distributed.save_checkpoint`; load it at any world size with
+    :func:`pagedopt.distributed.load_checkpoint`). A write failure raises
+    :class:`pagedopt.fileio.AtomicWriteError` naming the path and the errno."""
     config, runtime = run.config, run.runtime
+    if config.save_path:
+        extra = {"config": config.to_dict(), "step": result.steps_completed}
+        if runtime.mode == "fsdp":
+            save_sharded(Path(config.save_path), run.model, run.optimizer, extra, None, runtime)
+        elif runtime.is_main:
+            _ensure_parent(config.save_path)
+            save_single(Path(config.save_path), {"model": run.model.state_dict(),
+                                                 "optimizer": run.optimizer.state_dict(), **extra})
     if config.json_path and runtime.is_main:
-        _ensure_parent(config.json_path)
-        with open(config.json_path, "w", encoding="utf-8") as f:
-            json.dump(result.to_dict(), f, indent=2, allow_nan=True)
-            f.write("\n")
-    if not config.save_path:
-        return
-    extra = {"config": config.to_dict(), "step": result.steps_completed}
-    if runtime.mode == "fsdp":
-        save_checkpoint(config.save_path, run.model, run.optimizer, extra=extra)
-    elif runtime.is_main:
-        _ensure_parent(config.save_path)
-        torch.save({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), **extra},
-                   config.save_path)
+        write_json_summary(config.json_path, result)
+
+
+def write_json_summary(path: str, result: TrainResult) -> None:
+    """``result.to_dict()`` as JSON, atomically."""
+    _ensure_parent(path)
+    atomic_write_text(path, json.dumps(result.to_dict(), indent=2, allow_nan=True) + "\n")
 
 
 def _check_outputs(config: TrainConfig, runtime: DistributedRun) -> None:
@@ -319,6 +380,8 @@ def _check_outputs(config: TrainConfig, runtime: DistributedRun) -> None:
     files are checked by the main rank; a DCP checkpoint directory by every rank."""
     if runtime.is_main:
         _check_output_path("json_path", config.json_path)
+        if config.checkpoint_dir is not None:
+            _check_output_dir("checkpoint_dir", config.checkpoint_dir)
     if config.save_path is None:
         return
     if runtime.mode == "fsdp":

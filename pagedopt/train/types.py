@@ -83,6 +83,7 @@ class TrainRun:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     tokens_per_step: int
     step: int = 0
+    resumed_from: int = 0  # the checkpoint's step when the run was resumed (0: a fresh start)
 
 
 @dataclass
@@ -119,6 +120,9 @@ class TrainResult:
     loss_window: int = 1  # steps averaged into final_train_loss
     world_size: int = 1
     distributed: str = "none"
+    resumed_from_step: int = 0  # 0: a fresh start
+    preempted: bool = False  # stopped by a signal; ``checkpoint`` is where it can resume from
+    checkpoint: str | None = None  # the last checkpoint written (with ``checkpoint_dir``)
 
     @property
     def tokens_per_second(self) -> float:
@@ -136,6 +140,9 @@ class TrainResult:
             "num_parameters": self.num_parameters,
             "steps_completed": self.steps_completed,
             "interrupted": self.interrupted,
+            "preempted": self.preempted,
+            "resumed_from_step": self.resumed_from_step,
+            "checkpoint": self.checkpoint,
             "final_train_loss": self.final_train_loss,
             "final_train_loss_window": self.loss_window,
             "initial_val_loss": self.initial_val_loss,
