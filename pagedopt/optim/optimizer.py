@@ -600,9 +600,12 @@ class Optimizer8bit(torch.optim.Optimizer):
         Tensors keep their dtype (fp32 state stays fp32 for fp16/bf16 parameters). 8-bit
         state stored with a map other than pagedopt's is re-quantized (bitsandbytes' 1-state
         RMSprop/Adagrad use the signed map for their non-negative state); bitsandbytes'
-        tensor-wise ``max1``/``max2`` become ``absmax1``/``absmax2``.
+        tensor-wise ``max1``/``max2`` become ``absmax1``/``absmax2``. Everything is validated
+        first, and torch.optim's load-state-dict hooks run (:mod:`pagedopt.optim.state_checks`).
         """
-        state_dict = deepcopy(state_dict)
+        from .state_checks import finish_load, prepare_load
+
+        state_dict = deepcopy(prepare_load(self, state_dict))
         groups, saved_groups = self.param_groups, state_dict["param_groups"]
         if len(groups) != len(saved_groups):
             raise ValueError(
@@ -630,6 +633,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             p = id_map[key]
             new_state[p] = self._import_param_state(p, value, group_of[p], move_to_device)
         self.__setstate__({"state": new_state, "param_groups": new_groups})
+        finish_load(self)
 
     @staticmethod
     def _merge_loaded_group(group: Mapping[str, Any], saved: Mapping[str, Any]) -> dict[str, Any]:
