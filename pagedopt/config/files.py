@@ -161,12 +161,13 @@ def _check_rule_count(root: Any) -> None:
                                      value.start_mark)
 
 
-def _yaml_loader() -> type:
+def _yaml_loader(fast: bool = True) -> type:
     import yaml
 
-    # libyaml's C parser when available (10x faster on large files); the constructor and
-    # resolver below are Python either way.
-    base = getattr(yaml, "CSafeLoader", None) or yaml.SafeLoader
+    # libyaml's C parser when available (several times faster on large files); the
+    # constructor and resolver below are Python either way. A file libyaml rejects is parsed
+    # again by PyYAML's Python parser, whose messages the error reports use.
+    base = (getattr(yaml, "CSafeLoader", None) if fast else None) or yaml.SafeLoader
 
     class Loader(base):  # type: ignore[misc, valid-type]
         """SafeLoader + YAML 1.2 floats + duplicate keys rejected + bounded expansion."""
@@ -206,27 +207,41 @@ def _yaml_loader() -> type:
     return Loader
 
 
-_LOADER: type | None = None
+_LOADERS: dict[bool, type] = {}
 
 
 def _parse_yaml(text: str, file: str) -> Any:
-    global _LOADER
     import yaml
 
-    if _LOADER is None:
-        _LOADER = _yaml_loader()
     try:
-        return yaml.load(text, Loader=_LOADER)  # noqa: S506 - a SafeLoader subclass
+        return _load_yaml(text, file, fast=True)
+    except ConfigError:
+        raise
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError):
+        return _load_yaml(text, file, fast=False)  # raises, with PyYAML's own message
+
+
+def _load_yaml(text: str, file: str, fast: bool) -> Any:
+    import yaml
+
+    if fast not in _LOADERS:
+        _LOADERS[fast] = _yaml_loader(fast)
+    try:
+        return yaml.load(text, Loader=_LOADERS[fast])  # noqa: S506 - a SafeLoader subclass
     except _LimitExceeded as e:
         mark = e.mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
         where = f"line {line}, column {column}: " if line is not None else ""
         raise ConfigError([ConfigIssue(file, "", f"{where}{e}")]) from None
     except yaml.MarkedYAMLError as e:
+        if fast:
+            raise
         mark = e.problem_mark or e.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
         raise _syntax_error(file, "YAML", line, column, e.problem or e.context or str(e)) from None
     except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as e:
+        if fast:
+            raise
         raise _syntax_error(file, "YAML", None, None, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
 
