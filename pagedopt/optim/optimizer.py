@@ -56,6 +56,7 @@ from ..telemetry.sink import NULL_SINK, ParamStepReport, StatsSink, StepReport
 from . import validation
 from .manager import STATE_SHAPING_SETTINGS, GlobalOptimManager, check_paging_value
 from .memory import MemoryReport, MemoryRow, precision_of
+from .nonfinite import NonfiniteGradWatch
 from .placement import BASE, RoutingStateStore
 
 QUANT_STATE_KEY = "__bnb_optimizer_quant_state__"
@@ -176,6 +177,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         self._qmaps: dict[tuple[torch.device, bool], torch.Tensor] = {}
         self.state_store: StateStore = self._make_state_store()
         super().__init__(params, defaults)
+        self.nonfinite = NonfiniteGradWatch.attach(self)  # counts skipped NaN/Inf gradient elements
 
     # -- construction ------------------------------------------------------------------------
 
