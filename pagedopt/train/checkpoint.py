@@ -294,7 +294,15 @@ def load_file(path: Path) -> dict[str, Any]:
 
 
 def describe_mismatch(saved: dict[str, Any], config: dict[str, Any]) -> str | None:
-    """Why a checkpoint cannot continue this run (another model or optimizer), or ``None``."""
-    keys = ("optimizer", "model_size", "d_model", "layers", "heads", "embedding", "tie_weights", "seq_len")
-    diffs = [f"{k}={saved.get(k)!r} (this run: {config.get(k)!r})" for k in keys if saved.get(k) != config.get(k)]
+    """Why a checkpoint cannot continue this run (another model or optimizer), or ``None``.
+    ``saved`` and ``config`` are :meth:`TrainConfig.to_dict` plus ``model_dims`` (the
+    resolved ``[d_model, layers, heads]``)."""
+    diffs = []
+    dims_saved, dims_now = saved.get("model_dims"), config.get("model_dims")
+    if dims_saved is not None and dims_now is not None and list(dims_saved) != list(dims_now):
+        for name, a, b in zip(("d_model", "layers", "heads"), dims_saved, dims_now):
+            if a != b:
+                diffs.append(f"{name}={a!r} (this run: {b!r})")
+    keys = ("optimizer", "embedding", "tie_weights", "seq_len")
+    diffs += [f"{k}={saved.get(k)!r} (this run: {config.get(k)!r})" for k in keys if saved.get(k) != config.get(k)]
     return ", ".join(diffs) if diffs else None

@@ -114,7 +114,7 @@ class Checkpointer:
             path = checkpoint_path(self.directory, run.step, self.sharded)
             rank_states = self.runtime.gather_object(capture_rank_state(sampler.generator))
             common = {"format": FORMAT, "version": FORMAT_VERSION, "step": run.step,
-                      "world_size": self.runtime.world_size, "config": run.config.to_dict(),
+                      "world_size": self.runtime.world_size, "config": _config_payload(run.config),
                       "history": history.to_payload(),
                       "optimizer_steps_taken": getattr(run.optimizer, "steps_taken", None)}
             if self.sharded:
@@ -185,6 +185,10 @@ def restore_run(info: CheckpointInfo, run: TrainRun, sampler: Any, history: RunH
 def _check_compatible(path: Path, payload: dict[str, Any], run: TrainRun) -> None:
     if payload.get("format") != FORMAT:
         raise CheckpointError(path, f"not a pagedopt training checkpoint (format {payload.get('format')!r})")
-    mismatch = describe_mismatch(payload.get("config", {}), run.config.to_dict())
+    mismatch = describe_mismatch(payload.get("config", {}), _config_payload(run.config))
     if mismatch:
         raise CheckpointError(path, f"was written by another model or optimizer: {mismatch}")
+
+
+def _config_payload(config: Any) -> dict[str, Any]:
+    return {**config.to_dict(), "model_dims": list(config.model_dims())}
