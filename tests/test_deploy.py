@@ -134,7 +134,7 @@ def test_launch_runs_a_real_torchrun_job():
 SBATCH_OPTIONS = {
     "job-name": r"\S+", "nodes": r"\d+", "ntasks-per-node": r"\d+", "gpus-per-node": r"\d+",
     "cpus-per-task": r"\d+", "time": r"(\d+-)?\d{1,2}:\d{2}:\d{2}", "output": r"\S+",
-    "signal": r"(B:)?\w+@\d+",
+    "signal": r"(B:)?\w+@\d+", "requeue": r"", "open-mode": r"append|truncate",
 }
 
 
@@ -142,9 +142,9 @@ def _sbatch_directives() -> dict[str, str]:
     found = {}
     for line in SBATCH.read_text().splitlines():
         if line.startswith("#SBATCH"):
-            match = re.fullmatch(r"#SBATCH --([a-z-]+)=(\S+)", line.strip())
+            match = re.fullmatch(r"#SBATCH --([a-z-]+)(?:=(\S+))?", line.strip())
             assert match, f"malformed directive: {line!r}"
-            found[match.group(1)] = match.group(2)
+            found[match.group(1)] = match.group(2) or ""
     return found
 
 
@@ -208,7 +208,7 @@ VOLUME = {
 }
 POD_SPEC = {
     "subdomain": STR, "hostname": STR, "restartPolicy": STR, "containers": [CONTAINER], "volumes": [VOLUME],
-    "nodeSelector": LABELS, "serviceAccountName": STR,
+    "nodeSelector": LABELS, "serviceAccountName": STR, "terminationGracePeriodSeconds": INT,
 }
 SCHEMAS = {
     ("v1", "Service"): {
@@ -223,6 +223,8 @@ SCHEMAS = {
         "spec": {
             "completionMode": STR, "completions": INT, "parallelism": INT, "backoffLimit": INT,
             "backoffLimitPerIndex": INT, "ttlSecondsAfterFinished": INT,
+            "podFailurePolicy": {"rules": [{"action": STR, "onPodConditions": [{"type": STR, "status": STR}],
+                                            "onExitCodes": {"containerName": STR, "operator": STR, "values": [INT]}}]},
             "template": {"metadata": METADATA, "spec": POD_SPEC},
         },
     },
