@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import shlex
 import shutil
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -129,6 +131,36 @@ def test_launch_runs_a_real_torchrun_job():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pagedopt train: 3 steps on cpu x 2 ranks (fsdp, gloo)" in proc.stdout, proc.stdout
     assert len(re.findall(r"^done: 3/3 steps", proc.stdout, re.M)) == 1, proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_launch_preemption_checkpoints_exits_0_and_the_same_command_resumes(tmp_path):
+    """SIGTERM to launch.sh (what Kubernetes and Slurm's requeue path send) reaches the
+    workers as USR1: they finish the step, write one DCP checkpoint and exit 0; running the
+    same command again resumes from it."""
+    args = ["--device", "cpu", "--steps", "200", "--log-every", "1", "--model-size", "tiny", "--seq-len", "32",
+            "--batch-size", "4", "--max-corpus-bytes", "200000", "--eval-batches", "1", "--progress", "lines"]
+    env = _clean_env(NPROC_PER_NODE="2", METRICS_PORT="", PYTHON=sys.executable, PYTHONPATH=str(ROOT),
+                     CHECKPOINT_DIR=str(tmp_path / "ckpt"))
+    proc = subprocess.Popen(["bash", str(LAUNCH), *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line or line.startswith("step 2/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    match = re.search(r"^pagedopt train: preempted at step (\d+), checkpoint at (\S+)$", out, re.M)
+    assert match, out
+    assert "launch.sh: preempted" in err
+    assert (Path(match.group(2)) / "pagedopt-checkpoint.json").is_file()
+    resumed = subprocess.run(["bash", str(LAUNCH), *[a if a != "200" else str(int(match.group(1)) + 2) for a in args]],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"(resumed at step {match.group(1)})" in resumed.stdout, resumed.stdout
 
 
 SBATCH_OPTIONS = {
