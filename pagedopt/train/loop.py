@@ -252,7 +252,7 @@ def _train(config: TrainConfig, runtime: DistributedRun, callbacks: Sequence[Cal
     preempted = checkpoints.stop_requested(guard) and run.step < config.steps
     if preempted and config.checkpoint_dir:
         path = checkpoints.save(run, sampler, history, guard)
-        return _finish(run, history, callbacks, started, interrupted=True, preempted=True, checkpoint=path,
+        return _finish(run, history, callbacks, started, guard, interrupted=True, preempted=True, checkpoint=path,
                        write_outputs=False)
     interrupted = interrupted or preempted
     if run.step and history.evals[-1].step != run.step:
@@ -260,7 +260,7 @@ def _train(config: TrainConfig, runtime: DistributedRun, callbacks: Sequence[Cal
     checkpoint = None
     if config.checkpoint_dir and run.step and not interrupted:
         checkpoint = checkpoints.save(run, sampler, history, guard)  # the end of the run, for a requeue
-    return _finish(run, history, callbacks, started, interrupted=interrupted, preempted=False,
+    return _finish(run, history, callbacks, started, guard, interrupted=interrupted, preempted=False,
                    checkpoint=checkpoint, write_outputs=True)
 
 
@@ -277,8 +277,9 @@ class _TrainingClock:
         return self.base + time.perf_counter() - self.started - (self.history.eval_seconds - self.eval_before)
 
 
-def _finish(run: TrainRun, history: RunHistory, callbacks: Sequence[Callback], started: float, *,
-            interrupted: bool, preempted: bool, checkpoint: Any, write_outputs: bool) -> TrainResult:
+def _finish(run: TrainRun, history: RunHistory, callbacks: Sequence[Callback], started: float,
+            guard: PreemptionGuard, *, interrupted: bool, preempted: bool, checkpoint: Any,
+            write_outputs: bool) -> TrainResult:
     config, runtime = run.config, run.runtime
     train_losses = torch.stack(history.losses).float().cpu().tolist() if history.losses else []
     window = min(config.resolved_log_every, len(train_losses)) or 1
@@ -313,6 +314,8 @@ def _finish(run: TrainRun, history: RunHistory, callbacks: Sequence[Callback], s
         _write_outputs(run, result)
     elif config.json_path and runtime.is_main:
         write_json_summary(config.json_path, result)
+    # Training is over: signals act as usual again (e.g. Ctrl-C or SIGTERM ends a metrics linger).
+    guard.__exit__(None, None, None)
     for cb in callbacks:
         cb.on_train_end(run, result)
     return result
