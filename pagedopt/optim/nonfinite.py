@@ -54,11 +54,22 @@ WARN_INTERVAL_SECONDS = 60.0
 
 
 class NonfiniteGradWarning(RuntimeWarning):
-    """Gradient elements were NaN/Inf and their updates were skipped."""
+    """Gradient elements were NaN/Inf and their updates were skipped.
+
+    Example:
+        >>> import warnings
+        >>> warnings.simplefilter("error", NonfiniteGradWarning)  # turn skips into errors in a test
+        >>> warnings.resetwarnings()
+    """
 
 
 class NonfiniteGradError(FloatingPointError):
-    """``nonfinite="raise"``: a gradient had NaN/Inf elements; the step was not applied."""
+    """``nonfinite="raise"``: a gradient had NaN/Inf elements; the step was not applied.
+
+    Example:
+        >>> issubclass(NonfiniteGradError, FloatingPointError)
+        True
+    """
 
 
 def mode_from_environment() -> str:

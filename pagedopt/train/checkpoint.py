@@ -80,6 +80,11 @@ class CheckpointWriteError(AtomicWriteError):
     """Writing a checkpoint failed (full disk, permission, ...); earlier checkpoints are intact.
 
     One line naming the path and the errno, like :class:`pagedopt.fileio.AtomicWriteError`.
+
+    Example:
+        >>> import errno
+        >>> print(CheckpointWriteError(Path("ckpt/step-00000002.pt"), OSError(errno.ENOSPC, "No space left on device")))
+        cannot write ckpt/step-00000002.pt: [Errno 28] No space left on device (ENOSPC)
     """
 
 

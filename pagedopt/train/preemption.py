@@ -33,7 +33,12 @@ PREEMPTION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT
 
 
 class TrainingAborted(KeyboardInterrupt):
-    """A second Ctrl-C outside a checkpoint save: the run stops at once and writes nothing."""
+    """A second Ctrl-C outside a checkpoint save: the run stops at once and writes nothing.
+
+    Example:
+        >>> isinstance(TrainingAborted("second interrupt"), KeyboardInterrupt)
+        True
+    """
 
 
 class PreemptionGuard:

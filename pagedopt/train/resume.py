@@ -39,7 +39,12 @@ from .types import EvalInfo, TrainRun
 @dataclass
 class RunHistory:
     """What the summary of a run is computed from: per-step losses (0-d device tensors until
-    the end), evaluations, and the time spent training and evaluating."""
+    the end), evaluations, and the time spent training and evaluating.
+
+    Example:
+        >>> RunHistory(train_seconds=2.0).to_payload()["train_seconds"]
+        2.0
+    """
 
     losses: list[torch.Tensor] = field(default_factory=list)
     evals: list[EvalInfo] = field(default_factory=list)
