@@ -16,9 +16,9 @@ installed as a torch.optim step pre-hook:
 - ``"off"``: no counting at all.
 
 The mode comes from ``PAGEDOPT_NONFINITE`` (``skip``, ``raise``, ``off``) when the optimizer
-is built, or ``optimizer.nonfinite.mode = "raise"`` at any time. Counting costs one extra
-read pass over the gradients per step (no write; small next to the update, which reads the
-gradient, parameter and states and writes parameter and states).
+is built, or ``optimizer.nonfinite.mode = "raise"`` at any time. Cost: on the CPU one fused
+L2-norm pass over the gradients (``torch._foreach_norm``), elements counted only in gradients
+it flags; on CUDA one extra read of each gradient, queued on the device (no sync).
 
 Example:
     >>> import torch, pagedopt
@@ -127,7 +127,21 @@ class NonfiniteGradWatch:
                         by_device.setdefault(g.device, []).append(g)
         step_counts = []
         for device, grads in by_device.items():
-            count = torch.stack([torch.isfinite(g).logical_not().sum() for g in grads])
+            if device.type == "cpu":
+                # One fused L2-norm pass (NaN/Inf propagate); elements are counted only in the
+                # gradients it flags. Reading a CPU value waits for nothing.
+                maxima = torch.stack(torch._foreach_norm(grads))
+                flagged = (~torch.isfinite(maxima)).nonzero().flatten().tolist()
+                if not flagged:
+                    if self.mode != "raise":
+                        continue
+                    step_counts.append((grads, torch.zeros(len(grads), dtype=torch.int64)))
+                    continue
+                count = torch.zeros(len(grads), dtype=torch.int64)
+                for i in flagged:
+                    count[i] = torch.isfinite(grads[i]).logical_not().sum()
+            else:  # CUDA: count on the device, never read here (one extra read of each gradient)
+                count = torch.stack([torch.isfinite(g).logical_not().sum() for g in grads])
             if self.mode == "raise":
                 step_counts.append((grads, count))
             total = count.sum()
