@@ -43,10 +43,9 @@ DEFAULT_OPTIMIZER = "AdamW8bit"
 # spikes). torch.optim.AdamW has no percentile clipping, so the baseline defaults to 100 (off).
 DEFAULT_PERCENTILE_CLIPPING = 95
 
-# name -> (d_model, layers, heads). "small" with the default batch (32 x 128 bytes) is sized so
-# the default 200 steps take about a minute on two CPU cores (measured ~45 s with the pure-torch
-# reference backend, about half of each step being the 8-bit optimizer), the loss falls from
-# ln 256 = 5.55 to ~2.35 nats, and every weight matrix (>= 4096 elements) has 8-bit state.
+# name -> (d_model, layers, heads). "small" with the default batch (32 x 128 bytes): the default
+# 200 steps take several minutes of CPU time on two cores (docs/train.md has measurements), the
+# loss falls from ln 256 = 5.55 to ~2.35 nats, and every weight matrix (>= 4096 elements) has 8-bit state.
 # "tiny" is for tests, "medium" for a GPU.
 MODEL_PRESETS: dict[str, tuple[int, int, int]] = {
     "tiny": (64, 2, 2),
