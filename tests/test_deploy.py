@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import shlex
 import shutil
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -131,10 +133,40 @@ def test_launch_runs_a_real_torchrun_job():
     assert len(re.findall(r"^done: 3/3 steps", proc.stdout, re.M)) == 1, proc.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_launch_preemption_checkpoints_exits_0_and_the_same_command_resumes(tmp_path):
+    """SIGTERM to launch.sh (what Kubernetes and Slurm's requeue path send) reaches the
+    workers as USR1: they finish the step, write one DCP checkpoint and exit 0; running the
+    same command again resumes from it."""
+    args = ["--device", "cpu", "--steps", "200", "--log-every", "1", "--model-size", "tiny", "--seq-len", "32",
+            "--batch-size", "4", "--max-corpus-bytes", "200000", "--eval-batches", "1", "--progress", "lines"]
+    env = _clean_env(NPROC_PER_NODE="2", METRICS_PORT="", PYTHON=sys.executable, PYTHONPATH=str(ROOT),
+                     CHECKPOINT_DIR=str(tmp_path / "ckpt"))
+    proc = subprocess.Popen(["bash", str(LAUNCH), *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line or line.startswith("step 2/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    match = re.search(r"^pagedopt train: preempted at step (\d+), checkpoint at (\S+)$", out, re.M)
+    assert match, out
+    assert "launch.sh: preempted" in err
+    assert (Path(match.group(2)) / "pagedopt-checkpoint.json").is_file()
+    resumed = subprocess.run(["bash", str(LAUNCH), *[a if a != "200" else str(int(match.group(1)) + 2) for a in args]],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"(resumed at step {match.group(1)})" in resumed.stdout, resumed.stdout
+
+
 SBATCH_OPTIONS = {
     "job-name": r"\S+", "nodes": r"\d+", "ntasks-per-node": r"\d+", "gpus-per-node": r"\d+",
     "cpus-per-task": r"\d+", "time": r"(\d+-)?\d{1,2}:\d{2}:\d{2}", "output": r"\S+",
-    "signal": r"(B:)?\w+@\d+",
+    "signal": r"(B:)?\w+@\d+", "requeue": r"", "open-mode": r"append|truncate",
 }
 
 
@@ -142,9 +174,9 @@ def _sbatch_directives() -> dict[str, str]:
     found = {}
     for line in SBATCH.read_text().splitlines():
         if line.startswith("#SBATCH"):
-            match = re.fullmatch(r"#SBATCH --([a-z-]+)=(\S+)", line.strip())
+            match = re.fullmatch(r"#SBATCH --([a-z-]+)(?:=(\S+))?", line.strip())
             assert match, f"malformed directive: {line!r}"
-            found[match.group(1)] = match.group(2)
+            found[match.group(1)] = match.group(2) or ""
     return found
 
 
@@ -208,7 +240,7 @@ VOLUME = {
 }
 POD_SPEC = {
     "subdomain": STR, "hostname": STR, "restartPolicy": STR, "containers": [CONTAINER], "volumes": [VOLUME],
-    "nodeSelector": LABELS, "serviceAccountName": STR,
+    "nodeSelector": LABELS, "serviceAccountName": STR, "terminationGracePeriodSeconds": INT,
 }
 SCHEMAS = {
     ("v1", "Service"): {
@@ -223,6 +255,8 @@ SCHEMAS = {
         "spec": {
             "completionMode": STR, "completions": INT, "parallelism": INT, "backoffLimit": INT,
             "backoffLimitPerIndex": INT, "ttlSecondsAfterFinished": INT,
+            "podFailurePolicy": {"rules": [{"action": STR, "onPodConditions": [{"type": STR, "status": STR}],
+                                            "onExitCodes": {"containerName": STR, "operator": STR, "values": [INT]}}]},
             "template": {"metadata": METADATA, "spec": POD_SPEC},
         },
     },

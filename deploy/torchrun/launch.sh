@@ -53,12 +53,37 @@ if [[ -n "${METRICS_PORT-9460}" ]]; then
   metrics=(--metrics-port "${METRICS_PORT:-9460}" --metrics-addr "${METRICS_ADDR:-127.0.0.1}")
 fi
 
+checkpoints=()
+if [[ -n "${CHECKPOINT_DIR:-}" ]]; then
+  checkpoints=(--checkpoint-dir "$CHECKPOINT_DIR" --checkpoint-interval "${CHECKPOINT_INTERVAL:-1800}" --resume)
+fi
 # One OpenMP thread per worker unless told otherwise: N workers share the node's cores.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
-exec "${PYTHON:-python3}" -m torch.distributed.run \
+"${PYTHON:-python3}" -m torch.distributed.run \
   --nnodes="$nnodes" \
   --nproc-per-node="$NPROC_PER_NODE" \
   --max-restarts="${MAX_RESTARTS:-0}" \
   "${rendezvous[@]}" \
-  -m "${train_module[@]}" --distributed "$distributed" "${metrics[@]}" "$@"
+  -m "${train_module[@]}" --distributed "$distributed" "${metrics[@]}" "${checkpoints[@]}" "$@" &
+torchrun_pid=$!
+preempted=0
+forward_preemption() {
+  preempted=1
+  local worker
+  for worker in $(pgrep -P "$torchrun_pid" || true); do
+    kill -USR1 "$worker" 2>/dev/null || true
+  done
+}
+trap forward_preemption TERM INT USR1
+status=0
+while true; do
+  wait "$torchrun_pid" && status=0 || status=$?
+  # wait returns early (status > 128) when a trapped signal arrives: keep waiting for torchrun.
+  if kill -0 "$torchrun_pid" 2>/dev/null; then continue; fi
+  break
+done
+if ((preempted)); then
+  echo "launch.sh: preempted (torchrun exit status $status); resume with the same command" >&2
+fi
+exit "$status"

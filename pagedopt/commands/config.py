@@ -142,10 +142,15 @@ def _load_callable(spec: str) -> Callable[[], Any]:
 
 def run_schema(args: argparse.Namespace) -> int:
     from ..config import json_schema
+    from ..fileio import AtomicWriteError, atomic_write_text
 
     text = json.dumps(json_schema(), indent=2) + "\n"
     if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
+        try:
+            atomic_write_text(args.output, text)
+        except AtomicWriteError as exc:
+            print(f"pagedopt config schema: error: {exc}", file=sys.stderr)
+            return 74
     else:
         sys.stdout.write(text)
     return 0

@@ -8,11 +8,16 @@ file's ``overrides`` rules still win for the parameters they match. The metrics 
 (:func:`pagedopt.telemetry.training.add_metrics_arguments`) override the file's
 ``telemetry`` section the same way.
 
-Exit status: 0 done; 2 bad input (a flag's value, the config file - invalid, or a rule
-matching nothing under ``strict: true`` -, the data, an output path) or a diverged run;
-130 interrupted (Ctrl-C or SIGTERM: the run stops after the current step, evaluates and
-reports). ``pagedopt config check`` exits 1 for an invalid file instead: there validation is
-the result, here it is bad input like any other.
+Exit status (docs/train.md): 0 done, or preempted with ``--checkpoint-dir`` (SIGTERM, SIGINT
+or SIGUSR1: the current step finishes, a checkpoint is written, and the run prints
+``preempted at step N, checkpoint at PATH``); 2 bad input (a flag's value, the config file -
+invalid, or a rule matching nothing under ``strict: true`` -, the data, an output path, a
+checkpoint that cannot resume this run) or a diverged run; 74 an output could not be written
+(a checkpoint, ``--save``, ``--json``: one line naming the path and the errno; earlier
+checkpoints are intact); 130 interrupted without ``--checkpoint-dir`` (the run stops after the
+current step, evaluates, reports and writes its outputs) or aborted by a second Ctrl-C.
+``pagedopt config check`` exits 1 for an invalid file instead: there validation is the result,
+here it is bad input like any other.
 
 Example:
     >>> from pagedopt.cli import build_parser
@@ -39,6 +44,8 @@ from typing import Any, Iterator
 COMMAND = "train"
 # Exit code of a run stopped by Ctrl-C (the shell's 128 + SIGINT).
 EXIT_INTERRUPTED = 130
+# Exit code when a checkpoint, --save or --json could not be written (sysexits.h EX_IOERR).
+EXIT_WRITE_FAILED = 74
 
 
 def _field_defaults() -> dict[str, Any]:
@@ -49,7 +56,7 @@ def _field_defaults() -> dict[str, Any]:
 
 def flag_for(field_name: str) -> str:
     """The command-line flag of a :class:`TrainConfig` field (``json_path`` -> ``--json``)."""
-    return {"json_path": "--json", "save_path": "--save", "config_file": "--config"}.get(
+    return {"json_path": "--json", "save_path": "--save", "config_file": "--config", "keep": "--keep"}.get(
         field_name, "--" + field_name.replace("_", "-"))
 
 
@@ -145,6 +152,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                           "--distributed fsdp a torch.distributed.checkpoint directory, loadable at any world "
                           "size with pagedopt.distributed.load_checkpoint)")
 
+    add_checkpoint_arguments(parser)
     add_metrics_arguments(parser)
     for action in parser._actions:
         if action.dest in METRICS_FIELDS:
@@ -153,6 +161,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             action.default = argparse.SUPPRESS
     parser.set_defaults(func=run_command)
     return parser
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``checkpoints`` group: periodic checkpoints, resume, retention."""
+    from ..train.config import RESUME_LATEST
+
+    ckpt = parser.add_argument_group(
+        "checkpoints", "resumable checkpoints (model, optimizer, scheduler, data position, RNG states, step); "
+                       "SIGTERM/SIGINT/SIGUSR1 finish the current step, write one and exit 0")
+    ckpt.add_argument("--checkpoint-dir", metavar="DIR",
+                      help="write checkpoints to DIR (step-NNNNNNNN.pt, or a DCP directory per step under "
+                           "--distributed fsdp), atomically: periodic ones, one when preempted, one at the end")
+    ckpt.add_argument("--checkpoint-every", type=int, metavar="N", help="a checkpoint every N steps")
+    ckpt.add_argument("--checkpoint-interval", type=float, metavar="SECONDS",
+                      help="a checkpoint when SECONDS have passed since the last one")
+    ckpt.add_argument("--keep", type=int, metavar="K", help="complete checkpoints kept in DIR (default 2)")
+    ckpt.add_argument("--resume", nargs="?", const=RESUME_LATEST, metavar="PATH",
+                      help="continue from the newest complete checkpoint in --checkpoint-dir (a fresh start "
+                           "when there is none yet, so a requeued job can always pass it), or from PATH")
 
 
 # The flags add_metrics_arguments adds (argparse dests).
@@ -282,8 +309,10 @@ class ReportedMetrics:
 
 def run_command(args: argparse.Namespace) -> int:
     from ..config import ConfigError
+    from ..fileio import AtomicWriteError
     from ..telemetry.training import metrics_callback
     from ..train import TrainConfigError, train
+    from ..train.checkpoint import CheckpointError
     from ..train.data import DataError
 
     try:
@@ -297,11 +326,19 @@ def run_command(args: argparse.Namespace) -> int:
         return _error(f"{flag_for(exc.field)} {exc.value}: {exc.reason}")
     except ConfigError as exc:
         return _error(f"invalid config file:\n{exc}" if len(exc.issues) > 1 else str(exc))
-    except DataError as exc:
+    except (DataError, CheckpointError) as exc:
         return _error(str(exc))
-    except KeyboardInterrupt:  # a multi-process run, or before training started
+    except AtomicWriteError as exc:  # a checkpoint, --save or --json: one line, path and errno
+        print(f"pagedopt {COMMAND}: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_WRITE_FAILED
+    except KeyboardInterrupt:  # a second Ctrl-C, or before training started
         print(f"pagedopt {COMMAND}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if result.preempted:
+        if _is_main_process():
+            print(f"pagedopt {COMMAND}: preempted at step {result.steps_completed}, checkpoint at {result.checkpoint}",
+                  flush=True)
+        return 0
     if result.interrupted:
         return EXIT_INTERRUPTED
     if not math.isfinite(result.final_val_loss):

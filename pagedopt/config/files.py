@@ -5,6 +5,19 @@ Two YAML/JSON fixes over the plain parsers: a key given twice is an error (PyYAM
 ``json`` silently keep the last one), and YAML reads ``1e-3`` as a number (PyYAML follows
 YAML 1.1, where a float needs a dot: ``1e-3`` would be the *string* "1e-3").
 
+Loading is bounded, so a small hostile file cannot hang a job or exhaust its memory (YAML
+aliases can make a few hundred bytes expand to billions of values - "billion laughs"):
+
+- the file is at most :data:`MAX_FILE_BYTES` (64 MiB);
+- a document nests at most :data:`MAX_DEPTH` (64) mappings/lists deep;
+- a YAML document expands to at most :data:`MAX_NODES` (4 million) values, counting every
+  use of an anchor as a copy of what it names (the expansion is counted on the parsed node
+  graph, shared parts once, before anything is built);
+- the ``overrides`` list holds at most :data:`pagedopt.config.load.MAX_RULES` rules.
+
+Each limit raises :class:`~pagedopt.config.errors.ConfigError` naming the file (and the line
+of the alias or the key path). YAML is parsed by libyaml's C parser when PyYAML has it.
+
 Example:
     >>> import pathlib, tempfile
     >>> from pagedopt.config.files import read_document
@@ -25,21 +38,47 @@ from typing import Any
 from .errors import ConfigError, ConfigIssue
 
 SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".json": "json"}
+MAX_FILE_BYTES = 64 * 2**20
+MAX_DEPTH = 64
+MAX_NODES = 4_000_000
 
 
 def read_document(path: str | os.PathLike[str]) -> Any:
-    """The parsed document in ``path`` (format from the suffix); ConfigError if unreadable."""
+    """The parsed document in ``path`` (format from the suffix); ConfigError if unreadable
+    or over a limit (see the module docstring)."""
     file = str(path)
     kind = SUFFIXES.get(Path(path).suffix.lower())
     if kind is None:
         raise ConfigError([ConfigIssue(
             file, "", f"unsupported config file type {Path(path).suffix!r} (use .yaml, .yml, .toml or .json)")])
     try:
+        size = os.stat(path).st_size
+        if size > MAX_FILE_BYTES:
+            raise ConfigError([ConfigIssue(file, "", f"the file has {size:,} bytes, more than the limit of "
+                                                     f"{MAX_FILE_BYTES:,} for a config file")])
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([ConfigIssue(file, "", f"cannot read the file: {e}")]) from None
     parse = {"yaml": _parse_yaml, "toml": _parse_toml, "json": _parse_json}[kind]
-    return parse(text, file)
+    document = parse(text, file)
+    if kind != "yaml":  # YAML was checked on its node graph, before it was built
+        check_depth(document, file)
+    return document
+
+
+def check_depth(document: Any, file: str) -> None:
+    """ConfigError when ``document`` nests deeper than :data:`MAX_DEPTH` (iterative: a deep
+    document cannot exhaust the interpreter's stack here)."""
+    stack: list[tuple[Any, int, tuple[Any, ...]]] = [(document, 0, ())]
+    while stack:
+        value, depth, where = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ConfigError([ConfigIssue(file, ".".join(map(str, where[:8])) + ("..." if len(where) > 8 else ""),
+                                           f"nested more than {MAX_DEPTH} levels deep")])
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1, where + (k,)) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1, where + (i,)) for i, v in enumerate(value))
 
 
 def _syntax_error(file: str, kind: str, line: int | None, column: int | None, problem: str) -> ConfigError:
@@ -60,11 +99,86 @@ _YAML_FLOAT = re.compile(
 )
 
 
-def _yaml_loader() -> type:
+class _LimitExceeded(Exception):
+    def __init__(self, message: str, mark: Any) -> None:
+        super().__init__(message)
+        self.mark = mark
+
+
+def check_node_graph(root: Any) -> None:
+    """Raise ``_LimitExceeded`` when the composed YAML node graph nests deeper than
+    :data:`MAX_DEPTH` or expands (aliases counted as copies) to more than :data:`MAX_NODES`
+    values. Shared nodes are measured once (memoized), so this is linear in the file."""
     import yaml
 
-    class Loader(yaml.SafeLoader):
-        """SafeLoader + YAML 1.2 floats + duplicate keys rejected."""
+    sizes: dict[int, int] = {}
+    # Iterative post-order walk: (node, depth, children done?)
+    stack: list[tuple[Any, int, bool]] = [(root, 0, False)]
+    on_path: set[int] = set()
+    while stack:
+        node, depth, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            if isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            else:
+                children = list(node.value)
+            total = 1 + sum(sizes[id(c)] for c in children)
+            if total > MAX_NODES:
+                raise _LimitExceeded(f"the document expands to more than {MAX_NODES:,} values (YAML aliases "
+                                     "count once per use)", node.start_mark)
+            sizes[key] = total
+            continue
+        if key in sizes:
+            continue
+        if depth > MAX_DEPTH:
+            raise _LimitExceeded(f"nested more than {MAX_DEPTH} levels deep", node.start_mark)
+        if isinstance(node, yaml.ScalarNode):
+            sizes[key] = 1
+            continue
+        if key in on_path:  # a recursive alias (&a [*a]) never finishes expanding
+            raise _LimitExceeded("a recursive YAML alias (a node that contains itself)", node.start_mark)
+        on_path.add(key)
+        stack.append((node, depth, True))
+        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else node.value
+        stack.extend((c, depth + 1, False) for c in children if id(c) not in sizes)
+
+
+def _check_rule_count(root: Any) -> None:
+    """Refuse an over-long ``overrides`` list before building it (the limit is
+    :data:`pagedopt.config.load.MAX_RULES`; checked again on the built document)."""
+    import yaml
+
+    from .load import MAX_RULES
+
+    if not isinstance(root, yaml.MappingNode):
+        return
+    for key, value in root.value:
+        if isinstance(key, yaml.ScalarNode) and key.value == "overrides" and isinstance(value, yaml.SequenceNode):
+            if len(value.value) > MAX_RULES:
+                raise _LimitExceeded(f"overrides: {len(value.value):,} rules, more than the limit of {MAX_RULES:,}",
+                                     value.start_mark)
+
+
+def _yaml_loader(fast: bool = True) -> type:
+    import yaml
+
+    # libyaml's C parser when available (several times faster on large files); the
+    # constructor and resolver below are Python either way. A file libyaml rejects is parsed
+    # again by PyYAML's Python parser, whose messages the error reports use.
+    base = (getattr(yaml, "CSafeLoader", None) if fast else None) or yaml.SafeLoader
+
+    class Loader(base):  # type: ignore[misc, valid-type]
+        """SafeLoader + YAML 1.2 floats + duplicate keys rejected + bounded expansion."""
+
+        def get_single_data(self) -> Any:
+            node = self.get_single_node()
+            if node is None:
+                return None
+            check_node_graph(node)
+            _check_rule_count(node)
+            return self.construct_document(node)
 
     Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
     for first in "-+0123456789.":
@@ -93,22 +207,41 @@ def _yaml_loader() -> type:
     return Loader
 
 
-_LOADER: type | None = None
+_LOADERS: dict[bool, type] = {}
 
 
 def _parse_yaml(text: str, file: str) -> Any:
-    global _LOADER
     import yaml
 
-    if _LOADER is None:
-        _LOADER = _yaml_loader()
     try:
-        return yaml.load(text, Loader=_LOADER)  # noqa: S506 - a SafeLoader subclass
+        return _load_yaml(text, file, fast=True)
+    except ConfigError:
+        raise
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError):
+        return _load_yaml(text, file, fast=False)  # raises, with PyYAML's own message
+
+
+def _load_yaml(text: str, file: str, fast: bool) -> Any:
+    import yaml
+
+    if fast not in _LOADERS:
+        _LOADERS[fast] = _yaml_loader(fast)
+    try:
+        return yaml.load(text, Loader=_LOADERS[fast])  # noqa: S506 - a SafeLoader subclass
+    except _LimitExceeded as e:
+        mark = e.mark
+        line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
+        where = f"line {line}, column {column}: " if line is not None else ""
+        raise ConfigError([ConfigIssue(file, "", f"{where}{e}")]) from None
     except yaml.MarkedYAMLError as e:
+        if fast:
+            raise
         mark = e.problem_mark or e.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
         raise _syntax_error(file, "YAML", line, column, e.problem or e.context or str(e)) from None
     except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as e:
+        if fast:
+            raise
         raise _syntax_error(file, "YAML", None, None, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
 

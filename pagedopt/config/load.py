@@ -26,6 +26,11 @@ from .files import read_document
 from .models import PagedoptConfig
 
 
+# Rules are checked against the optimizer one by one and matched against every parameter
+# name when the optimizer is built; a model with a rule per parameter has thousands.
+MAX_RULES = 10_000
+
+
 def load_config(path: str | os.PathLike[str]) -> PagedoptConfig:
     """The validated config in ``path`` (``.yaml``/``.yml``, ``.toml`` or ``.json``).
 
@@ -52,6 +57,11 @@ def validate_document(data: Any, source: str = "<config>") -> PagedoptConfig:
         raise ConfigError([ConfigIssue(
             source, "", "expected a mapping of sections (optimizer, paging, telemetry, overrides, strict)",
             type(data).__name__)])
+    rules = data.get("overrides")
+    if isinstance(rules, (list, tuple)) and len(rules) > MAX_RULES:
+        raise ConfigError([ConfigIssue(
+            source, "overrides", f"{len(rules):,} rules, more than the limit of {MAX_RULES:,} (rules are matched "
+                                 "against every parameter name; group parameters with a glob or re: pattern)")])
     try:
         config = PagedoptConfig.model_validate(data)
     except ValidationError as e:
@@ -147,4 +157,4 @@ def _allow_byte_strings(schema: dict[str, Any]) -> None:
                 prop["anyOf"] = [*options, size_string]
 
 
-__all__ = ["load_config", "validate_document", "as_config", "json_schema"]
+__all__ = ["load_config", "validate_document", "as_config", "json_schema", "MAX_RULES"]

@@ -124,11 +124,17 @@ def suggest_names(name: Any) -> list[str]:
 
 def constructor_arguments(cls: type) -> dict[str, inspect.Parameter]:
     """Setting-like constructor arguments of optimizer class ``cls`` (variants included)."""
+    return dict(_constructor_arguments(cls))
+
+
+@functools.lru_cache(maxsize=None)
+def _constructor_arguments(cls: type) -> tuple[tuple[str, inspect.Parameter], ...]:
+    # inspect.signature costs ~0.5 ms; a config with thousands of rules asks once per rule.
     signature = inspect.signature(cls)
     # a variant's pinned value, not bitsandbytes' placeholder default (Adam8bit's optim_bits=32)
     pinned = getattr(cls, "pinned_arguments", {})
-    return {n: p.replace(default=pinned.get(n, p.default)) for n, p in signature.parameters.items()
-            if n not in NOT_SETTINGS and p.kind is not p.VAR_KEYWORD}
+    return tuple((n, p.replace(default=pinned.get(n, p.default))) for n, p in signature.parameters.items()
+                 if n not in NOT_SETTINGS and p.kind is not p.VAR_KEYWORD)
 
 
 def setting_names(name: str) -> list[str]:
@@ -172,7 +178,24 @@ def _key_in_message(message: str, keys: list[str], algorithm: str) -> str | None
 
 def probe_errors(cls: type, kwargs: Mapping[str, Any], blame: list[str]) -> list[tuple[str | None, str]]:
     """``[(key, message)]`` for what ``cls(**kwargs)`` rejects; ``key`` is the argument (among
-    ``blame``) that the message names, or ``None``."""
+    ``blame``) that the message names, or ``None``. Memoized on the arguments' repr: a config
+    with thousands of rules usually repeats a few settings, and building a probe optimizer
+    costs milliseconds."""
+    key = (cls, repr(sorted(kwargs.items(), key=lambda kv: kv[0])), tuple(blame))
+    found = _PROBE_CACHE.get(key)
+    if found is None:
+        found = _probe_errors(cls, kwargs, blame)
+        if len(_PROBE_CACHE) >= _PROBE_CACHE_SIZE:
+            _PROBE_CACHE.pop(next(iter(_PROBE_CACHE)))
+        _PROBE_CACHE[key] = found
+    return list(found)
+
+
+_PROBE_CACHE: dict[tuple[Any, ...], list[tuple[str | None, str]]] = {}
+_PROBE_CACHE_SIZE = 4096
+
+
+def _probe_errors(cls: type, kwargs: Mapping[str, Any], blame: list[str]) -> list[tuple[str | None, str]]:
     try:
         probe(cls, kwargs)
     except (ValueError, TypeError, ArithmeticError) as e:

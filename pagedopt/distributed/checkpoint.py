@@ -9,6 +9,14 @@ each rank, the parts of every saved tensor that overlap the rank's shard. The op
 
 ``extra`` is a small JSON-able dict (step counter, data position, config) saved alongside.
 
+Loading never unpickles untrusted data. DCP keeps its metadata (``.metadata``) as a pickle
+and its non-tensor items through ``torch.load(weights_only=False)``; by default
+:func:`load_checkpoint` reads the metadata with a restricted unpickler that admits only DCP's
+own metadata classes, torch sizes/dtypes/layouts and paths, and the non-tensor items with
+``weights_only=True`` (:class:`SafeFileSystemReader`, :class:`SafeLoadPlanner`). A file that
+asks for anything else raises :class:`UntrustedCheckpointError`; pass ``trusted=True`` only
+for a directory you wrote yourself with another tool, to load it with DCP's plain readers.
+
 Example:
     >>> import tempfile, torch, pagedopt
     >>> from pagedopt.distributed.checkpoint import save_checkpoint, load_checkpoint
@@ -24,14 +32,107 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import json
 import os
+import pickle
 import warnings
 from typing import Any, Iterator
 
 import torch
 
 _EXTRA_KEY = "extra_json"
+
+# (module, name) pairs a DCP metadata pickle may refer to: DCP's metadata records, torch
+# sizes and layout helpers, paths. torch dtypes (``torch.float32``, ...) are checked by type.
+_SAFE_GLOBALS = frozenset({
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "ChunkStorageMetadata", "BytesStorageMetadata", "MetadataIndex",
+        "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"), ("pathlib._local", "PosixPath"), ("pathlib._local", "WindowsPath"),
+})
+
+
+class UntrustedCheckpointError(pickle.UnpicklingError):
+    """A checkpoint's metadata asks to load something other than DCP's own records.
+
+    Example:
+        >>> print(UntrustedCheckpointError("ckpt/.metadata", "os", "system"))  # doctest: +ELLIPSIS
+        ckpt/.metadata: refers to os.system, which a DCP checkpoint never needs; ...trusted=True...
+    """
+
+    def __init__(self, where: str, module: str, name: str) -> None:
+        super().__init__(
+            f"{where}: refers to {module}.{name}, which a DCP checkpoint never needs; not loading it "
+            "(pass trusted=True to load_checkpoint only for a directory you wrote yourself)")
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file: Any, where: str) -> None:
+        super().__init__(file)
+        self.where = where
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise UntrustedCheckpointError(self.where, module, name)
+
+
+def read_metadata_safely(path: str | os.PathLike) -> Any:
+    """The DCP ``Metadata`` of the checkpoint directory ``path``, unpickled with only DCP's
+    metadata classes allowed (:class:`UntrustedCheckpointError` otherwise)."""
+    return _safe_reader_classes()[0](os.fspath(path)).read_metadata()
+
+
+@functools.lru_cache(maxsize=None)
+def _safe_reader_classes() -> tuple[type, type]:
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeFileSystemReader(FileSystemReader):
+        """DCP's file-system reader with the metadata read by a restricted unpickler."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(path, "rb") as f:
+                metadata = _RestrictedUnpickler(f, os.fspath(path)).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        """DCP's default load planner with non-tensor items read by ``weights_only=True``."""
+
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            try:
+                loaded = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as exc:
+                raise UntrustedCheckpointError(f"item {read_item.dest_index.fqn}", "<weights_only>",
+                                               str(exc).splitlines()[0]) from None
+            value = io.BytesIO()
+            torch.save(loaded, value)
+            value.seek(0)
+            super().load_bytes(read_item, value)
+
+    return SafeFileSystemReader, SafeLoadPlanner
+
+
+def __getattr__(name: str) -> Any:  # the DCP-derived classes, created on first use
+    if name in ("SafeFileSystemReader", "SafeLoadPlanner"):
+        reader, planner = _safe_reader_classes()
+        globals().update(SafeFileSystemReader=reader, SafeLoadPlanner=planner)
+        return globals()[name]
+    raise AttributeError(name)
 
 
 def _single_process() -> bool:
@@ -77,11 +178,15 @@ def load_checkpoint(
     path: str | os.PathLike,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
+    *,
+    trusted: bool = False,
 ) -> dict[str, Any]:
     """Load the DCP directory ``path`` into ``model`` (and ``optimizer``); returns ``extra``.
 
     The model must already be wrapped (FSDP2/DDP) and the optimizer built from its
-    parameters, at whatever world size this job runs. Every rank calls this.
+    parameters, at whatever world size this job runs. Every rank calls this. Nothing in the
+    directory is unpickled beyond DCP's metadata records unless ``trusted=True`` (see the
+    module docstring).
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -93,12 +198,17 @@ def load_checkpoint(
     # if it has none yet); DCP fills them in place with the overlapping saved parts.
     model_sd, optim_sd = get_state_dict(model, optimizers)
     state: dict[str, Any] = {"model": model_sd, _EXTRA_KEY: ""}
+    if trusted:
+        reader, planner = dcp.FileSystemReader(os.fspath(path)), None
+    else:
+        reader_class, planner_class = _safe_reader_classes()
+        reader, planner = reader_class(os.fspath(path)), planner_class()
     if optimizer is not None:
-        metadata = dcp.FileSystemReader(os.fspath(path)).read_metadata()
+        metadata = reader.read_metadata()
         state["optim"] = _match_saved_layout(optim_sd, metadata)
     single = _single_process()
     with _quiet_single_process(single):
-        dcp.load(state, checkpoint_id=os.fspath(path), no_dist=single)
+        dcp.load(state, checkpoint_id=os.fspath(path), storage_reader=reader, planner=planner, no_dist=single)
     if optimizer is None:
         set_state_dict(model, (), model_state_dict=state["model"], optim_state_dict={})
     else:

@@ -51,6 +51,7 @@ from .execute import StepMixin
 from .hooks import HooksMixin
 from .manager import STATE_SHAPING_SETTINGS, GlobalOptimManager, check_paging_value
 from .memory import MemoryReportMixin
+from .nonfinite import NonfiniteGradWatch
 from .options import accept_runtime_options, check_numerics
 from .passes import PerItemPassesMixin
 from .state_init import StateInitMixin
@@ -148,6 +149,7 @@ class Optimizer8bit(
         super().__init__(params, defaults)
         if update_in_backward:
             self.update_in_backward = True
+        self.nonfinite = NonfiniteGradWatch.attach(self)  # counts skipped NaN/Inf gradient elements
 
     # -- construction ------------------------------------------------------------------------
 
@@ -315,9 +317,12 @@ class Optimizer8bit(
         Tensors keep their dtype (fp32 state stays fp32 for fp16/bf16 parameters). 8-bit
         state stored with a map other than pagedopt's is re-quantized (bitsandbytes' 1-state
         RMSprop/Adagrad use the signed map for their non-negative state); bitsandbytes'
-        tensor-wise ``max1``/``max2`` become ``absmax1``/``absmax2``.
+        tensor-wise ``max1``/``max2`` become ``absmax1``/``absmax2``. Everything is validated
+        first, and torch.optim's load-state-dict hooks run (:mod:`pagedopt.optim.state_checks`).
         """
-        state_dict = deepcopy(state_dict)
+        from .state_checks import finish_load, prepare_load
+
+        state_dict = deepcopy(prepare_load(self, state_dict))
         groups, saved_groups = self.param_groups, state_dict["param_groups"]
         if len(groups) != len(saved_groups):
             raise ValueError(
@@ -346,6 +351,7 @@ class Optimizer8bit(
             new_state[p] = self._import_param_state(p, value, group_of[p], move_to_device)
         self.__setstate__({"state": new_state, "param_groups": new_groups})
         self.invalidate_plan()
+        finish_load(self)
 
 def _static_settings(args: Any, given: Mapping[str, Any]) -> dict[str, Any]:
     """The six 8-bit settings from bitsandbytes' ``args`` object, falling back to ``given``."""

@@ -50,6 +50,7 @@ from __future__ import annotations
 import itertools
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -89,6 +90,14 @@ class AccountingError(AssertionError):
 def _local(t: torch.Tensor) -> torch.Tensor:
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
+
+
+def _forget_resident(movers: dict[torch.device, Any]) -> None:
+    for mover in movers.values():
+        resident = getattr(mover, "resident", None)
+        if resident is not None:
+            resident.clear()
+    movers.clear()
 
 
 @dataclass(eq=False)
@@ -163,6 +172,9 @@ class Pager:
         self._buffers: dict[torch.Tensor, dict[str, _PagedBuffer]] = {}
         self._unpaged: dict[torch.Tensor, dict[str, int]] = {}
         self._movers: dict[torch.device, Any] = {}
+        # Movers list their resident buffers and each buffer names its mover (a cycle): when the
+        # pager is freed, empty the lists so reference counting frees the state at once.
+        weakref.finalize(self, _forget_resident, self._movers).atexit = False
         self._serials = itertools.count()
         self._host_bytes = 0
         self._unpaged_bytes = 0

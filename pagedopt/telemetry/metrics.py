@@ -96,6 +96,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("pagedopt_clip_evaluations_total", "counter",
                "Parameter updates that went through percentile clipping", ("group",)),
     MetricSpec("pagedopt_param_grad_norm", "gauge", "Gradient L2 norm of the top-k parameters", ("param",)),
+    MetricSpec("pagedopt_nonfinite_grad_elements_total", "counter",
+               "Gradient elements that were NaN/Inf; their updates were skipped (pagedopt.optim.nonfinite)"),
     MetricSpec("pagedopt_param_clip_threshold", "gauge", "Percentile-clipping threshold of the top-k parameters",
                ("param",)),
     # quantization

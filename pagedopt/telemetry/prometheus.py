@@ -375,6 +375,9 @@ class PrometheusSink(BaseSink):
         kernels = read_kernel_stats()
         if kernels is not None:
             self._apply_kernels(kernels)
+        watch = getattr(self.optimizer, "nonfinite", None)  # pagedopt.optim.nonfinite; read at scrape time
+        if watch is not None and hasattr(watch, "total"):
+            self._counters.feed(m("pagedopt_nonfinite_grad_elements_total"), ("nonfinite",), watch.total())
         used, total, _ = device_memory(self.device)
         if used is not None:
             m("pagedopt_device_memory_used_bytes").set(used)

@@ -9,7 +9,10 @@ Parts: :mod:`~pagedopt.train.config` (:class:`TrainConfig`), :mod:`~pagedopt.tra
 (corpus and batches), :mod:`~pagedopt.train.model` (the transformer),
 :mod:`~pagedopt.train.optimizers` (optimizer construction and state memory),
 :mod:`~pagedopt.train.loop` (the loop and its extension points),
-:mod:`~pagedopt.train.progress` (console output).
+:mod:`~pagedopt.train.progress` (console output), :mod:`~pagedopt.train.types` (the
+step/result types they share), :mod:`~pagedopt.train.checkpoint` and
+:mod:`~pagedopt.train.resume` (periodic checkpoints and resume),
+:mod:`~pagedopt.train.preemption` (signals stop the run between steps).
 
 Example:
     >>> from pagedopt.train import TrainConfig, train
@@ -22,7 +25,8 @@ Example:
 """
 
 from .config import MODEL_PRESETS, OPTIMIZER_CHOICES, TORCH_BASELINE, TrainConfig, TrainConfigError
-from .loop import Callback, EvalInfo, StepInfo, TrainResult, TrainRun, train
+from .loop import train
+from .types import Callback, EvalInfo, StepInfo, TrainResult, TrainRun
 
 __all__ = [
     "TrainConfig", "TrainConfigError", "MODEL_PRESETS", "OPTIMIZER_CHOICES", "TORCH_BASELINE",

@@ -43,10 +43,9 @@ DEFAULT_OPTIMIZER = "AdamW8bit"
 # spikes). torch.optim.AdamW has no percentile clipping, so the baseline defaults to 100 (off).
 DEFAULT_PERCENTILE_CLIPPING = 95
 
-# name -> (d_model, layers, heads). "small" with the default batch (32 x 128 bytes) is sized so
-# the default 200 steps take about a minute on two CPU cores (measured ~45 s with the pure-torch
-# reference backend, about half of each step being the 8-bit optimizer), the loss falls from
-# ln 256 = 5.55 to ~2.35 nats, and every weight matrix (>= 4096 elements) has 8-bit state.
+# name -> (d_model, layers, heads). "small" with the default batch (32 x 128 bytes): the default
+# 200 steps take several minutes of CPU time on two cores (docs/train.md has measurements), the
+# loss falls from ln 256 = 5.55 to ~2.35 nats, and every weight matrix (>= 4096 elements) has 8-bit state.
 # "tiny" is for tests, "medium" for a GPU.
 MODEL_PRESETS: dict[str, tuple[int, int, int]] = {
     "tiny": (64, 2, 2),
@@ -55,6 +54,7 @@ MODEL_PRESETS: dict[str, tuple[int, int, int]] = {
 }
 
 DEVICE_AUTO = "auto"
+RESUME_LATEST = "latest"  # resume from the newest complete checkpoint in checkpoint_dir
 PROGRESS_MODES = ("auto", "live", "lines", "off")
 AMP_MODES = ("none", "bf16")
 EMBEDDINGS = ("stable", "plain")
@@ -138,6 +138,15 @@ class TrainConfig:
         json_path: write the run summary as JSON here.
         save_path: save model and optimizer state dicts here at the end (``torch.save``).
         threads: ``torch.set_num_threads`` (``None`` leaves torch's default).
+        checkpoint_dir: write resumable checkpoints here (see :mod:`pagedopt.train.checkpoint`):
+            every ``checkpoint_every`` steps and/or ``checkpoint_interval`` seconds, when a
+            preemption signal arrives, and at the end.
+        checkpoint_every: steps between periodic checkpoints (``None``: no step-based ones).
+        checkpoint_interval: seconds between periodic checkpoints (``None``: no time-based ones).
+        keep: complete checkpoints kept in ``checkpoint_dir`` (older ones are removed).
+        resume: ``"latest"``: continue from the newest complete checkpoint in
+            ``checkpoint_dir`` (start afresh when there is none yet, as on a job's first
+            start); or a checkpoint file/directory path. ``None``: a fresh start.
 
     Example:
         >>> TrainConfig(model_size="tiny", d_model=96).model_dims()
@@ -177,6 +186,12 @@ class TrainConfig:
     threads: int | None = None
     config_file: str | None = None
     distributed: str = "none"
+    # -- checkpoints and resume (pagedopt.train.checkpoint) --
+    checkpoint_dir: str | None = None
+    checkpoint_every: int | None = None
+    checkpoint_interval: float | None = None
+    keep: int = 2
+    resume: str | None = None
 
     def __post_init__(self) -> None:
         self._file = self._load_config_file()
@@ -213,6 +228,7 @@ class TrainConfig:
                                    f"percentile clipping needs a pagedopt optimizer, not {TORCH_BASELINE}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise TrainConfigError("seed", self.seed, "must be a non-negative integer")
+        self._check_checkpoint_settings()
         d_model, _, heads = self.model_dims()
         if d_model % heads:
             raise TrainConfigError("d_model", d_model, f"must be divisible by heads ({heads})")
@@ -257,6 +273,25 @@ class TrainConfig:
         if self.weight_decay is None:
             argument = constructor_arguments(get_optimizer_class(self.optimizer)).get("weight_decay")
             self.weight_decay = given.get("weight_decay", argument.default if argument is not None else 0.0)
+
+    def _check_checkpoint_settings(self) -> None:
+        for name in ("checkpoint_dir", "resume"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                setattr(self, name, os.fspath(value))
+            elif value is not None and (not isinstance(value, str) or not value):
+                raise TrainConfigError(name, value, "must be a path")
+        if self.checkpoint_every is not None:
+            _at_least("checkpoint_every", self.checkpoint_every, 1)
+        if self.checkpoint_interval is not None:
+            _positive_float("checkpoint_interval", self.checkpoint_interval)
+        _at_least("keep", self.keep, 1)
+        if self.checkpoint_dir is None:
+            for name in ("checkpoint_every", "checkpoint_interval"):
+                if getattr(self, name) is not None:
+                    raise TrainConfigError(name, getattr(self, name), "needs checkpoint_dir (--checkpoint-dir)")
+            if self.resume == RESUME_LATEST:
+                raise TrainConfigError("resume", self.resume, "without a path needs checkpoint_dir (--checkpoint-dir)")
 
     def model_dims(self) -> tuple[int, int, int]:
         """``(d_model, layers, heads)``: the preset with any explicit overrides applied."""

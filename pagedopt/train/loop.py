@@ -37,19 +37,30 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from ..distributed import DistributedRun, init_distributed, save_checkpoint
+from ..distributed import DistributedRun, init_distributed
+from ..fileio import atomic_write_text
+from .checkpoint import resolve_resume, save_sharded, save_single
 from .config import DEVICE_AUTO, TrainConfig, TrainConfigError
-from .data import Corpus, BatchSampler, VOCAB_SIZE, check_split_size, eval_batches, load_corpus
+from .data import BatchSampler, VOCAB_SIZE, check_split_size, eval_batches, load_corpus
 from .model import DecoderLM, ModelConfig, lm_loss
 from .optimizers import (
     StateMemory, build_optimizer, combine_state_memory, resolved_lr, resolved_weight_decay, state_memory,
 )
+from .preemption import PreemptionGuard, TrainingAborted
+from .progress import ConsoleReporter
+from .resume import Checkpointer, RunHistory, restore_run
+from .types import Callback, EvalInfo, StepInfo, TrainResult, TrainRun
+
+__all__ = [
+    "train", "Callback", "EvalInfo", "StepInfo", "TrainResult", "TrainRun", "OptimizerFactory",
+    "resolve_device", "start_runtime", "build_model", "wrap_model", "lr_schedule", "evaluate", "job_state_memory",
+]
 
 OptimizerFactory = Callable[[nn.Module, TrainConfig], torch.optim.Optimizer]
 
@@ -126,150 +137,6 @@ def lr_schedule(config: TrainConfig) -> Callable[[int], float]:
     return multiplier
 
 
-@dataclass
-class StepInfo:
-    """One finished step. ``loss`` and ``grad_norm`` are detached 0-d device tensors: reading
-    them (``float(...)``) waits for the device, so callbacks do it only when they report.
-
-    Example:
-        >>> info = StepInfo(step=1, loss=torch.tensor(5.5), grad_norm=None, lr=1e-3, tokens=256, train_seconds=0.1)
-        >>> float(info.loss)
-        5.5
-    """
-
-    step: int
-    loss: torch.Tensor  # mean over ranks
-    grad_norm: torch.Tensor | None
-    lr: float
-    tokens: int  # tokens processed so far, all ranks together
-    train_seconds: float  # wall time spent in training steps so far (evaluation excluded)
-
-
-@dataclass
-class EvalInfo:
-    """A validation pass: mean loss (nats per byte) over the fixed validation set after ``step``
-    steps (0: before training).
-
-    Example:
-        >>> EvalInfo(step=0, val_loss=5.55).val_loss
-        5.55
-    """
-
-    step: int
-    val_loss: float
-
-
-@dataclass
-class TrainRun:
-    """Everything a callback may need while the run is going: settings, runtime (rank, world
-    size, device), corpus, model (plain - FSDP2-sharded in place under ``fsdp`` - and as called
-    in the step, e.g. the DDP wrapper), optimizer, scheduler and the last finished step.
-
-    Example:
-        >>> from pagedopt.train import TrainConfig
-        >>> class Watch(Callback):
-        ...     def on_train_start(self, run: TrainRun) -> None:
-        ...         print(type(run.optimizer).__name__, run.tokens_per_step)
-        >>> _ = train(TrainConfig(steps=1, model_size="tiny", seq_len=16, batch_size=2,
-        ...                       max_corpus_bytes=50_000, eval_batches=1, progress="off"), [Watch()])
-        AdamW8bit 32
-    """
-
-    config: TrainConfig
-    runtime: DistributedRun
-    corpus: Corpus
-    model: DecoderLM
-    train_model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    tokens_per_step: int
-    step: int = 0
-
-
-@dataclass
-class TrainResult:
-    """What a run produced; :meth:`to_dict` is the ``--json`` summary.
-
-    Example:
-        >>> from pagedopt.train import TrainConfig, train
-        >>> r = train(TrainConfig(steps=2, model_size="tiny", seq_len=16, batch_size=2,
-        ...                       max_corpus_bytes=50_000, eval_batches=1, progress="off"))
-        >>> summary = r.to_dict()
-        >>> summary["steps_completed"], "fp32_equivalent_bytes" in summary["optimizer_state"]
-        (2, True)
-    """
-
-    config: TrainConfig
-    device: str
-    optimizer: str
-    lr: float
-    weight_decay: float
-    num_parameters: int
-    steps_completed: int
-    interrupted: bool
-    train_losses: list[float]
-    final_train_loss: float
-    initial_val_loss: float
-    final_val_loss: float
-    evals: list[EvalInfo]
-    tokens: int
-    train_seconds: float
-    eval_seconds: float
-    total_seconds: float
-    memory: StateMemory  # the whole job's (summed over ranks)
-    loss_window: int = 1  # steps averaged into final_train_loss
-    world_size: int = 1
-    distributed: str = "none"
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "config": self.config.to_dict(),
-            "device": self.device,
-            "distributed": self.distributed,
-            "world_size": self.world_size,
-            "optimizer": self.optimizer,
-            "lr": self.lr,
-            "weight_decay": self.weight_decay,
-            "num_parameters": self.num_parameters,
-            "steps_completed": self.steps_completed,
-            "interrupted": self.interrupted,
-            "final_train_loss": self.final_train_loss,
-            "final_train_loss_window": self.loss_window,
-            "initial_val_loss": self.initial_val_loss,
-            "final_val_loss": self.final_val_loss,
-            "evals": [{"step": e.step, "val_loss": e.val_loss} for e in self.evals],
-            "train_losses": self.train_losses,
-            "tokens": self.tokens,
-            "tokens_per_second": self.tokens_per_second,
-            "train_seconds": self.train_seconds,
-            "eval_seconds": self.eval_seconds,
-            "total_seconds": self.total_seconds,
-            "optimizer_state": self.memory.to_dict(),
-        }
-
-
-class Callback:
-    """Hooks into :func:`train`; override the ones you need (all default to doing nothing).
-
-    Example:
-        >>> class CountSteps(Callback):
-        ...     def __init__(self): self.steps = 0
-        ...     def on_step_end(self, run, info): self.steps += 1
-    """
-
-    def on_train_start(self, run: TrainRun) -> None: ...
-
-    def on_step_end(self, run: TrainRun, info: StepInfo) -> None: ...
-
-    def on_eval(self, run: TrainRun, info: EvalInfo) -> None: ...
-
-    def on_train_end(self, run: TrainRun, result: TrainResult) -> None: ...
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], autocast) -> torch.Tensor:
     """Mean validation loss over ``batches`` (a 0-d device tensor)."""
@@ -294,28 +161,29 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = (), *,
     """Train the demo transformer as ``config`` says; returns the :class:`TrainResult`.
 
     Console progress (``config.progress``) is added to ``callbacks`` on the main rank and
-    written to ``stream`` (default ``sys.stdout``). Ctrl-C stops a single-process run after
-    the current step; the run still evaluates, reports and returns (``result.interrupted``).
-    In a multi-process run it propagates instead (the ranks would stop at different steps and
-    wait for each other forever). ``config.threads`` applies for the run only: torch's thread
-    count is restored afterwards. Under ``torchrun`` every rank calls this and gets the same
-    result.
+    written to ``stream`` (default ``sys.stdout``). SIGTERM, SIGINT and SIGUSR1 stop the run
+    after the current step (never inside it; see :mod:`pagedopt.train.preemption`): with
+    ``config.checkpoint_dir`` a checkpoint is written and the result says ``preempted``;
+    without it the run evaluates, reports, writes its outputs and returns
+    (``result.interrupted``). A second Ctrl-C outside a save aborts
+    (:class:`~pagedopt.train.preemption.TrainingAborted`). ``config.resume`` continues from a
+    checkpoint (:mod:`pagedopt.train.checkpoint`). ``config.threads`` applies for the run
+    only. Under ``torchrun`` every rank calls this and gets the same result.
     """
     threads_before = torch.get_num_threads()
     try:
-        with start_runtime(config) as runtime:
-            return _train(config, runtime, callbacks, optimizer_factory, stream)
+        with start_runtime(config) as runtime, PreemptionGuard() as guard:
+            return _train(config, runtime, callbacks, optimizer_factory, stream, guard)
     finally:
         if torch.get_num_threads() != threads_before:
             torch.set_num_threads(threads_before)
 
 
 def _train(config: TrainConfig, runtime: DistributedRun, callbacks: Sequence[Callback],
-           optimizer_factory: OptimizerFactory, stream) -> TrainResult:
-    from .progress import ConsoleReporter  # progress imports this module
-
+           optimizer_factory: OptimizerFactory, stream, guard: PreemptionGuard) -> TrainResult:
     started = time.perf_counter()
     _check_outputs(config, runtime)
+    resume_from = resolve_resume(config.resume, config.checkpoint_dir) if config.resume else None
     corpus = load_corpus(config.data, config.data_glob, config.max_corpus_bytes, config.val_fraction)
     check_split_size("train", corpus.train, config.seq_len)
     check_split_size("validation", corpus.val, config.seq_len)
@@ -332,75 +200,122 @@ def _train(config: TrainConfig, runtime: DistributedRun, callbacks: Sequence[Cal
         callbacks.insert(0, ConsoleReporter(config.progress, stream))
     run = TrainRun(config, runtime, corpus, model, train_model, optimizer, scheduler,
                    tokens_per_step=config.batch_size * config.seq_len * runtime.world_size)
+    history = RunHistory()
+    checkpoints = Checkpointer(config, runtime)
+    if resume_from is not None:
+        restore_run(resume_from, run, sampler, history)
+        checkpoints.mark_saved(run.step, resume_from.path)
+        run.resumed_from = run.step
 
     for cb in callbacks:
         cb.on_train_start(run)
-    eval_seconds = 0.0
 
     def run_eval(step: int) -> EvalInfo:
-        nonlocal eval_seconds
         t0 = time.perf_counter()
         # The plain model: a compiled one would recompile for eval mode and no_grad, which costs
         # more than a few evaluations save. Every rank evaluates the same fixed batches.
         info = EvalInfo(step, runtime.mean(evaluate(model, val_batches, autocast)))
-        eval_seconds += time.perf_counter() - t0
+        history.eval_seconds += time.perf_counter() - t0
         for cb in callbacks:
             cb.on_eval(run, info)
         return info
 
-    evals = [run_eval(0)]
-    losses: list[torch.Tensor] = []
+    if not history.evals:
+        history.evals.append(run_eval(0))
     interrupted = False
     model.train()
-    train_started, eval_seconds_before = time.perf_counter(), eval_seconds
-
-    def training_seconds() -> float:  # wall time since training began, evaluations excluded
-        return time.perf_counter() - train_started - (eval_seconds - eval_seconds_before)
+    clock = _TrainingClock(history)
 
     try:
-        for step in range(1, config.steps + 1):
+        for step in range(run.step + 1, config.steps + 1):
+            if checkpoints.stop_requested(guard):
+                break
             info = _train_step(run, sampler, autocast, step)
-            losses.append(info.loss)
-            info.train_seconds = training_seconds()
+            history.losses.append(info.loss)
+            info.train_seconds = clock.seconds()
             for cb in callbacks:
                 cb.on_step_end(run, info)
             if config.eval_every and step % config.eval_every == 0 and step != config.steps:
-                evals.append(run_eval(step))
+                history.evals.append(run_eval(step))
+            if step != config.steps and checkpoints.due(step):
+                history.train_seconds = clock.seconds()
+                checkpoints.save(run, sampler, history, guard)
+                clock = _TrainingClock(history)
+    except TrainingAborted:
+        raise
     except KeyboardInterrupt:
         if runtime.world_size > 1:
             raise
         interrupted = True
     runtime.synchronize()
-    train_seconds = training_seconds()
-    if run.step and (not evals or evals[-1].step != run.step):
-        evals.append(run_eval(run.step))
+    history.train_seconds = clock.seconds()
+    preempted = checkpoints.stop_requested(guard) and run.step < config.steps
+    if preempted and config.checkpoint_dir:
+        path = checkpoints.save(run, sampler, history, guard)
+        return _finish(run, history, callbacks, started, guard, interrupted=True, preempted=True, checkpoint=path,
+                       write_outputs=False)
+    interrupted = interrupted or preempted
+    if run.step and history.evals[-1].step != run.step:
+        history.evals.append(run_eval(run.step))
+    checkpoint = None
+    if config.checkpoint_dir and run.step and not interrupted:
+        checkpoint = checkpoints.save(run, sampler, history, guard)  # the end of the run, for a requeue
+    return _finish(run, history, callbacks, started, guard, interrupted=interrupted, preempted=False,
+                   checkpoint=checkpoint, write_outputs=True)
 
-    train_losses = torch.stack(losses).float().cpu().tolist() if losses else []
+
+class _TrainingClock:
+    """Wall time spent training: what the history had, plus time since this clock started."""
+
+    def __init__(self, history: RunHistory) -> None:
+        self.history = history
+        self.base = history.train_seconds
+        self.started = time.perf_counter()
+        self.eval_before = history.eval_seconds
+
+    def seconds(self) -> float:  # evaluations excluded
+        return self.base + time.perf_counter() - self.started - (self.history.eval_seconds - self.eval_before)
+
+
+def _finish(run: TrainRun, history: RunHistory, callbacks: Sequence[Callback], started: float,
+            guard: PreemptionGuard, *, interrupted: bool, preempted: bool, checkpoint: Any,
+            write_outputs: bool) -> TrainResult:
+    config, runtime = run.config, run.runtime
+    train_losses = torch.stack(history.losses).float().cpu().tolist() if history.losses else []
     window = min(config.resolved_log_every, len(train_losses)) or 1
+    evals = history.evals
     result = TrainResult(
         config=config,
         device=str(runtime.device),
         optimizer=config.optimizer,
         lr=resolved_lr(config),
         weight_decay=resolved_weight_decay(config),
-        num_parameters=model.num_parameters(),
+        num_parameters=run.model.num_parameters(),
         steps_completed=run.step,
         interrupted=interrupted,
         train_losses=train_losses,
         final_train_loss=sum(train_losses[-window:]) / window if train_losses else math.nan,
         initial_val_loss=evals[0].val_loss,
         final_val_loss=evals[-1].val_loss,
-        evals=evals,
+        evals=list(evals),
         tokens=run.step * run.tokens_per_step,
-        train_seconds=train_seconds,
-        eval_seconds=eval_seconds,
+        train_seconds=history.train_seconds,
+        eval_seconds=history.eval_seconds,
         total_seconds=time.perf_counter() - started,
-        memory=job_state_memory(optimizer, runtime),
+        memory=job_state_memory(run.optimizer, runtime),
         loss_window=window,
         world_size=runtime.world_size,
         distributed=runtime.mode,
+        resumed_from_step=run.resumed_from,
+        preempted=preempted,
+        checkpoint=None if checkpoint is None else str(checkpoint),
     )
-    _write_outputs(run, result)
+    if write_outputs:
+        _write_outputs(run, result)
+    elif config.json_path and runtime.is_main:
+        write_json_summary(config.json_path, result)
+    # Training is over: signals act as usual again (e.g. Ctrl-C or SIGTERM ends a metrics linger).
+    guard.__exit__(None, None, None)
     for cb in callbacks:
         cb.on_train_end(run, result)
     return result
@@ -437,25 +352,30 @@ def _train_step(run: TrainRun, sampler: BatchSampler, autocast, step: int) -> St
 
 
 def _write_outputs(run: TrainRun, result: TrainResult) -> None:
-    """The JSON summary (main rank) and the checkpoint: ``torch.save`` of the model and
-    optimizer state dicts by the main rank, or under FSDP2 a DCP directory written by every
-    rank (:func:`pagedopt.distributed.save_checkpoint`; load it at any world size with
-    :func:`pagedopt.distributed.load_checkpoint`)."""
+    """The final export (``--save``), then the JSON summary (main rank): the checkpoint first,
+    so that a JSON failure (a full disk) can never cost the checkpoint. ``--save`` is
+    ``torch.save`` of the model and optimizer state dicts by the main rank, written atomically,
+    or under FSDP2 a DCP directory written by every rank
+    (:func:`pagedopt.distributed.save_checkpoint`; load it at any world size with
+    :func:`pagedopt.distributed.load_checkpoint`). A write failure raises
+    :class:`pagedopt.fileio.AtomicWriteError` naming the path and the errno."""
     config, runtime = run.config, run.runtime
+    if config.save_path:
+        extra = {"config": config.to_dict(), "step": result.steps_completed}
+        if runtime.mode == "fsdp":
+            save_sharded(Path(config.save_path), run.model, run.optimizer, extra, None, runtime)
+        elif runtime.is_main:
+            _ensure_parent(config.save_path)
+            save_single(Path(config.save_path), {"model": run.model.state_dict(),
+                                                 "optimizer": run.optimizer.state_dict(), **extra})
     if config.json_path and runtime.is_main:
-        _ensure_parent(config.json_path)
-        with open(config.json_path, "w", encoding="utf-8") as f:
-            json.dump(result.to_dict(), f, indent=2, allow_nan=True)
-            f.write("\n")
-    if not config.save_path:
-        return
-    extra = {"config": config.to_dict(), "step": result.steps_completed}
-    if runtime.mode == "fsdp":
-        save_checkpoint(config.save_path, run.model, run.optimizer, extra=extra)
-    elif runtime.is_main:
-        _ensure_parent(config.save_path)
-        torch.save({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), **extra},
-                   config.save_path)
+        write_json_summary(config.json_path, result)
+
+
+def write_json_summary(path: str, result: TrainResult) -> None:
+    """``result.to_dict()`` as JSON, atomically."""
+    _ensure_parent(path)
+    atomic_write_text(path, json.dumps(result.to_dict(), indent=2, allow_nan=True) + "\n")
 
 
 def _check_outputs(config: TrainConfig, runtime: DistributedRun) -> None:
@@ -463,6 +383,8 @@ def _check_outputs(config: TrainConfig, runtime: DistributedRun) -> None:
     files are checked by the main rank; a DCP checkpoint directory by every rank."""
     if runtime.is_main:
         _check_output_path("json_path", config.json_path)
+        if config.checkpoint_dir is not None:
+            _check_output_dir("checkpoint_dir", config.checkpoint_dir)
     if config.save_path is None:
         return
     if runtime.mode == "fsdp":

@@ -28,7 +28,7 @@ from typing import TextIO
 
 import torch
 
-from .loop import Callback, EvalInfo, StepInfo, TrainResult, TrainRun
+from .types import Callback, EvalInfo, StepInfo, TrainResult, TrainRun
 from .optimizers import StateMemory, resolved_lr, resolved_weight_decay
 
 LIVE_REFRESH_SECONDS = 0.1
@@ -185,11 +185,12 @@ def config_file_summary(cfg) -> str:
 
 def summary_lines(result: TrainResult) -> list[str]:
     """The end-of-run summary: steps and speed, final losses, optimizer-state memory."""
-    status = "interrupted" if result.interrupted else "done"
+    status = "preempted" if result.preempted else "interrupted" if result.interrupted else "done"
+    resumed = f" (resumed at step {result.resumed_from_step})" if result.resumed_from_step else ""
     lines = [
         f"{status}: {result.steps_completed}/{result.config.steps} steps in {format_duration(result.total_seconds)} "
         f"(training {result.train_seconds:.1f} s, evaluation {result.eval_seconds:.1f} s), "
-        f"{result.tokens_per_second:,.0f} tokens/s",
+        f"{result.tokens_per_second:,.0f} tokens/s{resumed}",
         f"final loss: train={result.final_train_loss:.4f} ({_window(result.loss_window)}) "
         f"val={result.final_val_loss:.4f} ({bits_per_byte(result.final_val_loss):.3f} bits/byte; "
         f"initial val={result.initial_val_loss:.4f})",

@@ -1,0 +1,225 @@
+"""Visible skips: non-finite gradient elements are counted, warned about, or refused.
+
+pagedopt's update skips a gradient element that is NaN or infinite (the parameter element
+and its state stay as they were, see the README). Skipping silently hides a diverging run,
+so every pagedopt optimizer carries a :class:`NonfiniteGradWatch` (``optimizer.nonfinite``),
+installed as a torch.optim step pre-hook:
+
+- ``"skip"`` (default): count the skipped elements on the device, in a running 0-d tensor;
+  nothing is read on the host inside the step. The count is read when metrics are collected
+  (Prometheus ``pagedopt_nonfinite_grad_elements_total``) or by :meth:`~NonfiniteGradWatch.total`,
+  and at most every :data:`CHECK_EVERY_STEPS` steps the watch looks at a copy of it made
+  asynchronously at an earlier step (a CUDA event tells whether the copy is done; no
+  waiting) and warns - at most once a minute - when it grew (:class:`NonfiniteGradWarning`).
+- ``"raise"``: raise :class:`NonfiniteGradError` before the update when a gradient has a
+  non-finite element. This reads the count on the host every step (one device sync).
+- ``"off"``: no counting at all.
+
+The mode comes from ``PAGEDOPT_NONFINITE`` (``skip``, ``raise``, ``off``) when the optimizer
+is built, or ``optimizer.nonfinite.mode = "raise"`` at any time. Cost: on the CPU one fused
+L2-norm pass over the gradients (``torch._foreach_norm``), elements counted only in gradients
+it flags; on CUDA one extra read of each gradient, queued on the device (no sync).
+
+Example:
+    >>> import torch, pagedopt
+    >>> w = torch.nn.Parameter(torch.ones(8))
+    >>> opt = pagedopt.AdamW8bit([w])
+    >>> w.grad = torch.tensor([1.0, float("nan"), 1.0, float("inf"), 1, 1, 1, 1])
+    >>> import warnings
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     opt.step()
+    >>> opt.nonfinite.total()
+    2
+    >>> opt.nonfinite.mode = "raise"
+    >>> opt.step()
+    Traceback (most recent call last):
+    ...
+    pagedopt.optim.nonfinite.NonfiniteGradError: 2 non-finite gradient elements (NaN/Inf) in 1 parameter(s), first: group0.param0; nonfinite mode 'raise' refuses the step (PAGEDOPT_NONFINITE=skip skips them)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Any
+
+import torch
+
+MODES = ("skip", "raise", "off")
+ENV_VAR = "PAGEDOPT_NONFINITE"
+CHECK_EVERY_STEPS = 50
+WARN_INTERVAL_SECONDS = 60.0
+
+
+class NonfiniteGradWarning(RuntimeWarning):
+    """Gradient elements were NaN/Inf and their updates were skipped.
+
+    Example:
+        >>> import warnings
+        >>> warnings.simplefilter("error", NonfiniteGradWarning)  # turn skips into errors in a test
+        >>> warnings.resetwarnings()
+    """
+
+
+class NonfiniteGradError(FloatingPointError):
+    """``nonfinite="raise"``: a gradient had NaN/Inf elements; the step was not applied.
+
+    Example:
+        >>> issubclass(NonfiniteGradError, FloatingPointError)
+        True
+    """
+
+
+def mode_from_environment() -> str:
+    """``PAGEDOPT_NONFINITE`` (default ``"skip"``); an unknown value is an error naming it."""
+    value = os.environ.get(ENV_VAR, "skip").strip().lower() or "skip"
+    if value not in MODES:
+        raise ValueError(f"{ENV_VAR}={value!r}: expected one of {', '.join(MODES)}")
+    return value
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    to_local = getattr(t, "to_local", None)  # DTensor (FSDP2): this rank's shard
+    return to_local() if callable(to_local) else t
+
+
+class NonfiniteGradWatch:
+    """Counts non-finite gradient elements of one optimizer (see the module docstring).
+
+    It holds no reference to the optimizer (the hook receives it), so it creates no cycle.
+
+    Example:
+        >>> watch = NonfiniteGradWatch("off")
+        >>> watch.total(), watch.mode
+        (0, 'off')
+    """
+
+    def __init__(self, mode: str | None = None) -> None:
+        self.mode = mode_from_environment() if mode is None else mode
+        if self.mode not in MODES:
+            raise ValueError(f"nonfinite mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        self._counts: dict[torch.device, torch.Tensor] = {}
+        self._steps = 0
+        self._pending: list[tuple[Any, torch.Tensor]] = []  # (event or None, host copy)
+        self._seen = 0  # the count as last read on the host
+        self._warned = 0
+        self._last_warning = -float("inf")
+
+    @classmethod
+    def attach(cls, optimizer: torch.optim.Optimizer, mode: str | None = None) -> NonfiniteGradWatch:
+        """A watch registered as ``optimizer``'s step pre-hook."""
+        watch = cls(mode)
+        optimizer.register_step_pre_hook(_before_step)
+        return watch
+
+    def observe(self, optimizer: Any) -> None:
+        """Count this step's non-finite gradient elements (on the device)."""
+        if self.mode == "off":
+            return
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    g = _local(p.grad)
+                    if g.numel() and g.is_floating_point():
+                        by_device.setdefault(g.device, []).append(g)
+        step_counts = []
+        for device, grads in by_device.items():
+            if device.type == "cpu":
+                # One fused L2-norm pass (NaN/Inf propagate); elements are counted only in the
+                # gradients it flags. Reading a CPU value waits for nothing.
+                maxima = torch.stack(torch._foreach_norm(grads))
+                flagged = (~torch.isfinite(maxima)).nonzero().flatten().tolist()
+                if not flagged:
+                    if self.mode != "raise":
+                        continue
+                    step_counts.append((grads, torch.zeros(len(grads), dtype=torch.int64)))
+                    continue
+                count = torch.zeros(len(grads), dtype=torch.int64)
+                for i in flagged:
+                    count[i] = torch.isfinite(grads[i]).logical_not().sum()
+            else:  # CUDA: count on the device, never read here (one extra read of each gradient)
+                count = torch.stack([torch.isfinite(g).logical_not().sum() for g in grads])
+            if self.mode == "raise":
+                step_counts.append((grads, count))
+            total = count.sum()
+            if device not in self._counts:
+                self._counts[device] = torch.zeros((), dtype=torch.int64, device=device)
+            self._counts[device].add_(total)
+        self._steps += 1
+        if self.mode == "raise":
+            self._raise_if_any(optimizer, step_counts)
+        elif self._steps % CHECK_EVERY_STEPS == 1 or CHECK_EVERY_STEPS == 1:
+            self._poll()
+
+    def _raise_if_any(self, optimizer: Any, step_counts: list[tuple[list[torch.Tensor], torch.Tensor]]) -> None:
+        bad = 0
+        params = 0
+        for _, counts in step_counts:
+            values = counts.tolist()  # host read: the price of "raise"
+            bad += sum(values)
+            params += sum(1 for v in values if v)
+        if bad:
+            first = self._first_bad_name(optimizer)
+            raise NonfiniteGradError(
+                f"{bad} non-finite gradient elements (NaN/Inf) in {params} parameter(s), first: {first}; "
+                f"nonfinite mode 'raise' refuses the step ({ENV_VAR}=skip skips them)")
+
+    @staticmethod
+    def _first_bad_name(optimizer: Any) -> str:
+        for gindex, group in enumerate(optimizer.param_groups):
+            names = group.get("param_names") or []
+            for pindex, p in enumerate(group["params"]):
+                if p.grad is not None and not bool(torch.isfinite(_local(p.grad)).all()):
+                    return str(names[pindex]) if pindex < len(names) else f"group{gindex}.param{pindex}"
+        return "?"
+
+    def _poll(self) -> None:
+        """Harvest finished asynchronous copies, start a new one, warn if the count grew."""
+        still = []
+        for event, host in self._pending:
+            if event is None or event.query():
+                self._seen = max(self._seen, int(host.sum()))
+            else:
+                still.append((event, host))
+        self._pending = still
+        if not self._pending:
+            parts = []
+            event = None
+            for device, count in self._counts.items():
+                if device.type == "cuda":
+                    host = torch.empty((), dtype=torch.int64, pin_memory=True)
+                    host.copy_(count, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record()
+                    parts.append(host)
+                else:  # a CPU value is read without waiting for anything
+                    self._seen = max(self._seen, sum(int(c) for d, c in self._counts.items() if d.type != "cuda"))
+            if parts:
+                self._pending.append((event, torch.stack(parts)))
+        self._maybe_warn()
+
+    def _maybe_warn(self) -> None:
+        now = time.monotonic()
+        if self._seen > self._warned and now - self._last_warning >= WARN_INTERVAL_SECONDS:
+            warnings.warn(
+                f"pagedopt: {self._seen - self._warned} non-finite gradient elements (NaN/Inf) were skipped since the "
+                f"last report ({self._seen} in all); their parameters and states were left unchanged. "
+                f"Set {ENV_VAR}=raise to stop at the first one.", NonfiniteGradWarning, stacklevel=4)
+            self._warned, self._last_warning = self._seen, now
+
+    def total(self) -> int:
+        """Non-finite gradient elements counted so far (reads the device: call it at
+        telemetry time, not inside a step)."""
+        value = sum(int(c) for c in self._counts.values())
+        self._seen = max(self._seen, value)
+        self._maybe_warn()
+        return value
+
+
+def _before_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+    watch = getattr(optimizer, "nonfinite", None)
+    if isinstance(watch, NonfiniteGradWatch):
+        watch.observe(optimizer)
