@@ -83,11 +83,20 @@ class PagingConfig(BaseModel):
             own device (bitsandbytes pages parameters of at least 1e5 elements).
         simulated_capacity_bytes: capacity of the ``simulated`` device (``None``: unlimited,
             useful to measure what a run would need).
-        eviction: which resident state makes room: ``lru`` (least recently used) or
-            ``next_use`` (the state needed farthest in the future, from the order the step
-            visits parameters; with a budget below the total state, LRU evicts exactly the
-            state the next step needs first and every byte moves every step, while
-            ``next_use`` keeps the budget's worth resident and moves only the rest).
+        eviction: which resident state makes room: ``next_use`` (the default: the state
+            needed farthest in the future, from the order the step visits parameters, and a
+            prefetch never evicts state that stayed resident from the previous step; with a
+            budget of half the state about half pages in per step) or ``lru`` (least recently
+            used; with a budget below the total state it evicts exactly the state the next
+            step needs first, so every byte moves every step).
+        transfer: how state moves. ``staged`` (host home + device staging pool, explicit
+            copies: pinned memory and dedicated copy streams on CUDA), ``migrate`` (managed
+            memory migration on CUDA; a fresh allocation and copy per move on the simulated
+            device), or ``auto``: ``staged`` for ``offload`` and ``budgeted``, ``migrate`` for
+            ``on_demand`` and ``pipelined`` (where the driver's migration is the point).
+            ``backend="managed"`` always migrates managed memory.
+        chunk_bytes: largest single copy of a staged transfer (larger buffers are copied in
+            pieces).
         managed_advise: apply cuMemAdvise hints to managed state (accessed-by the GPU; host
             as preferred location for ``offload`` and ``budgeted``). Off leaves placement to
             the driver's defaults.
@@ -111,7 +120,9 @@ class PagingConfig(BaseModel):
     prefetch_depth: int = Field(default=2, ge=1, le=64)
     min_paged_numel: int = Field(default=100_000, ge=0)
     simulated_capacity_bytes: ByteSize | None = None
-    eviction: Literal["lru", "next_use"] = "lru"
+    eviction: Literal["lru", "next_use"] = "next_use"
+    transfer: Literal["auto", "staged", "migrate"] = "auto"
+    chunk_bytes: ByteSize = Field(default=64 * 2**20, ge=4096)
     managed_advise: bool = True
     warn_on_fallback: bool = True
 

@@ -57,8 +57,10 @@ import torch
 
 from . import managed
 from .config import PagingConfig
+from .eviction import pick_victim, stable_prefix
 from .memory import AllocationError, HostMemory, SimulatedDevice, nbytes_of
 from .movers import HostMover, ManagedMover, Mover, SimulatedMover
+from .staged import PinnedStagedMover, SimulatedStagedMover, StagedMover
 from .policies import policy_for
 from .stats import PagerStats
 from .store import PAGEABLE_KEYS
@@ -109,6 +111,10 @@ class _PagedBuffer:
     ready: Any = None  # CUDA: event the update must wait for (a page-in in flight)
     used: Any = None  # CUDA: event after the last update that used the buffer
     timing: Any = None  # CUDA: (start, ready) events of the last page-in, for the latency metric
+    home: Any = None  # staged movers: the host copy this buffer keeps for its life
+    slot: Any = None  # staged movers: the staging-pool slot it occupies on the device
+    out_event: Any = None  # staged CUDA mover: event after its last page-out copy
+    arrived_visit: int = -1  # the visit in which it was last paged in
 
     @property
     def bound(self) -> bool:
@@ -173,6 +179,9 @@ class Pager:
         self.sink: Any = None
         self._visit_serial = 0  # which visit is running (next_use eviction reads the plan)
         self._cursor = -1  # the plan position being updated (-1: outside a visit)
+        self._device_total = 0  # paged bytes on all devices (kept with the movers' device_bytes)
+        self._device_mover_list: list[Mover] | None = None  # cache of _device_movers()
+        self._stable = 0  # length of the plan's stable prefix (next_use eviction with a budget)
 
     # -- StateStore protocol -----------------------------------------------------------------
 
@@ -200,6 +209,9 @@ class Pager:
         for index, bufs in enumerate(plan):
             for b in bufs:
                 b.plan_visit, b.plan_index = self._visit_serial, index
+        if self.config.eviction == "next_use":
+            self._stable = stable_prefix([sum(b.nbytes for b in bufs) for bufs in plan], self.budget,
+                                         self.policy.lookahead)
         if not any(plan):
             self._stats.chunks_total += 1
             fn(works)
@@ -283,6 +295,11 @@ class Pager:
             "paged_buffers": sum(len(b) for b in self._buffers.values()),
         }
         out.update(self._stats.as_dict())
+        staged = [m for m in self._device_movers() if isinstance(m, StagedMover)]
+        out["transfer"] = "staged" if staged else "migrate"
+        out["staging_pool_bytes"] = sum(m.pool.reserved_bytes for m in staged)
+        out["staging_idle_bytes"] = sum(m.idle_device_bytes for m in staged)
+        out["copy_pieces_total"] = sum(m.copy_pieces for m in staged)
         if self.budget is not None:
             out["device_headroom_bytes"] = max(0, self.budget - out["device_bytes"])
         out_bytes = self._stats.transfers.get("out", {})
@@ -360,13 +377,20 @@ class Pager:
             if b.nbytes != b.tensor.numel() * b.tensor.element_size():
                 problems.append(f"{b.key} of a {tuple(b.param.shape)} parameter: size changed")
         if physical:
-            if self.simulated_device is not None and self.simulated_device.used_bytes - self.simulated_device.foreign_bytes != on_device:
-                problems.append(
-                    f"simulated device holds {self.simulated_device.used_bytes - self.simulated_device.foreign_bytes} "
-                    f"bytes of state, buffers on device {on_device}"
-                )
-            if self.host_memory.used_bytes != on_host:
-                problems.append(f"host memory holds {self.host_memory.used_bytes} bytes, buffers on host {on_host}")
+            staged = [m for m in self._device_movers() if isinstance(m, StagedMover)]
+            idle = sum(m.idle_device_bytes for m in staged)  # staging slots the pool keeps
+            homes = sum(m.home_bytes_of_resident() for m in staged)  # host copies of resident state
+            on_host_pool = sum(
+                b.nbytes for b in bufs if b.location == "host" and getattr(b.mover, "host", None) is self.host_memory
+            )
+            if self.simulated_device is not None:
+                held = self.simulated_device.used_bytes - self.simulated_device.foreign_bytes
+                if held != on_device + idle:
+                    problems.append(f"simulated device holds {held} bytes of state, buffers on device {on_device}"
+                                    + (f" + {idle} idle staging bytes" if idle else ""))
+            if self.host_memory.used_bytes != on_host_pool + homes:
+                problems.append(f"host memory holds {self.host_memory.used_bytes} bytes, buffers on host {on_host_pool}"
+                                + (f" + {homes} bytes of homes of resident state" if homes else ""))
         if problems:
             raise AccountingError("; ".join(problems))
 
@@ -383,6 +407,7 @@ class Pager:
         found = self._movers.get(device)
         if found is None:
             found = self._movers[device] = self._make_mover(device)
+            self._device_mover_list = None
         return found
 
     def _make_mover(self, device: torch.device) -> Any:
@@ -395,6 +420,9 @@ class Pager:
                 )
             if backend == "simulated":
                 assert self.simulated_device is not None
+                if self._staged():
+                    return SimulatedStagedMover(self.simulated_device, self.host_memory, self.budget,
+                                                self.config.chunk_bytes)
                 return SimulatedMover(self.simulated_device, self.host_memory)
             return HostMover(self.host_memory)
         if device.type == "cuda":
@@ -404,6 +432,9 @@ class Pager:
                     f"but a parameter is on {device}; use backend='managed' or 'auto'"
                 )
             index = device.index if device.index is not None else torch.cuda.current_device()
+            if backend != "managed" and self._staged():
+                return PinnedStagedMover(torch.device("cuda", index), self.budget, self.reserve > 0,
+                                         self.config.chunk_bytes)
             ok, why = managed.availability(index)
             if ok:
                 preferred = "host" if self.policy.name in ("offload", "budgeted") else None
@@ -414,6 +445,12 @@ class Pager:
             return _UNPAGED
         self._warn(f"device:{device.type}", f"paging does not support {device.type} parameters; their state stays unpaged")
         return _UNPAGED
+
+    def _staged(self) -> bool:
+        """Whether state moves through a host home and a staging pool (see PagingConfig.transfer)."""
+        if self.config.transfer == "auto":
+            return self.policy.name in ("offload", "budgeted")
+        return self.config.transfer == "staged"
 
     def _pages(self, param: torch.Tensor, mover: Any) -> bool:
         return mover is not _UNPAGED and param.numel() >= max(self.config.min_paged_numel, 1)
@@ -533,21 +570,22 @@ class Pager:
 
     def _prefetch_ahead(self, plan: list[list[_PagedBuffer]], start: int) -> None:
         """Prefetch up to ``lookahead`` parameters after ``start`` without evicting pinned state."""
-        self._prefetch_groups(plan[start : start + self.policy.lookahead])
+        self._prefetch_groups(plan[start : start + self.policy.lookahead], first_index=start)
 
-    def _prefetch_groups(self, groups: Iterable[list[_PagedBuffer]]) -> None:
+    def _prefetch_groups(self, groups: Iterable[list[_PagedBuffer]], first_index: int | None = None) -> None:
         """Page in each group of buffers (one parameter's state) in order, making room as
         needed; stops at the first group that does not fit. Groups already handled stay pinned
         until the end, so making room for a later one never evicts an earlier one."""
         pinned: list[_PagedBuffer] = []
         try:
-            for bufs in groups:
+            for offset, bufs in enumerate(groups):
                 missing = [b for b in bufs if b.location != "device"]
                 self._pin(bufs)
                 pinned.extend(bufs)
                 if not missing:
                     continue
-                if self._make_room(missing[0].mover, sum(b.nbytes for b in missing)) is not None:
+                target = None if first_index is None else first_index + offset
+                if self._make_room(missing[0].mover, sum(b.nbytes for b in missing), target) is not None:
                     return
                 for b in missing:
                     if not self._page_in(b, "prefetch"):
@@ -580,15 +618,16 @@ class Pager:
                 return "capacity"
         return None
 
-    def _make_room(self, mover: Mover, need: int) -> str | None:
-        """Evict least recently used unpinned state until ``need`` bytes fit. Returns ``None``
-        when they do, else what still stands in the way (``"budget"``, ``"pressure"``, ``"capacity"``)."""
+    def _make_room(self, mover: Mover, need: int, target_index: int | None = None) -> str | None:
+        """Evict unpinned state until ``need`` bytes fit. Returns ``None`` when they do, else
+        what still stands in the way (``"budget"``, ``"pressure"``, ``"capacity"``).
+        ``target_index``: making room for a prefetch of that plan position."""
         counted_pressure = False
         while (problem := self._room_problem(mover, need)) is not None:
             if problem == "pressure" and not counted_pressure:
                 self._stats.pressure_events_total += 1
                 counted_pressure = True
-            victim = self._lru_victim(mover)
+            victim = self._lru_victim(mover, target_index)
             if victim is None or not self._page_out(victim, problem):
                 return problem
         return None
@@ -598,34 +637,25 @@ class Pager:
         if not self.reserve:
             return
         self._make_room(mover, 0)
+        if isinstance(mover, StagedMover) and mover.idle_device_bytes:
+            free = mover.free_bytes()  # counts idle staging slots as free for state...
+            if free is not None and free - mover.idle_device_bytes < self.reserve:
+                mover.release_idle()  # ...but activations need them given back
 
-    def _lru_victim(self, mover: Mover) -> _PagedBuffer | None:
-        """The buffer to evict: unpinned and movable; the least recently used one, or with
-        ``eviction="next_use"`` inside a visit the one needed farthest in the future.
-        Buffers whose state-dict entry was replaced behind the pager's back are orphans:
-        dropped (freed), not moved."""
+    def _lru_victim(self, mover: Mover, target_index: int | None = None) -> _PagedBuffer | None:
+        """The buffer to evict (see :mod:`pagedopt.paging.eviction`): unpinned and movable.
+        ``target_index``: the plan position a prefetch makes room for. Buffers whose
+        state-dict entry was replaced behind the pager's back are orphans: dropped, not moved."""
         candidates = []
         for buf in list(mover.resident.values()):
             if buf.pins:
                 continue
             if buf.movable:
-                if self.config.eviction == "lru" or self._cursor < 0:
-                    return buf
                 candidates.append(buf)
             elif buf.state is not None:
                 self._drop(buf)
-        return max(candidates, key=self._next_use_distance, default=None)
-
-    def _next_use_distance(self, buf: _PagedBuffer) -> tuple[int, int]:
-        """Order for ``next_use`` eviction (larger = evict first). Steps visit parameters in
-        the same order every time, so a buffer used earlier in this visit is next needed in
-        the next step at its position, after everything still ahead in this one (Belady's
-        farthest-next-use rule; for cyclic access LRU evicts exactly the wrong buffer)."""
-        if buf.plan_visit != self._visit_serial:
-            return (3, 0)  # not needed this visit at all: first to go (LRU order among them)
-        if buf.plan_index < self._cursor:
-            return (2, buf.plan_index)  # needed again next step, later ones farther away
-        return (1, buf.plan_index)  # still ahead in this visit: the farthest one first
+        return pick_victim(candidates, self.config.eviction, self._visit_serial, self._cursor, target_index,
+                           self._stable)
 
     def _page_in(self, buf: _PagedBuffer, reason: str) -> bool:
         """Move ``buf`` to the device; on an allocation failure evict and retry. False: it stayed."""
@@ -645,6 +675,7 @@ class Pager:
                 self._warn("prefetch", f"prefetch failed ({exc}); the update reads managed memory where it is")
                 return False
         self._move(buf, new, "device")
+        buf.arrived_visit = self._visit_serial
         mover.resident[buf.serial] = buf
         self._stats.count_transfer("in", reason, buf.nbytes)
         self.last_moved = (buf.param, buf.key)
@@ -691,15 +722,20 @@ class Pager:
     def _account(self, buf: _PagedBuffer, sign: int) -> None:
         if buf.location == "device":
             buf.mover.device_bytes += sign * buf.nbytes
+            self._device_total += sign * buf.nbytes
             if sign > 0:
                 buf.mover.resident[buf.serial] = buf
-                self._stats.peak_device_bytes = max(self._stats.peak_device_bytes, self.device_bytes)
+                if self._device_total > self._stats.peak_device_bytes:
+                    self._stats.peak_device_bytes = self._device_total
             else:
                 buf.mover.resident.pop(buf.serial, None)
         else:
             self._host_bytes += sign * buf.nbytes
 
     def _drop(self, buf: _PagedBuffer) -> None:
+        discard = getattr(buf.mover, "discard", None)
+        if discard is not None:
+            discard(buf)
         self._account(buf, -1)
         bufs = self._buffers.get(buf.param)
         if bufs is not None and bufs.get(buf.key) is buf:
@@ -712,7 +748,9 @@ class Pager:
     # -- helpers -----------------------------------------------------------------------------
 
     def _device_movers(self) -> list[Mover]:
-        return [m for m in self._movers.values() if m is not _UNPAGED and m.has_device]
+        if self._device_mover_list is None:
+            self._device_mover_list = [m for m in self._movers.values() if m is not _UNPAGED and m.has_device]
+        return self._device_mover_list
 
     @staticmethod
     def _by_mover(bufs: list[_PagedBuffer]) -> list[tuple[Mover, list[_PagedBuffer]]]:
