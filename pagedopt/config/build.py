@@ -199,7 +199,12 @@ def optimizer_for(resolution: Resolution) -> Optimizer8bit:
     kwargs = config.optimizer.given()
     if config.paging is not None:
         kwargs["paging"] = config.paging
-    return cls(groups, **kwargs)
+    optimizer = cls(groups, **kwargs)
+    if config.memory is not None:
+        from ..paging.controller import MemoryController
+
+        MemoryController(optimizer, config.memory)  # attaches itself as optimizer.memory_controller
+    return optimizer
 
 
 def _group_values(entry: ResolvedParam, config: PagedoptConfig, algorithm_class: type,

@@ -348,6 +348,28 @@ class Pager:
             if buf.location == "device" and buf.pins == 0 and buf.movable:
                 self._page_out(buf, "manual")
 
+    def set_budget(self, budget: int | None) -> None:
+        """Change ``device_budget_bytes`` between steps (the memory controller does): state above
+        the new budget leaves the device now (reason ``budget``), and the staging pool keeps no
+        more than the budget reserved."""
+        self.budget = None if budget is None else max(0, int(budget))
+        for mover in self._device_movers():
+            if isinstance(mover, StagedMover):
+                mover.pool.limit = self.budget
+                if self.budget is not None and mover.pool.reserved_bytes > self.budget:
+                    mover.release_idle()
+            if self.budget is not None:
+                self._make_room(mover, 0)
+
+    @property
+    def idle_staging_bytes(self) -> int:
+        """Device bytes the staging pools hold without state in them."""
+        return sum(m.idle_device_bytes for m in self._device_movers() if isinstance(m, StagedMover))
+
+    def release_idle(self) -> int:
+        """Give idle staging slots back to the device; returns the bytes released."""
+        return sum(m.release_idle() for m in self._device_movers() if isinstance(m, StagedMover))
+
     def synchronize(self) -> None:
         """Wait on the host until all transfers issued so far have completed (not for the step)."""
         for mover in self._device_movers():
