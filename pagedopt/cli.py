@@ -1,4 +1,4 @@
-"""The ``pagedopt`` command: ``train``, ``bench``, ``config``, ``kernels``.
+"""The ``pagedopt`` command: ``train``, ``bench``, ``config``, ``kernels``, ``plan``.
 
 Each subcommand lives in its own module under :mod:`pagedopt.commands` and provides
 ``add_parser(subparsers)``, which registers its arguments and sets ``func`` to the function
@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pagedopt.commands.bench",
     "pagedopt.commands.config",
     "pagedopt.commands.kernels",
+    "pagedopt.commands.plan",
 )
 
 
