@@ -115,6 +115,7 @@ class _PagedBuffer:
     slot: Any = None  # staged movers: the staging-pool slot it occupies on the device
     out_event: Any = None  # staged CUDA mover: event after its last page-out copy
     arrived_visit: int = -1  # the visit in which it was last paged in
+    step_in: int = -1  # the step (pager's count) of its last page-in: thrashing detection
 
     @property
     def bound(self) -> bool:
@@ -204,6 +205,7 @@ class Pager:
         if not works:
             return
         self._stats.visits_total += 1
+        self._stats.note_step(works[0].key, works[0].state.get("step") if isinstance(works[0].state, dict) else None)
         plan = [self._sync_work(w) for w in works]
         self._visit_serial += 1
         for index, bufs in enumerate(plan):
@@ -686,7 +688,10 @@ class Pager:
             try:
                 started = time.perf_counter()
                 new = mover.page_in(buf)
-                self._report_latency(buf, time.perf_counter() - started)
+                seconds = time.perf_counter() - started
+                self._report_latency(buf, seconds)
+                if not mover.asynchronous:
+                    self._stats.copy_seconds["in"] += seconds
                 break
             except AllocationError:
                 self._stats.allocation_failures_total += 1
@@ -700,6 +705,7 @@ class Pager:
         buf.arrived_visit = self._visit_serial
         mover.resident[buf.serial] = buf
         self._stats.count_transfer("in", reason, buf.nbytes)
+        self._stats.count_step_page_in(buf)
         self.last_moved = (buf.param, buf.key)
         self._notify("in")
         return True
@@ -718,7 +724,10 @@ class Pager:
     def _page_out(self, buf: _PagedBuffer, reason: str) -> bool:
         mover = buf.mover
         try:
+            started = time.perf_counter()
             new = mover.page_out(buf)
+            if not mover.asynchronous:
+                self._stats.copy_seconds["out"] += time.perf_counter() - started
         except (AllocationError, managed.ManagedMemoryError) as exc:
             self._stats.allocation_failures_total += 1
             self._warn("page-out", f"could not page {buf.key} out ({exc}); it stays on the device")

@@ -307,6 +307,7 @@ class PinnedStagedMover(StagedMover):
     """
 
     kind = "pinned"
+    asynchronous = True
 
     def __init__(self, device: torch.device, budget: int | None, track_free: bool,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
