@@ -145,7 +145,7 @@ def read_controller_stats(optimizer: Any) -> ControllerStats | None:
     controller = getattr(optimizer, "memory_controller", None)
     if controller is None:
         return None
-    out = ControllerStats()
+    out = ControllerStats(recoveries={"optimizer.step": 0, "forward/backward": 0})  # exported from the start
     for reading in dict(getattr(controller, "last", {})).values():
         for attr, key in (("free_bytes", "free_bytes"), ("target_free_bytes", "target_free_bytes")):
             if reading.get(key) is not None:

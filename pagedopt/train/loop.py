@@ -36,6 +36,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -322,6 +323,13 @@ def _train(config: TrainConfig, runtime: DistributedRun, callbacks: Sequence[Cal
     model = build_model(config, runtime)
     train_model = wrap_model(model, config, runtime)
     optimizer = optimizer_factory(model, config)
+    memory_job = None
+    if config.memory_limit is not None:  # --memory-limit: see pagedopt/train/memory.py
+        from .memory import MemoryJob
+
+        memory_job = MemoryJob.setup(config.memory_limit, model, optimizer, runtime.device)
+        if runtime.is_main and config.progress != "off":
+            print(memory_job.plan_text(), file=stream or sys.stdout)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
     # Each rank draws its own stream of windows (seed and rank select it).
     sampler = BatchSampler(corpus.train, config.batch_size, config.seq_len, config.seed, runtime.rank, runtime.device)
@@ -359,7 +367,10 @@ def _train(config: TrainConfig, runtime: DistributedRun, callbacks: Sequence[Cal
 
     try:
         for step in range(1, config.steps + 1):
-            info = _train_step(run, sampler, autocast, step)
+            if memory_job is None:
+                info = _train_step(run, sampler, autocast, step)
+            else:
+                info = memory_job.run_step(lambda step=step: _train_step(run, sampler, autocast, step))
             losses.append(info.loss)
             info.train_seconds = training_seconds()
             for cb in callbacks:
@@ -401,6 +412,8 @@ def _train(config: TrainConfig, runtime: DistributedRun, callbacks: Sequence[Cal
         distributed=runtime.mode,
     )
     _write_outputs(run, result)
+    if memory_job is not None and runtime.is_main and config.progress != "off":
+        print(memory_job.peak_text(), file=stream or sys.stdout)
     for cb in callbacks:
         cb.on_train_end(run, result)
     return result
