@@ -41,6 +41,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 from dataclasses import dataclass
@@ -272,6 +273,7 @@ class StepGuard:
         self._saved_step = opt.__dict__.get("step")
         original = opt.step  # bound (or a previous instance wrapper)
 
+        @functools.wraps(original)  # keeps markers such as the LR scheduler's step wrapper's
         def guarded_step(*args: Any, **kwargs: Any) -> Any:
             return self._step(original, *args, **kwargs)
 
