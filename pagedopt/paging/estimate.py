@@ -14,7 +14,7 @@ activations and the headroom, ``offload`` keeps only the stream window (the runn
 
 Example:
     >>> from pagedopt.paging.estimate import plan, gpt2_numels
-    >>> result = plan(gpt2_numels(768, 12, 50257, 1024), gpu_memory=2 * 2**30, world_size=1)
+    >>> result = plan(gpt2_numels(768, 12, 50257, 1024), gpu_memory=3 * 2**29, world_size=1)
     >>> [(o.optimizer, o.paging, o.fits) for o in result.options][:3]
     [('AdamW32bit', 'none', False), ('AdamW8bit', 'none', True), ('PagedAdamW8bit', 'on_demand', True)]
     >>> result.options[result.recommended].optimizer

@@ -50,89 +50,26 @@ from __future__ import annotations
 import itertools
 import time
 import warnings
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from . import managed
+from .allocation import AllocationMixin
+from .buffers import _UNPAGED, AccountingError, PagingFallbackWarning, _PagedBuffer
 from .config import PagingConfig
-from .eviction import pick_victim, stable_prefix
-from .memory import AllocationError, HostMemory, SimulatedDevice, nbytes_of
-from .movers import HostMover, ManagedMover, Mover, SimulatedMover
-from .staged import PinnedStagedMover, SimulatedStagedMover, StagedMover
+from .eviction import stable_prefix
+from .memory import HostMemory, SimulatedDevice
+from .movers import Mover
 from .policies import policy_for
+from .staged import StagedMover
 from .stats import PagerStats
 from .store import PAGEABLE_KEYS
+from .transitions import TransitionsMixin
+
+__all__ = ["Pager", "PagingFallbackWarning", "AccountingError"]
 
 
-class PagingFallbackWarning(RuntimeWarning):
-    """The pager could not do what the policy asked (allocation failed, paging unavailable)
-    and fell back to something slower that keeps every value intact. Each kind of fallback
-    warns once per pager; ``stats()`` counts every occurrence.
-
-    Example:
-        >>> import warnings
-        >>> from pagedopt.paging import PagingFallbackWarning
-        >>> warnings.simplefilter("error", PagingFallbackWarning)  # make fallbacks fatal in CI
-        >>> warnings.resetwarnings()
-    """
-
-
-class AccountingError(AssertionError):
-    """:meth:`Pager.verify_accounting` found a difference between the books and the buffers.
-
-    Example:
-        >>> from pagedopt.paging import AccountingError, Pager, PagingConfig
-        >>> Pager(PagingConfig(backend="simulated")).verify_accounting()  # raises AccountingError if wrong
-    """
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
-
-
-@dataclass(eq=False)
-class _PagedBuffer:
-    """One paged state tensor (``state1`` or ``state2`` of one parameter): internal."""
-
-    serial: int
-    param: torch.Tensor
-    key: str
-    nbytes: int
-    mover: Mover
-    tensor: torch.Tensor  # the tensor the optimizer's state dict holds
-    location: str  # "device" or "host"
-    state: dict[str, Any] | None = None  # the optimizer's state dict of ``param`` (bound on visit)
-    pins: int = 0
-    plan_visit: int = -1  # the visit whose plan lists this buffer (next_use eviction)
-    plan_index: int = 0  # its position in that plan
-    ready: Any = None  # CUDA: event the update must wait for (a page-in in flight)
-    used: Any = None  # CUDA: event after the last update that used the buffer
-    timing: Any = None  # CUDA: (start, ready) events of the last page-in, for the latency metric
-    home: Any = None  # staged movers: the host copy this buffer keeps for its life
-    slot: Any = None  # staged movers: the staging-pool slot it occupies on the device
-    out_event: Any = None  # staged CUDA mover: event after its last page-out copy
-    arrived_visit: int = -1  # the visit in which it was last paged in
-    step_in: int = -1  # the step (pager's count) of its last page-in: thrashing detection
-
-    @property
-    def bound(self) -> bool:
-        """The optimizer's state dict still holds this buffer's tensor (safe to swap)."""
-        return self.state is not None and self.state.get(self.key) is self.tensor
-
-    @property
-    def movable(self) -> bool:
-        """Whether a move can keep the optimizer's state dict right: movers that replace the
-        tensor need the buffer bound to its state dict (it is after the first visit)."""
-        return self.bound or not self.mover.swaps_tensors
-
-
-_UNPAGED = object()  # mover slot for devices whose state stays unpaged
-
-
-class Pager:
+class Pager(AllocationMixin, TransitionsMixin):
     """Paged optimizer state (see the module docstring for the rules).
 
     Args:
@@ -385,150 +322,15 @@ class Pager:
     def verify_accounting(self, physical: bool = True) -> None:
         """Raise :class:`AccountingError` unless the books match the buffers (and, with
         ``physical``, the host-memory pools' real allocations)."""
-        bufs = [b for d in self._buffers.values() for b in d.values()]
-        on_device = sum(b.nbytes for b in bufs if b.location == "device")
-        on_host = sum(b.nbytes for b in bufs if b.location == "host")
-        problems = []
-        if on_device != self.device_bytes:
-            problems.append(f"device_bytes {self.device_bytes} != buffers on device {on_device}")
-        if on_host != self._host_bytes:
-            problems.append(f"host_bytes {self._host_bytes} != buffers on host {on_host}")
-        for mover in self._device_movers():
-            listed = sum(b.nbytes for b in mover.resident.values())
-            if listed != mover.device_bytes:
-                problems.append(f"{mover.kind}: LRU list holds {listed} bytes, books say {mover.device_bytes}")
-        for b in bufs:
-            if b.nbytes != b.tensor.numel() * b.tensor.element_size():
-                problems.append(f"{b.key} of a {tuple(b.param.shape)} parameter: size changed")
-        if physical:
-            staged = [m for m in self._device_movers() if isinstance(m, StagedMover)]
-            idle = sum(m.idle_device_bytes for m in staged)  # staging slots the pool keeps
-            homes = sum(m.home_bytes_of_resident() for m in staged)  # host copies of resident state
-            on_host_pool = sum(
-                b.nbytes for b in bufs if b.location == "host" and getattr(b.mover, "host", None) is self.host_memory
-            )
-            if self.simulated_device is not None:
-                held = self.simulated_device.used_bytes - self.simulated_device.foreign_bytes
-                if held != on_device + idle:
-                    problems.append(f"simulated device holds {held} bytes of state, buffers on device {on_device}"
-                                    + (f" + {idle} idle staging bytes" if idle else ""))
-            if self.host_memory.used_bytes != on_host_pool + homes:
-                problems.append(f"host memory holds {self.host_memory.used_bytes} bytes, buffers on host {on_host_pool}"
-                                + (f" + {homes} bytes of homes of resident state" if homes else ""))
-        if problems:
-            raise AccountingError("; ".join(problems))
+        from .accounting import verify
+
+        verify(self, physical)
 
     def __repr__(self) -> str:
         return (
             f"Pager(policy={self.policy.name!r}, backend={self.config.backend!r}, "
             f"device_bytes={self.device_bytes}, host_bytes={self._host_bytes}, budget={self.budget})"
         )
-
-    # -- allocation --------------------------------------------------------------------------
-
-    def _mover_for(self, param: torch.Tensor) -> Any:
-        device = _local(param).device
-        found = self._movers.get(device)
-        if found is None:
-            found = self._movers[device] = self._make_mover(device)
-            self._device_mover_list = None
-        return found
-
-    def _make_mover(self, device: torch.device) -> Any:
-        backend = self.config.backend
-        if device.type == "cpu":
-            if backend == "managed":
-                raise ValueError(
-                    "PagingConfig(backend='managed') pages CUDA state, but a parameter is on the CPU; "
-                    "use backend='host', 'simulated' or 'auto'"
-                )
-            if backend == "simulated":
-                assert self.simulated_device is not None
-                if self._staged():
-                    return SimulatedStagedMover(self.simulated_device, self.host_memory, self.budget,
-                                                self.config.chunk_bytes)
-                return SimulatedMover(self.simulated_device, self.host_memory)
-            return HostMover(self.host_memory)
-        if device.type == "cuda":
-            if backend in ("host", "simulated"):
-                raise ValueError(
-                    f"PagingConfig(backend={backend!r}) keeps state in host memory for CPU parameters, "
-                    f"but a parameter is on {device}; use backend='managed' or 'auto'"
-                )
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            if backend != "managed" and self._staged():
-                return PinnedStagedMover(torch.device("cuda", index), self.budget, self.reserve > 0,
-                                         self.config.chunk_bytes)
-            ok, why = managed.availability(index)
-            if ok:
-                preferred = "host" if self.policy.name in ("offload", "budgeted") else None
-                return ManagedMover(torch.device("cuda", index), preferred, self.config.managed_advise, self.reserve > 0)
-            if backend == "managed":
-                raise ValueError(f"PagingConfig(backend='managed') cannot page state on {device}: {why}")
-            self._warn("unavailable", f"paging is unavailable on {device} ({why}); its optimizer state stays unpaged")
-            return _UNPAGED
-        self._warn(f"device:{device.type}", f"paging does not support {device.type} parameters; their state stays unpaged")
-        return _UNPAGED
-
-    def _staged(self) -> bool:
-        """Whether state moves through a host home and a staging pool (see PagingConfig.transfer)."""
-        if self.config.transfer == "auto":
-            return self.policy.name in ("offload", "budgeted")
-        return self.config.transfer == "staged"
-
-    def _pages(self, param: torch.Tensor, mover: Any) -> bool:
-        return mover is not _UNPAGED and param.numel() >= max(self.config.min_paged_numel, 1)
-
-    def _create(
-        self, param: torch.Tensor, key: str, shape: tuple[int, ...], dtype: torch.dtype, source: torch.Tensor | None
-    ) -> torch.Tensor:
-        mover = self._mover_for(param)
-        old = self._buffers.get(param, {}).get(key)
-        if old is not None:
-            self._drop(old)
-        if not self._pages(param, mover):
-            return self._create_unpaged(param, key, shape, dtype, source)
-        nbytes = nbytes_of(shape, dtype)
-        where = self._placement(mover, nbytes) if source is None else "host"
-        try:
-            tensor = mover.allocate(shape, dtype, where, source)
-        except (AllocationError, managed.ManagedMemoryError) as exc:
-            self._stats.allocation_failures_total += 1
-            self._stats.allocation_fallbacks_total += 1
-            self._warn("alloc", f"could not allocate {nbytes} bytes of paged {key} ({exc}); keeping it unpaged")
-            return self._create_unpaged(param, key, shape, dtype, source)
-        buf = _PagedBuffer(next(self._serials), param, key, nbytes, mover, tensor, where)
-        self._buffers.setdefault(param, {})[key] = buf
-        self._account(buf, +1)
-        self._notify("alloc")
-        return tensor
-
-    def _create_unpaged(self, param, key, shape, dtype, source) -> torch.Tensor:
-        device = _local(param).device
-        tensor = torch.zeros(shape, dtype=dtype, device=device) if source is None else source.to(device)
-        self._record_unpaged(param, key, tensor)
-        return tensor
-
-    def _record_unpaged(self, param: torch.Tensor, key: str, tensor: torch.Tensor) -> None:
-        entry = self._unpaged.setdefault(param, {})
-        self._unpaged_bytes += tensor.numel() * tensor.element_size() - entry.get(key, 0)
-        entry[key] = tensor.numel() * tensor.element_size()
-
-    def _placement(self, mover: Mover, nbytes: int) -> str:
-        """Where new state goes: the policy's home, if the device has room without evicting.
-
-        State of movers that replace tensors starts on the host: until the first visit
-        binds it to its state dict, the pager could not evict it, and state that cannot be
-        evicted must never sit on the device.
-        """
-        if not mover.has_device or self.policy.home == "host" or mover.swaps_tensors:
-            return "host"
-        if self.budget is not None and mover.device_bytes + nbytes > self.budget:
-            return "host"
-        free = mover.free_bytes()
-        if free is not None and free - nbytes < self.reserve:
-            return "host"
-        return "device"
 
     # -- visiting ----------------------------------------------------------------------------
 
@@ -627,154 +429,6 @@ class Pager:
             for b in chunk:
                 if b.location == "device":
                     self._page_out(b, evict_reason)
-
-    # -- moving ------------------------------------------------------------------------------
-
-    def _room_problem(self, mover: Mover, need: int) -> str | None:
-        """Why ``need`` more bytes cannot go on ``mover``'s device now (``None``: they can)."""
-        if self.budget is not None and mover.device_bytes + need > self.budget:
-            return "budget"
-        free = mover.free_bytes()
-        if free is not None:
-            if self.reserve and free - need < self.reserve:
-                return "pressure"
-            if mover.hard_capacity and free - need < 0:
-                return "capacity"
-        return None
-
-    def _make_room(self, mover: Mover, need: int, target_index: int | None = None) -> str | None:
-        """Evict unpinned state until ``need`` bytes fit. Returns ``None`` when they do, else
-        what still stands in the way (``"budget"``, ``"pressure"``, ``"capacity"``).
-        ``target_index``: making room for a prefetch of that plan position."""
-        counted_pressure = False
-        while (problem := self._room_problem(mover, need)) is not None:
-            if problem == "pressure" and not counted_pressure:
-                self._stats.pressure_events_total += 1
-                counted_pressure = True
-            victim = self._lru_victim(mover, target_index)
-            if victim is None or not self._page_out(victim, problem):
-                return problem
-        return None
-
-    def _relieve_pressure(self, mover: Mover) -> None:
-        """Evict until free device memory is back above the watermark (when it is known)."""
-        if not self.reserve:
-            return
-        self._make_room(mover, 0)
-        if isinstance(mover, StagedMover) and mover.idle_device_bytes:
-            free = mover.free_bytes()  # counts idle staging slots as free for state...
-            if free is not None and free - mover.idle_device_bytes < self.reserve:
-                mover.release_idle()  # ...but activations need them given back
-
-    def _lru_victim(self, mover: Mover, target_index: int | None = None) -> _PagedBuffer | None:
-        """The buffer to evict (see :mod:`pagedopt.paging.eviction`): unpinned and movable.
-        ``target_index``: the plan position a prefetch makes room for. Buffers whose
-        state-dict entry was replaced behind the pager's back are orphans: dropped, not moved."""
-        candidates = []
-        for buf in list(mover.resident.values()):
-            if buf.pins:
-                continue
-            if buf.movable:
-                candidates.append(buf)
-            elif buf.state is not None:
-                self._drop(buf)
-        return pick_victim(candidates, self.config.eviction, self._visit_serial, self._cursor, target_index,
-                           self._stable)
-
-    def _page_in(self, buf: _PagedBuffer, reason: str) -> bool:
-        """Move ``buf`` to the device; on an allocation failure evict and retry. False: it stayed."""
-        mover = buf.mover
-        while True:
-            try:
-                started = time.perf_counter()
-                new = mover.page_in(buf)
-                seconds = time.perf_counter() - started
-                self._report_latency(buf, seconds)
-                if not mover.asynchronous:
-                    self._stats.copy_seconds["in"] += seconds
-                break
-            except AllocationError:
-                self._stats.allocation_failures_total += 1
-                victim = self._lru_victim(mover)
-                if victim is None or not self._page_out(victim, "capacity"):
-                    return False
-            except managed.ManagedMemoryError as exc:
-                self._warn("prefetch", f"prefetch failed ({exc}); the update reads managed memory where it is")
-                return False
-        self._move(buf, new, "device")
-        buf.arrived_visit = self._visit_serial
-        mover.resident[buf.serial] = buf
-        self._stats.count_transfer("in", reason, buf.nbytes)
-        self._stats.count_step_page_in(buf)
-        self.last_moved = (buf.param, buf.key)
-        self._notify("in")
-        return True
-
-    def _report_latency(self, buf: _PagedBuffer, host_seconds: float) -> None:
-        """Tell the sink how long the page-in took: CUDA movers hand over their (start, ready)
-        events, resolved by the sink once they completed (no sync here); host and simulated
-        movers copy synchronously, so the wall time is the latency."""
-        report = getattr(self.sink, "on_prefetch_latency", None)
-        if report is None:
-            return
-        timing = getattr(buf, "timing", None)
-        buf.timing = None
-        report(timing if timing is not None else host_seconds)
-
-    def _page_out(self, buf: _PagedBuffer, reason: str) -> bool:
-        mover = buf.mover
-        try:
-            started = time.perf_counter()
-            new = mover.page_out(buf)
-            if not mover.asynchronous:
-                self._stats.copy_seconds["out"] += time.perf_counter() - started
-        except (AllocationError, managed.ManagedMemoryError) as exc:
-            self._stats.allocation_failures_total += 1
-            self._warn("page-out", f"could not page {buf.key} out ({exc}); it stays on the device")
-            return False
-        mover.resident.pop(buf.serial, None)
-        self._move(buf, new, "host")
-        self._stats.count_transfer("out", reason, buf.nbytes)
-        self.last_moved = (buf.param, buf.key)
-        self._notify("out")
-        return True
-
-    def _move(self, buf: _PagedBuffer, new: torch.Tensor | None, location: str) -> None:
-        """Book ``buf`` at ``location``; swap the state-dict entry when the tensor changed."""
-        self._account(buf, -1)
-        if new is not None:
-            old, buf.tensor = buf.tensor, new
-            if buf.state is not None and buf.state.get(buf.key) is old:
-                buf.state[buf.key] = new
-            del old
-        buf.location = location
-        self._account(buf, +1)
-
-    def _account(self, buf: _PagedBuffer, sign: int) -> None:
-        if buf.location == "device":
-            buf.mover.device_bytes += sign * buf.nbytes
-            self._device_total += sign * buf.nbytes
-            if sign > 0:
-                buf.mover.resident[buf.serial] = buf
-                if self._device_total > self._stats.peak_device_bytes:
-                    self._stats.peak_device_bytes = self._device_total
-            else:
-                buf.mover.resident.pop(buf.serial, None)
-        else:
-            self._host_bytes += sign * buf.nbytes
-
-    def _drop(self, buf: _PagedBuffer) -> None:
-        discard = getattr(buf.mover, "discard", None)
-        if discard is not None:
-            discard(buf)
-        self._account(buf, -1)
-        bufs = self._buffers.get(buf.param)
-        if bufs is not None and bufs.get(buf.key) is buf:
-            del bufs[buf.key]
-            if not bufs:
-                del self._buffers[buf.param]
-        buf.state = None
-        self._notify("drop")
 
     # -- helpers -----------------------------------------------------------------------------
 
