@@ -299,9 +299,30 @@ class StepGuard:
 
     def _step(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         opt = self.optimizer
-        snapshot = _snapshot(opt)
-        done: set[int] = set()
-        journal_installed = "_update_chunk" in opt.__dict__
+        done: set[int] = set()  # parameters whose update ran in this step (any attempt)
+        while True:
+            hidden = [(p, p.grad) for g in opt.param_groups for p in g["params"] if id(p) in done]
+            for p, _g in hidden:
+                p.grad = None  # updated already: this attempt skips it
+            snapshot = _snapshot(opt)
+            try:
+                return self._journaled(original, done, *args, **kwargs)
+            except torch.OutOfMemoryError:
+                _restore(opt, snapshot, done)
+                if self.retries <= 0 or not self.controller.config.retry_oom:
+                    raise
+            finally:
+                for p, g in hidden:
+                    p.grad = g
+            # outside the except block: the traceback's frames (and what they hold) are gone
+            self.controller.recover("optimizer.step")
+            self.recovered += 1
+            self.retries -= 1
+
+    def _journaled(self, original: Callable[..., Any], done: set[int], *args: Any, **kwargs: Any) -> Any:
+        """Run ``original`` recording each chunk whose update ran in ``done``."""
+        opt = self.optimizer
+        had_instance = "_update_chunk" in opt.__dict__
         inner = opt._update_chunk
 
         def journaled(works: list[Any]) -> None:
@@ -309,33 +330,13 @@ class StepGuard:
             done.update(id(w.key) for w in works)  # the chunk's update ran: never again
 
         opt._update_chunk = journaled
-        failed = False
         try:
             return original(*args, **kwargs)
-        except torch.OutOfMemoryError:
-            if self.retries <= 0 or not self.controller.config.retry_oom:
-                _restore(opt, snapshot, done)
-                raise
-            failed = True
         finally:
-            if journal_installed:
+            if had_instance:
                 opt._update_chunk = inner
             else:
                 opt.__dict__.pop("_update_chunk", None)
-        if failed:  # outside the except block: the traceback's frames are gone
-            _restore(opt, snapshot, done)
-            self.controller.recover("optimizer.step")
-            self.recovered += 1
-            self.retries -= 1
-            hidden = [(p, p.grad) for p in snapshot if id(p) in done]
-            for p, _g in hidden:
-                p.grad = None  # updated already: the retry skips it
-            try:
-                return original(*args, **kwargs)
-            finally:
-                for p, g in hidden:
-                    p.grad = g
-        return None
 
 
 def _snapshot(opt: Any) -> dict[torch.Tensor, tuple[bool, Any, torch.Tensor | None]]:
