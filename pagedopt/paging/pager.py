@@ -388,7 +388,7 @@ class Pager(AllocationMixin, TransitionsMixin):
                     self._stats.allocation_fallbacks_total += 1
         finally:
             self._unpin(bufs)
-        if not any(m.kind == "managed" for m in {b.mover for b in bufs}):
+        if not any(m.asynchronous for m in {b.mover for b in bufs}):
             # Host-side copies: the step really waited this long. (CUDA stalls are measured
             # on the GPU timeline by the mover.)
             self._stats.prefetch_stall_seconds += time.perf_counter() - started

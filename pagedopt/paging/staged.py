@@ -143,6 +143,8 @@ class StagingPool:
         nbytes = slot.numel()
         self.in_use_bytes -= nbytes
         if self.reserved_bytes + nbytes > self._cap(0):
+            if self.on_release is not None:
+                self.on_release()  # CUDA: the free must come after the copies still reading it
             return  # over the limit: let it go (freed with its last reference)
         self._idle.setdefault(nbytes, []).append((slot, event))
         self.idle_bytes += nbytes
@@ -345,9 +347,12 @@ class PinnedStagedMover(StagedMover):
         else:
             stream.wait_stream(self._compute())  # freshly created/filled on the compute stream
         with torch.cuda.stream(stream):
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(stream)
             self.copy_pieces += copy_chunked(dst, home, self.chunk_bytes, non_blocking=True)
-            ready = torch.cuda.Event()
+            ready = torch.cuda.Event(enable_timing=True)
             ready.record(stream)
+        buf.timing = (start, ready)  # page-in latency on the GPU timeline, read by the pager's sink
         return ready
 
     def _copy_out(self, buf, home, src):
