@@ -197,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     results = run(args)
     print(markdown(results))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
+        from pagedopt.fileio import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(results, indent=2, default=str))
     return 0
 
 

@@ -57,7 +57,12 @@ log = logging.getLogger("pagedopt.memory")
 
 @dataclass
 class MemorySample:
-    """One reading of a device (bytes; ``None`` where unknown)."""
+    """One reading of a device (bytes; ``None`` where unknown).
+
+    Example:
+        >>> MemorySample(free_bytes=1 << 30, total_bytes=8 << 30, reserved_bytes=0, active_bytes=0).free_bytes
+        1073741824
+    """
 
     free_bytes: int | None
     total_bytes: int | None

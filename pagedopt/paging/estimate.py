@@ -109,7 +109,12 @@ def numels_from_hf_config(cfg: Mapping[str, Any]) -> list[int]:
 
 @dataclass
 class Option:
-    """One choice: optimizer class, paging policy, bytes per rank, whether it fits."""
+    """One choice: optimizer class, paging policy, bytes per rank, whether it fits.
+
+    Example:
+        >>> Option("AdamW8bit", "none", 4, 4, 2, 2, True).total
+        10
+    """
 
     optimizer: str
     paging: str
@@ -139,7 +144,13 @@ class Option:
 
 @dataclass
 class Plan:
-    """All options, the recommended one's index, and the inputs that shaped them."""
+    """All options, the recommended one's index, and the inputs that shaped them.
+
+    Example:
+        >>> p = plan([1 << 20], gpu_memory=1 << 30)
+        >>> p.as_json()["options"][p.recommended]["optimizer"]
+        'AdamW8bit'
+    """
 
     options: list[Option]
     recommended: int

@@ -133,7 +133,12 @@ def _number_map(value: Any, kind: type) -> dict[str, Any]:
 
 @dataclass
 class ControllerStats:
-    """The memory controller's readings (summed over its devices) and recoveries by phase."""
+    """The memory controller's readings (summed over its devices) and recoveries by phase.
+
+    Example:
+        >>> ControllerStats(free_bytes=10).recoveries
+        {}
+    """
 
     free_bytes: int | None = None
     target_free_bytes: int | None = None
