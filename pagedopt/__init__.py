@@ -21,10 +21,11 @@ from .config import ConfigError, PagedoptConfig, build_optimizer, load_config
 from .nn import StableEmbedding
 from .optim import *  # noqa: F401,F403  (the optimizer classes)
 from .optim import OPTIMIZER_NAMES, GlobalOptimManager, Optimizer1State, Optimizer2State, Optimizer8bit
-from .paging.config import PagingConfig
+from .paging.config import MemoryConfig, PagingConfig
+from .paging.controller import MemoryController, guarded_step
 
 __all__ = [
     "GlobalOptimManager", "Optimizer8bit", "Optimizer2State", "Optimizer1State", "StableEmbedding",
-    "PagingConfig", "functional", "optim", *OPTIMIZER_NAMES,
+    "PagingConfig", "MemoryConfig", "MemoryController", "guarded_step", "functional", "optim", *OPTIMIZER_NAMES,
     "load_config", "build_optimizer", "PagedoptConfig", "ConfigError",
 ]

@@ -1,4 +1,4 @@
-"""The ``pagedopt`` command: ``train``, ``bench``, ``config``, ``kernels``, ``env``.
+"""The ``pagedopt`` command: ``train``, ``bench``, ``config``, ``kernels``, ``env``, ``plan``.
 
 Each subcommand lives in its own module under :mod:`pagedopt.commands` and provides
 ``add_parser(subparsers)``, which registers its arguments and sets ``func`` to the function
@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pagedopt.commands.config",
     "pagedopt.commands.kernels",
     "pagedopt.commands.env",
+    "pagedopt.commands.plan",
 )
 
 

@@ -432,8 +432,17 @@ def test_real_prometheus_scrapes_a_training_run(tmp_path):
     metrics_port, prom_port = free_port(), free_port()
     summary_path = tmp_path / "summary.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT), PAGEDOPT_RUN=run)
+    # Paged state on the simulated device with half of it under the budget and a memory
+    # controller, so the paging, memory-controller and thrashing panels have data too.
+    paged_config = tmp_path / "paged.yaml"
+    paged_config.write_text(yaml.safe_dump({
+        "optimizer": {"name": "AdamW8bit"},
+        "paging": {"policy": "budgeted", "backend": "simulated", "simulated_capacity_bytes": "64MiB",
+                   "device_budget_bytes": "96KiB", "min_paged_numel": 4096, "prefetch_depth": 1},
+        "memory": {"target_free_bytes": "1MiB", "max_budget_bytes": "96KiB"},
+    }))
     command = [sys.executable, *TRAIN_COMMAND, "--metrics-port", str(metrics_port), "--linger", "300",
-               "--json", str(summary_path)]
+               "--json", str(summary_path), "--config", str(paged_config)]
     steps_asked = int(command[command.index("--steps") + 1])
     config = render_config(tmp_path, metrics_port)
     check = run_promtool("check", "config", str(config))

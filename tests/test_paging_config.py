@@ -13,7 +13,7 @@ from pagedopt.paging import PagingConfig
 def test_defaults_are_on_demand_on_auto():
     cfg = PagingConfig()
     assert (cfg.policy, cfg.backend, cfg.device_budget_bytes, cfg.reserve_free_bytes) == ("on_demand", "auto", None, 0)
-    assert cfg.prefetch_depth == 2 and cfg.min_paged_numel == 100_000 and cfg.eviction == "lru"
+    assert cfg.prefetch_depth == 2 and cfg.min_paged_numel == 100_000 and cfg.eviction == "next_use"
 
 
 @pytest.mark.parametrize(
@@ -38,7 +38,7 @@ def test_human_sizes(text, value):
         ({"simulated_capacity_bytes": "1MiB"}, None, "only used by backend='simulated'"),
         ({"backend": "simulated", "simulated_capacity_bytes": 100, "device_budget_bytes": 200}, None, "could never be used"),
         ({"backend": "simulated", "simulated_capacity_bytes": 100, "reserve_free_bytes": 100}, None, "must be below"),
-        ({"eviction": "random"}, "eviction", "lru"),
+        ({"eviction": "random"}, "eviction", "next_use"),
         ({"budget": "1GiB"}, "budget", "Extra inputs are not permitted"),
     ],
 )

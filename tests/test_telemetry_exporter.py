@@ -212,9 +212,9 @@ def test_values_match_independent_computation(trained):
         assert single(families, "pagedopt_param_state_bytes", param=name) == rows[name]
     assert single(families, "pagedopt_param_state_bytes", param=OTHER) == rows["2.bias"]
     assert single(families, "pagedopt_state_bytes", group="weights", state="state1", precision="8bit-blockwise",
-                  residency="device") == model[0].weight.numel()  # 1 byte per element
+                  residency="host") == model[0].weight.numel()  # 1 byte per element
     assert single(families, "pagedopt_state_bytes", group="weights", state="state1", precision="32bit",
-                  residency="device") == 4 * model[2].weight.numel()  # below min_8bit_size
+                  residency="host") == 4 * model[2].weight.numel()  # below min_8bit_size
     # Steps, timings, quantization error (sampled at steps 2, 4, 6).
     assert single(families, "pagedopt_steps_total") == 6
     assert single(families, "pagedopt_step_duration_seconds_count") == 6
@@ -320,7 +320,7 @@ def test_budget_from_paging_config_and_device_fallback():
     assert single(families, "pagedopt_device_budget_bytes") == 2 ** 20
     device_state = sum(values(families, "pagedopt_state_bytes", residency="device").values())
     assert device_state > 0
-    # The budget covers paged state (codes); absmax and qmaps stay unpaged on the device.
+    # The budget covers paged state (codes); absmax and qmaps stay unpaged in host memory (CPU parameters).
     paged_on_device = opt.pager.stats()["device_bytes"]
     assert 0 < paged_on_device <= device_state
     assert single(families, "pagedopt_device_headroom_bytes") == 2 ** 20 - paged_on_device
@@ -445,7 +445,7 @@ def test_overrides_registered_after_the_exporter_still_apply():
             families = scrape(exporter)
             exporter.close()
             assert single(families, "pagedopt_state_bytes", state="state1", precision="32bit",
-                          residency="device") == 4 * (64 * 128 + 128 + 64)
+                          residency="host") == 4 * (64 * 128 + 128 + 64)
         manager.clear()
         return model, opt
 
@@ -632,7 +632,7 @@ def test_training_flags_and_callback_linger(capsys):
     timer.join()
     assert time.monotonic() - started >= 1.5
     assert 'pagedopt_training_active{rank="0",run="cb"} 0.0' in scraped[0]
-    assert 'pagedopt_param_state_bytes{param="0.weight",rank="0",residency="device",run="cb"}' in scraped[0]
+    assert 'pagedopt_param_state_bytes{param="0.weight",rank="0",residency="host",run="cb"}' in scraped[0]
     assert opt.sink is NULL_SINK
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(url, timeout=5)

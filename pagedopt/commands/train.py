@@ -88,6 +88,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     run.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
     run.add_argument("--amp", choices=AMP_MODES, help=f"autocast precision for forward/backward (default {d['amp']})")
     run.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
+    run.add_argument("--memory-limit", metavar="BYTES",
+                     help="device memory the job may use, e.g. 24GiB: caps torch's allocator and the pager's "
+                          "device budget together, guards steps against OOM, prints the memory plan and peak")
     run.add_argument("--distributed", choices=MODES,
                      help="data parallelism under torchrun: 'ddp' (DistributedDataParallel) or 'fsdp' (FSDP2 "
                           "fully_shard, sharded optimizer state); e.g. torchrun --nproc-per-node 8 -m pagedopt "

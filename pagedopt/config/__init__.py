@@ -4,6 +4,7 @@ A config is a YAML, TOML or JSON document::
 
     optimizer: {name: AdamW8bit, lr: 1.0e-3, weight_decay: 0.01}   # any of the 54 classes + its arguments
     paging: {policy: budgeted, device_budget_bytes: 2GiB}            # PagingConfig; human byte sizes
+    memory: {target_free_bytes: 4GiB}                                # MemoryConfig: headroom, OOM recovery
     telemetry: {port: 9460, addr: 127.0.0.1, top_k: 20}              # Prometheus exporter (pagedopt train)
     strict: false                                                    # true: a rule matching nothing is an error
     overrides:                                                       # applied in order; later rules win

@@ -203,6 +203,10 @@ def optimizer_for(resolution: Resolution) -> Optimizer8bit:
     optimizer.numerics = config.numerics
     optimizer.cuda_graph = config.cuda_graph
     optimizer.update_in_backward = config.update_in_backward
+    if config.memory is not None:
+        from ..paging.controller import MemoryController
+
+        MemoryController(optimizer, config.memory)  # attaches itself as optimizer.memory_controller
     return optimizer
 
 

@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from ..optim import validation
-from ..paging.config import PagingConfig
+from ..paging.config import MemoryConfig, PagingConfig
 from . import optimizers
 from .errors import unknown_key_message
 from .optimizers import OptimizerArgs, raise_located
@@ -225,6 +225,8 @@ class PagedoptConfig(BaseModel):
         optimizer: ``name`` (any of the 54 optimizer classes) and its constructor arguments.
         paging: a :class:`~pagedopt.PagingConfig`; pages the optimizer's state (an
             unpaged class such as ``AdamW8bit`` then behaves like ``PagedAdamW8bit``).
+        memory: the memory controller (:class:`~pagedopt.MemoryConfig`): free-memory headroom
+            and OOM recovery; ``build_optimizer`` attaches a :class:`~pagedopt.MemoryController`.
         telemetry: the Prometheus exporter (:class:`TelemetryConfig`); read by ``pagedopt train``.
         overrides: rules applied in order to each parameter; later rules win.
         strict: a rule that matches no parameter is an error instead of a warning.
@@ -244,6 +246,7 @@ class PagedoptConfig(BaseModel):
 
     optimizer: optimizers.optimizer_section_type()  # type: ignore[valid-type]
     paging: Optional[PagingConfig] = None
+    memory: Optional[MemoryConfig] = None
     telemetry: Optional[TelemetryConfig] = None
     overrides: list[OverrideRule] = Field(default_factory=list)
     strict: StrictBool = False

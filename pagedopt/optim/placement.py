@@ -132,6 +132,13 @@ class RoutingStateStore:
 
     # -- pager extras (``opt.pager.stats()``, telemetry) ------------------------------------
 
+    def synchronize(self) -> None:
+        """Wait until every store's transfers have completed (before the host reads state)."""
+        for store in self.stores:
+            sync = getattr(store, "synchronize", None)
+            if callable(sync):
+                sync()
+
     def stats(self) -> dict[str, Any]:
         """The pagers' statistics added up (counters and gauges summed, nested counters merged;
         peaks are summed too, an upper bound of the combined peak)."""

@@ -156,6 +156,9 @@ class StateImportMixin:
         ``"__bnb_optimizer_quant_state__"`` (the bitsandbytes >= 0.49 layout, which FSDP's
         gathering skips). DTensor (FSDP2) parameters instead get flat DTensor entries that
         DCP can reshard (see :mod:`pagedopt.distributed.sharding`)."""
+        sync = getattr(self.state_store, "synchronize", None)
+        if callable(sync):  # staged paging: page-out copies into pinned host memory may be in flight
+            sync()
         sd = super().state_dict()
         sd["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in sd["state"].items()}
         # torch numbers parameters in param_groups order: index -> parameter.

@@ -19,7 +19,8 @@ Example:
 
 from __future__ import annotations
 
-from .config import PagingConfig, parse_bytes
+from .config import MemoryConfig, PagingConfig, parse_bytes
+from .controller import MemoryController, MemorySample, StepGuard, guarded_step
 from .memory import AllocationError, HostMemory, SimulatedDevice, live_bytes
 from .pager import AccountingError, Pager, PagingFallbackWarning
 from .store import DeviceStateStore, StateStore
@@ -31,6 +32,7 @@ def make_state_store(config: PagingConfig) -> StateStore:
 
 
 __all__ = [
+    "MemoryConfig", "MemoryController", "MemorySample", "StepGuard", "guarded_step",
     "PagingConfig", "StateStore", "DeviceStateStore", "Pager", "PagingFallbackWarning", "AccountingError",
     "AllocationError", "HostMemory", "SimulatedDevice", "live_bytes", "make_state_store", "parse_bytes",
 ]

@@ -83,11 +83,20 @@ class PagingConfig(BaseModel):
             own device (bitsandbytes pages parameters of at least 1e5 elements).
         simulated_capacity_bytes: capacity of the ``simulated`` device (``None``: unlimited,
             useful to measure what a run would need).
-        eviction: which resident state makes room: ``lru`` (least recently used) or
-            ``next_use`` (the state needed farthest in the future, from the order the step
-            visits parameters; with a budget below the total state, LRU evicts exactly the
-            state the next step needs first and every byte moves every step, while
-            ``next_use`` keeps the budget's worth resident and moves only the rest).
+        eviction: which resident state makes room: ``next_use`` (the default: the state
+            needed farthest in the future, from the order the step visits parameters, and a
+            prefetch never evicts state that stayed resident from the previous step; with a
+            budget of half the state about half pages in per step) or ``lru`` (least recently
+            used; with a budget below the total state it evicts exactly the state the next
+            step needs first, so every byte moves every step).
+        transfer: how state moves. ``staged`` (host home + device staging pool, explicit
+            copies: pinned memory and dedicated copy streams on CUDA), ``migrate`` (managed
+            memory migration on CUDA; a fresh allocation and copy per move on the simulated
+            device), or ``auto``: ``staged`` for ``offload`` and ``budgeted``, ``migrate`` for
+            ``on_demand`` and ``pipelined`` (where the driver's migration is the point).
+            ``backend="managed"`` always migrates managed memory.
+        chunk_bytes: largest single copy of a staged transfer (larger buffers are copied in
+            pieces).
         managed_advise: apply cuMemAdvise hints to managed state (accessed-by the GPU; host
             as preferred location for ``offload`` and ``budgeted``). Off leaves placement to
             the driver's defaults.
@@ -111,7 +120,9 @@ class PagingConfig(BaseModel):
     prefetch_depth: int = Field(default=2, ge=1, le=64)
     min_paged_numel: int = Field(default=100_000, ge=0)
     simulated_capacity_bytes: ByteSize | None = None
-    eviction: Literal["lru", "next_use"] = "lru"
+    eviction: Literal["lru", "next_use"] = "next_use"
+    transfer: Literal["auto", "staged", "migrate"] = "auto"
+    chunk_bytes: ByteSize = Field(default=64 * 2**20, ge=4096)
     managed_advise: bool = True
     warn_on_fallback: bool = True
 
@@ -141,3 +152,59 @@ class PagingConfig(BaseModel):
                     f"({capacity}), or no state could ever be resident"
                 )
         return self
+
+
+class MemoryConfig(BaseModel):
+    """The memory controller: a free-memory headroom to hold on each device, and OOM recovery.
+
+    Attributes:
+        target_free_bytes: free device memory to keep (allocator-cached memory counts as
+            free); the paged state's resident budget goes down when free memory is below it
+            and up when above it.
+        target_free_fraction: the same as a fraction of the device's total memory (give one
+            of the two; neither: no headroom target, the controller only recovers from OOM).
+        min_budget_bytes: the resident budget never goes below this (0: all state may leave).
+        max_budget_bytes: ... nor above this (``None``: no cap besides free memory).
+        oom_budget_factor: after an out-of-memory recovery the budget becomes this fraction
+            of the bytes that were resident.
+        retry_oom: a guarded step retries once after an out-of-memory error (``False``: it
+            recovers memory and re-raises).
+
+    Example:
+        >>> from pagedopt.paging.config import MemoryConfig
+        >>> MemoryConfig(target_free_bytes="2GiB").target_free_bytes
+        2147483648
+        >>> from pydantic import ValidationError
+        >>> try:
+        ...     MemoryConfig(target_free_bytes="1GiB", target_free_fraction=0.1)
+        ... except ValidationError as e:
+        ...     print("one of")
+        one of
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target_free_bytes: ByteSize | None = None
+    target_free_fraction: float | None = Field(default=None, gt=0.0, lt=1.0)
+    min_budget_bytes: ByteSize = 0
+    max_budget_bytes: ByteSize | None = None
+    oom_budget_factor: float = Field(default=0.5, ge=0.0, lt=1.0)
+    retry_oom: bool = True
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "MemoryConfig":
+        if self.target_free_bytes is not None and self.target_free_fraction is not None:
+            raise ValueError("give target_free_bytes or target_free_fraction, not both")
+        if self.max_budget_bytes is not None and self.max_budget_bytes < self.min_budget_bytes:
+            raise ValueError(
+                f"max_budget_bytes ({self.max_budget_bytes}) is below min_budget_bytes ({self.min_budget_bytes})"
+            )
+        return self
+
+    def target_for(self, total_bytes: int | None) -> int | None:
+        """The headroom in bytes for a device of ``total_bytes`` (``None``: no target)."""
+        if self.target_free_bytes is not None:
+            return self.target_free_bytes
+        if self.target_free_fraction is not None and total_bytes is not None:
+            return int(self.target_free_fraction * total_bytes)
+        return None

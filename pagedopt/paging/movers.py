@@ -49,6 +49,7 @@ class Mover:
     has_device = False  # False: state never leaves the host (nothing to page)
     swaps_tensors = False  # True: a move replaces the tensor object
     hard_capacity = False  # True: free_bytes() is a hard limit (allocations beyond it fail)
+    asynchronous = False  # True: moves are queued on streams (host time is not copy time)
 
     def __init__(self, device: torch.device) -> None:
         self.torch_device = device
@@ -173,6 +174,7 @@ class ManagedMover(Mover):
 
     kind = "managed"
     has_device = True
+    asynchronous = True
 
     def __init__(self, device: torch.device, preferred: str | None, advise: bool, track_free: bool) -> None:
         super().__init__(device)

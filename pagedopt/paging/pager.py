@@ -51,45 +51,23 @@ import itertools
 import time
 import warnings
 import weakref
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from . import managed
+from .allocation import AllocationMixin
+from .buffers import _UNPAGED, AccountingError, PagingFallbackWarning, _PagedBuffer
 from .config import PagingConfig
-from .memory import AllocationError, HostMemory, SimulatedDevice, nbytes_of
-from .movers import HostMover, ManagedMover, Mover, SimulatedMover
+from .eviction import stable_prefix
+from .memory import HostMemory, SimulatedDevice
+from .movers import Mover
 from .policies import policy_for
+from .staged import StagedMover
 from .stats import PagerStats
 from .store import PAGEABLE_KEYS
+from .transitions import TransitionsMixin
 
-
-class PagingFallbackWarning(RuntimeWarning):
-    """The pager could not do what the policy asked (allocation failed, paging unavailable)
-    and fell back to something slower that keeps every value intact. Each kind of fallback
-    warns once per pager; ``stats()`` counts every occurrence.
-
-    Example:
-        >>> import warnings
-        >>> from pagedopt.paging import PagingFallbackWarning
-        >>> warnings.simplefilter("error", PagingFallbackWarning)  # make fallbacks fatal in CI
-        >>> warnings.resetwarnings()
-    """
-
-
-class AccountingError(AssertionError):
-    """:meth:`Pager.verify_accounting` found a difference between the books and the buffers.
-
-    Example:
-        >>> from pagedopt.paging import AccountingError, Pager, PagingConfig
-        >>> Pager(PagingConfig(backend="simulated")).verify_accounting()  # raises AccountingError if wrong
-    """
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
+__all__ = ["Pager", "PagingFallbackWarning", "AccountingError"]
 
 
 def _forget_resident(movers: dict[torch.device, Any]) -> None:
@@ -100,41 +78,7 @@ def _forget_resident(movers: dict[torch.device, Any]) -> None:
     movers.clear()
 
 
-@dataclass(eq=False)
-class _PagedBuffer:
-    """One paged state tensor (``state1`` or ``state2`` of one parameter): internal."""
-
-    serial: int
-    param: torch.Tensor
-    key: str
-    nbytes: int
-    mover: Mover
-    tensor: torch.Tensor  # the tensor the optimizer's state dict holds
-    location: str  # "device" or "host"
-    state: dict[str, Any] | None = None  # the optimizer's state dict of ``param`` (bound on visit)
-    pins: int = 0
-    plan_visit: int = -1  # the visit whose plan lists this buffer (next_use eviction)
-    plan_index: int = 0  # its position in that plan
-    ready: Any = None  # CUDA: event the update must wait for (a page-in in flight)
-    used: Any = None  # CUDA: event after the last update that used the buffer
-    timing: Any = None  # CUDA: (start, ready) events of the last page-in, for the latency metric
-
-    @property
-    def bound(self) -> bool:
-        """The optimizer's state dict still holds this buffer's tensor (safe to swap)."""
-        return self.state is not None and self.state.get(self.key) is self.tensor
-
-    @property
-    def movable(self) -> bool:
-        """Whether a move can keep the optimizer's state dict right: movers that replace the
-        tensor need the buffer bound to its state dict (it is after the first visit)."""
-        return self.bound or not self.mover.swaps_tensors
-
-
-_UNPAGED = object()  # mover slot for devices whose state stays unpaged
-
-
-class Pager:
+class Pager(AllocationMixin, TransitionsMixin):
     """Paged optimizer state (see the module docstring for the rules).
 
     Args:
@@ -185,6 +129,9 @@ class Pager:
         self.sink: Any = None
         self._visit_serial = 0  # which visit is running (next_use eviction reads the plan)
         self._cursor = -1  # the plan position being updated (-1: outside a visit)
+        self._device_total = 0  # paged bytes on all devices (kept with the movers' device_bytes)
+        self._device_mover_list: list[Mover] | None = None  # cache of _device_movers()
+        self._stable = 0  # length of the plan's stable prefix (next_use eviction with a budget)
 
     # -- StateStore protocol -----------------------------------------------------------------
 
@@ -207,11 +154,15 @@ class Pager:
         if not works:
             return
         self._stats.visits_total += 1
+        self._stats.note_step(works[0].key, works[0].state.get("step") if isinstance(works[0].state, dict) else None)
         plan = [self._sync_work(w) for w in works]
         self._visit_serial += 1
         for index, bufs in enumerate(plan):
             for b in bufs:
                 b.plan_visit, b.plan_index = self._visit_serial, index
+        if self.config.eviction == "next_use":
+            self._stable = stable_prefix([sum(b.nbytes for b in bufs) for bufs in plan], self.budget,
+                                         self.policy.lookahead)
         if not any(plan):
             self._stats.chunks_total += 1
             fn(works)
@@ -295,6 +246,11 @@ class Pager:
             "paged_buffers": sum(len(b) for b in self._buffers.values()),
         }
         out.update(self._stats.as_dict())
+        staged = [m for m in self._device_movers() if isinstance(m, StagedMover)]
+        out["transfer"] = "staged" if staged else "migrate"
+        out["staging_pool_bytes"] = sum(m.pool.reserved_bytes for m in staged)
+        out["staging_idle_bytes"] = sum(m.idle_device_bytes for m in staged)
+        out["copy_pieces_total"] = sum(m.copy_pieces for m in staged)
         if self.budget is not None:
             out["device_headroom_bytes"] = max(0, self.budget - out["device_bytes"])
         out_bytes = self._stats.transfers.get("out", {})
@@ -343,6 +299,28 @@ class Pager:
             if buf.location == "device" and buf.pins == 0 and buf.movable:
                 self._page_out(buf, "manual")
 
+    def set_budget(self, budget: int | None) -> None:
+        """Change ``device_budget_bytes`` between steps (the memory controller does): state above
+        the new budget leaves the device now (reason ``budget``), and the staging pool keeps no
+        more than the budget reserved."""
+        self.budget = None if budget is None else max(0, int(budget))
+        for mover in self._device_movers():
+            if isinstance(mover, StagedMover):
+                mover.pool.limit = self.budget
+                if self.budget is not None and mover.pool.reserved_bytes > self.budget:
+                    mover.release_idle()
+            if self.budget is not None:
+                self._make_room(mover, 0)
+
+    @property
+    def idle_staging_bytes(self) -> int:
+        """Device bytes the staging pools hold without state in them."""
+        return sum(m.idle_device_bytes for m in self._device_movers() if isinstance(m, StagedMover))
+
+    def release_idle(self) -> int:
+        """Give idle staging slots back to the device; returns the bytes released."""
+        return sum(m.release_idle() for m in self._device_movers() if isinstance(m, StagedMover))
+
     def synchronize(self) -> None:
         """Wait on the host until all transfers issued so far have completed (not for the step)."""
         for mover in self._device_movers():
@@ -356,130 +334,15 @@ class Pager:
     def verify_accounting(self, physical: bool = True) -> None:
         """Raise :class:`AccountingError` unless the books match the buffers (and, with
         ``physical``, the host-memory pools' real allocations)."""
-        bufs = [b for d in self._buffers.values() for b in d.values()]
-        on_device = sum(b.nbytes for b in bufs if b.location == "device")
-        on_host = sum(b.nbytes for b in bufs if b.location == "host")
-        problems = []
-        if on_device != self.device_bytes:
-            problems.append(f"device_bytes {self.device_bytes} != buffers on device {on_device}")
-        if on_host != self._host_bytes:
-            problems.append(f"host_bytes {self._host_bytes} != buffers on host {on_host}")
-        for mover in self._device_movers():
-            listed = sum(b.nbytes for b in mover.resident.values())
-            if listed != mover.device_bytes:
-                problems.append(f"{mover.kind}: LRU list holds {listed} bytes, books say {mover.device_bytes}")
-        for b in bufs:
-            if b.nbytes != b.tensor.numel() * b.tensor.element_size():
-                problems.append(f"{b.key} of a {tuple(b.param.shape)} parameter: size changed")
-        if physical:
-            if self.simulated_device is not None and self.simulated_device.used_bytes - self.simulated_device.foreign_bytes != on_device:
-                problems.append(
-                    f"simulated device holds {self.simulated_device.used_bytes - self.simulated_device.foreign_bytes} "
-                    f"bytes of state, buffers on device {on_device}"
-                )
-            if self.host_memory.used_bytes != on_host:
-                problems.append(f"host memory holds {self.host_memory.used_bytes} bytes, buffers on host {on_host}")
-        if problems:
-            raise AccountingError("; ".join(problems))
+        from .accounting import verify
+
+        verify(self, physical)
 
     def __repr__(self) -> str:
         return (
             f"Pager(policy={self.policy.name!r}, backend={self.config.backend!r}, "
             f"device_bytes={self.device_bytes}, host_bytes={self._host_bytes}, budget={self.budget})"
         )
-
-    # -- allocation --------------------------------------------------------------------------
-
-    def _mover_for(self, param: torch.Tensor) -> Any:
-        device = _local(param).device
-        found = self._movers.get(device)
-        if found is None:
-            found = self._movers[device] = self._make_mover(device)
-        return found
-
-    def _make_mover(self, device: torch.device) -> Any:
-        backend = self.config.backend
-        if device.type == "cpu":
-            if backend == "managed":
-                raise ValueError(
-                    "PagingConfig(backend='managed') pages CUDA state, but a parameter is on the CPU; "
-                    "use backend='host', 'simulated' or 'auto'"
-                )
-            if backend == "simulated":
-                assert self.simulated_device is not None
-                return SimulatedMover(self.simulated_device, self.host_memory)
-            return HostMover(self.host_memory)
-        if device.type == "cuda":
-            if backend in ("host", "simulated"):
-                raise ValueError(
-                    f"PagingConfig(backend={backend!r}) keeps state in host memory for CPU parameters, "
-                    f"but a parameter is on {device}; use backend='managed' or 'auto'"
-                )
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            ok, why = managed.availability(index)
-            if ok:
-                preferred = "host" if self.policy.name in ("offload", "budgeted") else None
-                return ManagedMover(torch.device("cuda", index), preferred, self.config.managed_advise, self.reserve > 0)
-            if backend == "managed":
-                raise ValueError(f"PagingConfig(backend='managed') cannot page state on {device}: {why}")
-            self._warn("unavailable", f"paging is unavailable on {device} ({why}); its optimizer state stays unpaged")
-            return _UNPAGED
-        self._warn(f"device:{device.type}", f"paging does not support {device.type} parameters; their state stays unpaged")
-        return _UNPAGED
-
-    def _pages(self, param: torch.Tensor, mover: Any) -> bool:
-        return mover is not _UNPAGED and param.numel() >= max(self.config.min_paged_numel, 1)
-
-    def _create(
-        self, param: torch.Tensor, key: str, shape: tuple[int, ...], dtype: torch.dtype, source: torch.Tensor | None
-    ) -> torch.Tensor:
-        mover = self._mover_for(param)
-        old = self._buffers.get(param, {}).get(key)
-        if old is not None:
-            self._drop(old)
-        if not self._pages(param, mover):
-            return self._create_unpaged(param, key, shape, dtype, source)
-        nbytes = nbytes_of(shape, dtype)
-        where = self._placement(mover, nbytes) if source is None else "host"
-        try:
-            tensor = mover.allocate(shape, dtype, where, source)
-        except (AllocationError, managed.ManagedMemoryError) as exc:
-            self._stats.allocation_failures_total += 1
-            self._stats.allocation_fallbacks_total += 1
-            self._warn("alloc", f"could not allocate {nbytes} bytes of paged {key} ({exc}); keeping it unpaged")
-            return self._create_unpaged(param, key, shape, dtype, source)
-        buf = _PagedBuffer(next(self._serials), param, key, nbytes, mover, tensor, where)
-        self._buffers.setdefault(param, {})[key] = buf
-        self._account(buf, +1)
-        self._notify("alloc")
-        return tensor
-
-    def _create_unpaged(self, param, key, shape, dtype, source) -> torch.Tensor:
-        device = _local(param).device
-        tensor = torch.zeros(shape, dtype=dtype, device=device) if source is None else source.to(device)
-        self._record_unpaged(param, key, tensor)
-        return tensor
-
-    def _record_unpaged(self, param: torch.Tensor, key: str, tensor: torch.Tensor) -> None:
-        entry = self._unpaged.setdefault(param, {})
-        self._unpaged_bytes += tensor.numel() * tensor.element_size() - entry.get(key, 0)
-        entry[key] = tensor.numel() * tensor.element_size()
-
-    def _placement(self, mover: Mover, nbytes: int) -> str:
-        """Where new state goes: the policy's home, if the device has room without evicting.
-
-        State of movers that replace tensors starts on the host: until the first visit
-        binds it to its state dict, the pager could not evict it, and state that cannot be
-        evicted must never sit on the device.
-        """
-        if not mover.has_device or self.policy.home == "host" or mover.swaps_tensors:
-            return "host"
-        if self.budget is not None and mover.device_bytes + nbytes > self.budget:
-            return "host"
-        free = mover.free_bytes()
-        if free is not None and free - nbytes < self.reserve:
-            return "host"
-        return "device"
 
     # -- visiting ----------------------------------------------------------------------------
 
@@ -537,7 +400,7 @@ class Pager:
                     self._stats.allocation_fallbacks_total += 1
         finally:
             self._unpin(bufs)
-        if not any(m.kind == "managed" for m in {b.mover for b in bufs}):
+        if not any(m.asynchronous for m in {b.mover for b in bufs}):
             # Host-side copies: the step really waited this long. (CUDA stalls are measured
             # on the GPU timeline by the mover.)
             self._stats.prefetch_stall_seconds += time.perf_counter() - started
@@ -545,21 +408,22 @@ class Pager:
 
     def _prefetch_ahead(self, plan: list[list[_PagedBuffer]], start: int) -> None:
         """Prefetch up to ``lookahead`` parameters after ``start`` without evicting pinned state."""
-        self._prefetch_groups(plan[start : start + self.policy.lookahead])
+        self._prefetch_groups(plan[start : start + self.policy.lookahead], first_index=start)
 
-    def _prefetch_groups(self, groups: Iterable[list[_PagedBuffer]]) -> None:
+    def _prefetch_groups(self, groups: Iterable[list[_PagedBuffer]], first_index: int | None = None) -> None:
         """Page in each group of buffers (one parameter's state) in order, making room as
         needed; stops at the first group that does not fit. Groups already handled stay pinned
         until the end, so making room for a later one never evicts an earlier one."""
         pinned: list[_PagedBuffer] = []
         try:
-            for bufs in groups:
+            for offset, bufs in enumerate(groups):
                 missing = [b for b in bufs if b.location != "device"]
                 self._pin(bufs)
                 pinned.extend(bufs)
                 if not missing:
                     continue
-                if self._make_room(missing[0].mover, sum(b.nbytes for b in missing)) is not None:
+                target = None if first_index is None else first_index + offset
+                if self._make_room(missing[0].mover, sum(b.nbytes for b in missing), target) is not None:
                     return
                 for b in missing:
                     if not self._page_in(b, "prefetch"):
@@ -578,153 +442,12 @@ class Pager:
                 if b.location == "device":
                     self._page_out(b, evict_reason)
 
-    # -- moving ------------------------------------------------------------------------------
-
-    def _room_problem(self, mover: Mover, need: int) -> str | None:
-        """Why ``need`` more bytes cannot go on ``mover``'s device now (``None``: they can)."""
-        if self.budget is not None and mover.device_bytes + need > self.budget:
-            return "budget"
-        free = mover.free_bytes()
-        if free is not None:
-            if self.reserve and free - need < self.reserve:
-                return "pressure"
-            if mover.hard_capacity and free - need < 0:
-                return "capacity"
-        return None
-
-    def _make_room(self, mover: Mover, need: int) -> str | None:
-        """Evict least recently used unpinned state until ``need`` bytes fit. Returns ``None``
-        when they do, else what still stands in the way (``"budget"``, ``"pressure"``, ``"capacity"``)."""
-        counted_pressure = False
-        while (problem := self._room_problem(mover, need)) is not None:
-            if problem == "pressure" and not counted_pressure:
-                self._stats.pressure_events_total += 1
-                counted_pressure = True
-            victim = self._lru_victim(mover)
-            if victim is None or not self._page_out(victim, problem):
-                return problem
-        return None
-
-    def _relieve_pressure(self, mover: Mover) -> None:
-        """Evict until free device memory is back above the watermark (when it is known)."""
-        if not self.reserve:
-            return
-        self._make_room(mover, 0)
-
-    def _lru_victim(self, mover: Mover) -> _PagedBuffer | None:
-        """The buffer to evict: unpinned and movable; the least recently used one, or with
-        ``eviction="next_use"`` inside a visit the one needed farthest in the future.
-        Buffers whose state-dict entry was replaced behind the pager's back are orphans:
-        dropped (freed), not moved."""
-        candidates = []
-        for buf in list(mover.resident.values()):
-            if buf.pins:
-                continue
-            if buf.movable:
-                if self.config.eviction == "lru" or self._cursor < 0:
-                    return buf
-                candidates.append(buf)
-            elif buf.state is not None:
-                self._drop(buf)
-        return max(candidates, key=self._next_use_distance, default=None)
-
-    def _next_use_distance(self, buf: _PagedBuffer) -> tuple[int, int]:
-        """Order for ``next_use`` eviction (larger = evict first). Steps visit parameters in
-        the same order every time, so a buffer used earlier in this visit is next needed in
-        the next step at its position, after everything still ahead in this one (Belady's
-        farthest-next-use rule; for cyclic access LRU evicts exactly the wrong buffer)."""
-        if buf.plan_visit != self._visit_serial:
-            return (3, 0)  # not needed this visit at all: first to go (LRU order among them)
-        if buf.plan_index < self._cursor:
-            return (2, buf.plan_index)  # needed again next step, later ones farther away
-        return (1, buf.plan_index)  # still ahead in this visit: the farthest one first
-
-    def _page_in(self, buf: _PagedBuffer, reason: str) -> bool:
-        """Move ``buf`` to the device; on an allocation failure evict and retry. False: it stayed."""
-        mover = buf.mover
-        while True:
-            try:
-                started = time.perf_counter()
-                new = mover.page_in(buf)
-                self._report_latency(buf, time.perf_counter() - started)
-                break
-            except AllocationError:
-                self._stats.allocation_failures_total += 1
-                victim = self._lru_victim(mover)
-                if victim is None or not self._page_out(victim, "capacity"):
-                    return False
-            except managed.ManagedMemoryError as exc:
-                self._warn("prefetch", f"prefetch failed ({exc}); the update reads managed memory where it is")
-                return False
-        self._move(buf, new, "device")
-        mover.resident[buf.serial] = buf
-        self._stats.count_transfer("in", reason, buf.nbytes)
-        self.last_moved = (buf.param, buf.key)
-        self._notify("in")
-        return True
-
-    def _report_latency(self, buf: _PagedBuffer, host_seconds: float) -> None:
-        """Tell the sink how long the page-in took: CUDA movers hand over their (start, ready)
-        events, resolved by the sink once they completed (no sync here); host and simulated
-        movers copy synchronously, so the wall time is the latency."""
-        report = getattr(self.sink, "on_prefetch_latency", None)
-        if report is None:
-            return
-        timing = getattr(buf, "timing", None)
-        buf.timing = None
-        report(timing if timing is not None else host_seconds)
-
-    def _page_out(self, buf: _PagedBuffer, reason: str) -> bool:
-        mover = buf.mover
-        try:
-            new = mover.page_out(buf)
-        except (AllocationError, managed.ManagedMemoryError) as exc:
-            self._stats.allocation_failures_total += 1
-            self._warn("page-out", f"could not page {buf.key} out ({exc}); it stays on the device")
-            return False
-        mover.resident.pop(buf.serial, None)
-        self._move(buf, new, "host")
-        self._stats.count_transfer("out", reason, buf.nbytes)
-        self.last_moved = (buf.param, buf.key)
-        self._notify("out")
-        return True
-
-    def _move(self, buf: _PagedBuffer, new: torch.Tensor | None, location: str) -> None:
-        """Book ``buf`` at ``location``; swap the state-dict entry when the tensor changed."""
-        self._account(buf, -1)
-        if new is not None:
-            old, buf.tensor = buf.tensor, new
-            if buf.state is not None and buf.state.get(buf.key) is old:
-                buf.state[buf.key] = new
-            del old
-        buf.location = location
-        self._account(buf, +1)
-
-    def _account(self, buf: _PagedBuffer, sign: int) -> None:
-        if buf.location == "device":
-            buf.mover.device_bytes += sign * buf.nbytes
-            if sign > 0:
-                buf.mover.resident[buf.serial] = buf
-                self._stats.peak_device_bytes = max(self._stats.peak_device_bytes, self.device_bytes)
-            else:
-                buf.mover.resident.pop(buf.serial, None)
-        else:
-            self._host_bytes += sign * buf.nbytes
-
-    def _drop(self, buf: _PagedBuffer) -> None:
-        self._account(buf, -1)
-        bufs = self._buffers.get(buf.param)
-        if bufs is not None and bufs.get(buf.key) is buf:
-            del bufs[buf.key]
-            if not bufs:
-                del self._buffers[buf.param]
-        buf.state = None
-        self._notify("drop")
-
     # -- helpers -----------------------------------------------------------------------------
 
     def _device_movers(self) -> list[Mover]:
-        return [m for m in self._movers.values() if m is not _UNPAGED and m.has_device]
+        if self._device_mover_list is None:
+            self._device_mover_list = [m for m in self._movers.values() if m is not _UNPAGED and m.has_device]
+        return self._device_mover_list
 
     @staticmethod
     def _by_mover(bufs: list[_PagedBuffer]) -> list[tuple[Mover, list[_PagedBuffer]]]:

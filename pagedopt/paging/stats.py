@@ -62,6 +62,34 @@ class PagerStats:
     allocation_fallbacks_total: int = 0
     visits_total: int = 0
     chunks_total: int = 0
+    copy_seconds: dict[str, float] = field(default_factory=lambda: {"in": 0.0, "out": 0.0})
+    thrash_transfers_total: int = 0
+    thrash_bytes_total: int = 0
+    steps_seen: int = 0
+    last_step_bytes: dict[str, int] = field(default_factory=lambda: {"in": 0, "out": 0})
+    _step: int = 0
+    _step_start: dict[str, int] = field(default_factory=lambda: {"in": 0, "out": 0})
+    _step_of: dict[int, Any] = field(default_factory=dict)
+
+    def note_step(self, key: Any, step: Any) -> None:
+        """A visit starts; it opens a new step when the first parameter's step counter moved
+        (the prepare and update passes of one step share it; the optimizer counts up before
+        visiting)."""
+        if step is not None and self._step_of.get(id(key)) == step:
+            return
+        self._step_of = {id(key): step}
+        if self.steps_seen:
+            self.last_step_bytes = {d: self.bytes_moved(d) - self._step_start[d] for d in DIRECTIONS}
+        self._step_start = {d: self.bytes_moved(d) for d in DIRECTIONS}
+        self.steps_seen += 1
+        self._step += 1
+
+    def count_step_page_in(self, buf: Any) -> None:
+        """Thrashing: the same state paged in twice in one step."""
+        if getattr(buf, "step_in", None) == self._step:
+            self.thrash_transfers_total += 1
+            self.thrash_bytes_total += buf.nbytes
+        buf.step_in = self._step
 
     def count_transfer(self, direction: str, reason: str, nbytes: int) -> None:
         self.transfers[direction][reason] += 1
@@ -89,4 +117,11 @@ class PagerStats:
             "allocation_fallbacks_total": self.allocation_fallbacks_total,
             "visits_total": self.visits_total,
             "chunks_total": self.chunks_total,
+            "copy_seconds_total": dict(self.copy_seconds),
+            "thrash_transfers_total": self.thrash_transfers_total,
+            "thrash_bytes_total": self.thrash_bytes_total,
+            "steps_seen": self.steps_seen,
+            # the last complete step, plus the one in progress
+            "last_step_page_bytes": dict(self.last_step_bytes),
+            "current_step_page_bytes": {d: self.bytes_moved(d) - self._step_start[d] for d in DIRECTIONS},
         }

@@ -244,12 +244,13 @@ class ParamTable:
                 store.residency(entry.param, state) if store is not None else entry.param.device.type,
                 entry.param,
             )
+            own = normalize_residency(_local(entry.param).device.type, entry.param)  # unpaged keys
             for key in STATE_KEYS:
                 t = state.get(key)
                 if not isinstance(t, torch.Tensor):
                     continue
                 nbytes = t.numel() * t.element_size()
-                residency = paged if key in PAGEABLE_KEYS else "device"
+                residency = paged if key in PAGEABLE_KEYS else own
                 by_group[(entry.group_label, key, precision, residency)] += nbytes
                 by_param[(entry.top_label, residency)] += nbytes
                 if residency == "host":
@@ -260,11 +261,15 @@ class ParamTable:
 
 
 def normalize_residency(residency: str, param: torch.Tensor) -> str:
-    """``"device"`` for state on the parameter's own device, ``"host"`` for host memory when
-    the parameter is elsewhere; other residencies (e.g. a pager's ``"split"``) pass through."""
+    """``"device"`` for state on an accelerator (a pager's device, simulated included),
+    ``"host"`` for host memory - which is where all state of CPU parameters that a pager did
+    not place on a (simulated) device lives (CPU training); other residencies (e.g. a
+    pager's ``"state1=device,state2=host"``) pass through."""
     device_type = _local(param).device.type
-    if residency in ("device", device_type):
+    if residency == "device":
         return "device"
     if residency in ("host", "cpu"):
         return "host"
+    if residency in (device_type, "unpaged"):
+        return "host" if device_type == "cpu" else "device"
     return residency

@@ -60,8 +60,8 @@ from .metrics import COMMON_LABELS, METRICS, MetricSpec
 from .quant_error import QuantErrorSampler
 from .sink import DIRECTIONS, REASONS, BaseSink, QuantErrorProbe, StepReport, attach, detach
 from .sources import (
-    PagerStats, build_labels, device_budget, device_labels, device_memory, optimizer_device, read_kernel_stats,
-    read_pager_stats,
+    ControllerStats, PagerStats, build_labels, device_budget, device_labels, device_memory, optimizer_device,
+    read_controller_stats, read_kernel_stats, read_pager_stats,
 )
 
 log = logging.getLogger("pagedopt.telemetry")
@@ -372,6 +372,9 @@ class PrometheusSink(BaseSink):
         pager = read_pager_stats(self.optimizer)
         if pager is not None:
             self._apply_pager(pager)
+        controller = read_controller_stats(self.optimizer)
+        if controller is not None:
+            self._apply_controller(controller)
         kernels = read_kernel_stats()
         if kernels is not None:
             self._apply_kernels(kernels)
@@ -402,6 +405,23 @@ class PrometheusSink(BaseSink):
         self._counters.feed(m("pagedopt_prefetch_stall_seconds_total"), ("stall",), pager.prefetch_stall_seconds)
         for action, count in pager.oom_avoidance_actions.items():
             self._counters.feed(m("pagedopt_oom_avoidance_actions_total", action=action), ("oom", action), count)
+        for direction, nbytes in pager.last_step_page_bytes.items():
+            m("pagedopt_step_page_bytes", direction=direction).set(nbytes)
+        for direction, seconds in pager.copy_seconds.items():
+            self._counters.feed(m("pagedopt_page_copy_seconds_total", direction=direction), ("copy", direction), seconds)
+        self._counters.feed(m("pagedopt_page_thrash_transfers_total"), ("thrash",), pager.thrash_transfers_total)
+        self._counters.feed(m("pagedopt_page_thrash_bytes_total"), ("thrash_bytes",), pager.thrash_bytes_total)
+        if pager.staging_pool_bytes is not None:
+            m("pagedopt_staging_pool_bytes").set(pager.staging_pool_bytes)
+
+    def _apply_controller(self, controller: ControllerStats) -> None:
+        m = self.m
+        if controller.free_bytes is not None:
+            m("pagedopt_memory_free_bytes").set(controller.free_bytes)
+        if controller.target_free_bytes is not None:
+            m("pagedopt_memory_target_free_bytes").set(controller.target_free_bytes)
+        for phase, count in controller.recoveries.items():
+            self._counters.feed(m("pagedopt_oom_recoveries_total", phase=phase), ("oom_recoveries", phase), count)
 
     def _apply_kernels(self, kernels: Any) -> None:
         histogram = self.m("pagedopt_kernel_compile_seconds")

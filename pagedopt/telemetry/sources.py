@@ -66,6 +66,11 @@ class PagerStats:
     prefetch_stall_seconds: float = 0.0
     transfers: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)  # -> (count, bytes)
     oom_avoidance_actions: dict[str, int] = field(default_factory=dict)
+    last_step_page_bytes: dict[str, int] = field(default_factory=dict)  # direction -> bytes
+    copy_seconds: dict[str, float] = field(default_factory=dict)  # direction -> seconds
+    thrash_transfers_total: int = 0
+    thrash_bytes_total: int = 0
+    staging_pool_bytes: int | None = None
 
 
 def _as_mapping(obj: Any) -> Mapping[str, Any]:
@@ -114,7 +119,46 @@ def normalize_pager_stats(raw: Any) -> PagerStats:
         prefetch_stall_seconds=float(stats.get("prefetch_stall_seconds") or 0.0),
         transfers=_transfers(stats),
         oom_avoidance_actions={str(k): int(v) for k, v in actions.items()} if isinstance(actions, Mapping) else {},
+        last_step_page_bytes=_number_map(stats.get("last_step_page_bytes"), int),
+        copy_seconds=_number_map(stats.get("copy_seconds_total"), float),
+        thrash_transfers_total=int(stats.get("thrash_transfers_total") or 0),
+        thrash_bytes_total=int(stats.get("thrash_bytes_total") or 0),
+        staging_pool_bytes=_optional_int(stats, "staging_pool_bytes"),
     )
+
+
+def _number_map(value: Any, kind: type) -> dict[str, Any]:
+    return {str(k): kind(v) for k, v in value.items()} if isinstance(value, Mapping) else {}
+
+
+@dataclass
+class ControllerStats:
+    """The memory controller's readings (summed over its devices) and recoveries by phase.
+
+    Example:
+        >>> ControllerStats(free_bytes=10).recoveries
+        {}
+    """
+
+    free_bytes: int | None = None
+    target_free_bytes: int | None = None
+    recoveries: dict[str, int] = field(default_factory=dict)
+
+
+def read_controller_stats(optimizer: Any) -> ControllerStats | None:
+    """``optimizer.memory_controller``'s readings, or ``None`` without a controller."""
+    controller = getattr(optimizer, "memory_controller", None)
+    if controller is None:
+        return None
+    out = ControllerStats(recoveries={"optimizer.step": 0, "forward/backward": 0})  # exported from the start
+    for reading in dict(getattr(controller, "last", {})).values():
+        for attr, key in (("free_bytes", "free_bytes"), ("target_free_bytes", "target_free_bytes")):
+            if reading.get(key) is not None:
+                setattr(out, attr, (getattr(out, attr) or 0) + int(reading[key]))
+    for record in list(getattr(controller, "recoveries", [])):
+        phase = str(record.get("phase", "unknown"))
+        out.recoveries[phase] = out.recoveries.get(phase, 0) + 1
+    return out
 
 
 def read_pager_stats(optimizer: Any) -> PagerStats | None:

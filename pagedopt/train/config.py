@@ -51,6 +51,13 @@ MODEL_PRESETS: dict[str, tuple[int, int, int]] = {
     "tiny": (64, 2, 2),
     "small": (128, 4, 4),
     "medium": (384, 6, 6),
+    # GPT-2 124M/350M/774M and GPT-3 XL's 1.3B transformer bodies. The main job's vocabulary is
+    # bytes (256 tokens), so these have fewer parameters than the published models (whose
+    # 50257-token embeddings pagedopt.train.presets keeps, for `pagedopt plan --model`).
+    "gpt2-124m": (768, 12, 12),
+    "gpt2-350m": (1024, 24, 16),
+    "gpt2-774m": (1280, 36, 20),
+    "gpt-1.3b": (2048, 24, 16),
 }
 
 DEVICE_AUTO = "auto"
@@ -192,6 +199,8 @@ class TrainConfig:
     checkpoint_interval: float | None = None
     keep: int = 2
     resume: str | None = None
+    # -- memory (pagedopt.train.memory) --
+    memory_limit: int | str | None = None
 
     def __post_init__(self) -> None:
         self._file = self._load_config_file()
@@ -208,6 +217,14 @@ class TrainConfig:
                 _at_least(name, getattr(self, name), 0 if name == "warmup_steps" else 1)
         _at_least("eval_every", self.eval_every, 0)
         _choice("model_size", self.model_size, tuple(MODEL_PRESETS))
+        if self.memory_limit is not None:
+            from ..paging.config import parse_bytes
+
+            try:
+                self.memory_limit = int(parse_bytes(self.memory_limit))
+            except ValueError as exc:
+                raise TrainConfigError("memory_limit", self.memory_limit, str(exc)) from None
+            _at_least("memory_limit", self.memory_limit, 1)
         _choice("embedding", self.embedding, EMBEDDINGS)
         _choice("progress", self.progress, PROGRESS_MODES)
         _choice("amp", self.amp, AMP_MODES)

@@ -36,6 +36,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -190,6 +191,14 @@ def _train(config: TrainConfig, runtime: DistributedRun, callbacks: Sequence[Cal
     model = build_model(config, runtime)
     train_model = wrap_model(model, config, runtime)
     optimizer = optimizer_factory(model, config)
+    memory_job = None
+    if config.memory_limit is not None:  # --memory-limit: see pagedopt/train/memory.py
+        from .memory import MemoryJob
+
+        memory_job = MemoryJob.setup(config.memory_limit, model, optimizer, runtime.device)
+        memory_job.stream = stream  # the plan now, the peak in _finish
+        if runtime.is_main and config.progress != "off":
+            print(memory_job.plan_text(), file=stream or sys.stdout)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
     # Each rank draws its own stream of windows (seed and rank select it).
     sampler = BatchSampler(corpus.train, config.batch_size, config.seq_len, config.seed, runtime.rank, runtime.device)
@@ -199,7 +208,8 @@ def _train(config: TrainConfig, runtime: DistributedRun, callbacks: Sequence[Cal
     if config.progress != "off" and runtime.is_main:
         callbacks.insert(0, ConsoleReporter(config.progress, stream))
     run = TrainRun(config, runtime, corpus, model, train_model, optimizer, scheduler,
-                   tokens_per_step=config.batch_size * config.seq_len * runtime.world_size)
+                   tokens_per_step=config.batch_size * config.seq_len * runtime.world_size,
+                   memory_job=memory_job)
     history = RunHistory()
     checkpoints = Checkpointer(config, runtime)
     if resume_from is not None:
@@ -230,7 +240,10 @@ def _train(config: TrainConfig, runtime: DistributedRun, callbacks: Sequence[Cal
         for step in range(run.step + 1, config.steps + 1):
             if checkpoints.stop_requested(guard):
                 break
-            info = _train_step(run, sampler, autocast, step)
+            if memory_job is None:
+                info = _train_step(run, sampler, autocast, step)
+            else:
+                info = memory_job.run_step(lambda step=step: _train_step(run, sampler, autocast, step))
             history.losses.append(info.loss)
             info.train_seconds = clock.seconds()
             for cb in callbacks:
@@ -316,6 +329,8 @@ def _finish(run: TrainRun, history: RunHistory, callbacks: Sequence[Callback], s
         write_json_summary(config.json_path, result)
     # Training is over: signals act as usual again (e.g. Ctrl-C or SIGTERM ends a metrics linger).
     guard.__exit__(None, None, None)
+    if run.memory_job is not None and runtime.is_main and config.progress != "off":
+        print(run.memory_job.peak_text(), file=getattr(run.memory_job, 'stream', None) or sys.stdout)
     for cb in callbacks:
         cb.on_train_end(run, result)
     return result

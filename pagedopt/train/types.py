@@ -84,6 +84,7 @@ class TrainRun:
     tokens_per_step: int
     step: int = 0
     resumed_from: int = 0  # the checkpoint's step when the run was resumed (0: a fresh start)
+    memory_job: Any = None  # --memory-limit: pagedopt.train.memory.MemoryJob
 
 
 @dataclass

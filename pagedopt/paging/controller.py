@@ -1,0 +1,405 @@
+"""The memory controller: hold a free-memory headroom per device, and recover from out-of-memory.
+
+Above the pagers sits one :class:`MemoryController` per optimizer. Once per step (a step
+post-hook, after the update kernels were issued) it samples each device it pages to - free
+memory (``torch.cuda.mem_get_info``; memory torch's allocator caches but does not use counts
+as free), allocator reserved and active bytes - and sets the paged state's resident budget so
+that the free memory stays at ``target_free_bytes``: the budget shrinks by a deficit and grows
+by a surplus, within ``[min_budget_bytes, max_budget_bytes]``. State above a lowered budget
+leaves at once (between steps, never inside the kernels).
+
+A guarded step catches ``torch.OutOfMemoryError``:
+
+* raised inside ``optimizer.step()``: every paged buffer is evicted to the host, idle staging
+  slots and the allocator's cache are released, the budget drops to ``oom_budget_factor`` of
+  what was resident, and the step is retried once for the parameters whose update had not run
+  (their step counter and clipping history are restored first; a parameter whose update ran
+  is not updated again). Nothing is lost or applied twice - each chunk's update allocates
+  before it writes, so an OOM leaves a chunk either done or untouched;
+* raised in forward/backward (the body of :meth:`MemoryController.guard`): the same recovery,
+  gradients are cleared, and ``guard.retry`` tells the caller to run the batch again;
+  :meth:`MemoryController.run_step` (and :func:`guarded_step`) does that once.
+
+Every recovery is logged (logger ``pagedopt.memory``) and counted (``oom_recoveries_total``,
+exported as ``pagedopt_oom_recoveries_total``).
+
+Example:
+    >>> import torch, pagedopt
+    >>> from pagedopt.paging import MemoryConfig, PagingConfig
+    >>> w = torch.nn.Parameter(torch.randn(256, 256))
+    >>> opt = pagedopt.PagedAdamW8bit([w], paging=PagingConfig(
+    ...     policy="budgeted", backend="simulated", simulated_capacity_bytes="4MiB",
+    ...     device_budget_bytes="1MiB", min_paged_numel=1024))
+    >>> ctrl = pagedopt.MemoryController(opt, MemoryConfig(target_free_bytes="3MiB"))
+    >>> def train_step():
+    ...     opt.zero_grad(); (w * w).sum().backward(); opt.step()
+    >>> ctrl.run_step(train_step)
+    >>> s = ctrl.stats()
+    >>> s["oom_recoveries_total"], s["devices"]["simulated"]["budget_bytes"] <= 1 << 20
+    (0, True)
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .config import MemoryConfig
+from .pager import Pager
+
+log = logging.getLogger("pagedopt.memory")
+
+
+@dataclass
+class MemorySample:
+    """One reading of a device (bytes; ``None`` where unknown).
+
+    Example:
+        >>> MemorySample(free_bytes=1 << 30, total_bytes=8 << 30, reserved_bytes=0, active_bytes=0).free_bytes
+        1073741824
+    """
+
+    free_bytes: int | None
+    total_bytes: int | None
+    reserved_bytes: int
+    active_bytes: int
+
+
+def pagers_of(optimizer: Any) -> list[Pager]:
+    """Every :class:`Pager` behind ``optimizer`` (its store, or the stores a routing store holds)."""
+    store = getattr(optimizer, "state_store", None)
+    stores = getattr(store, "stores", None)
+    candidates = list(stores) if stores is not None else [store]
+    return [s for s in candidates if isinstance(s, Pager)]
+
+
+def _device_key(pager: Pager) -> str:
+    if pager.simulated_device is not None:
+        return "simulated"
+    for mover in pager._device_movers():
+        return str(mover.torch_device)
+    return "host"
+
+
+def sample_device(key: str, pagers: list[Pager]) -> MemorySample:
+    """Read free/total/reserved/active bytes of device ``key`` (``"cuda:0"``, ``"simulated"``)."""
+    if key == "simulated":
+        dev = pagers[0].simulated_device
+        assert dev is not None
+        return MemorySample(dev.free_bytes, dev.capacity_bytes, dev.used_bytes, dev.used_bytes)
+    if key.startswith("cuda"):
+        index = torch.device(key).index or 0
+        free, total = torch.cuda.mem_get_info(index)
+        reserved = torch.cuda.memory_reserved(index)
+        active = torch.cuda.memory_allocated(index)
+        return MemorySample(free + reserved - active, total, reserved, active)
+    return MemorySample(None, None, 0, 0)
+
+
+class MemoryController:
+    """Holds a free-memory headroom by moving the paged state's budget; recovers from OOM.
+
+    Args:
+        optimizer: a (paged) pagedopt optimizer; its pagers are found through its state store.
+        config: a :class:`~pagedopt.paging.MemoryConfig` (or a dict of its fields).
+        sampler: ``(device_key, pagers) -> MemorySample`` (tests inject one; default
+            :func:`sample_device`).
+        auto_update: register a step post-hook that calls :meth:`update` after every step.
+
+    Public: :meth:`update`, :meth:`recover`, :meth:`guard`, :meth:`run_step`, :meth:`stats`,
+    ``oom_recoveries_total``.
+
+    Example:
+        >>> import torch, pagedopt
+        >>> from pagedopt.paging import MemoryConfig
+        >>> opt = pagedopt.AdamW8bit([torch.nn.Parameter(torch.zeros(4))])
+        >>> pagedopt.MemoryController(opt, MemoryConfig()).stats()["oom_recoveries_total"]
+        0
+    """
+
+    def __init__(self, optimizer: Any, config: MemoryConfig | dict | None = None,
+                 sampler: Callable[[str, list[Pager]], MemorySample] | None = None, auto_update: bool = True) -> None:
+        self.optimizer = optimizer
+        self.config = config if isinstance(config, MemoryConfig) else MemoryConfig(**(config or {}))
+        self.sampler = sampler or sample_device
+        self.oom_recoveries_total = 0
+        self.recoveries: list[dict[str, Any]] = []  # phase, evicted bytes, new budget per recovery
+        self.last: dict[str, dict[str, Any]] = {}
+        optimizer.memory_controller = self  # telemetry reads it from here
+        self._hook = optimizer.register_step_post_hook(lambda *_: self.update()) if auto_update else None
+
+    def close(self) -> None:
+        """Stop updating after each step."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    # -- the headroom loop -------------------------------------------------------------------
+
+    def _by_device(self) -> dict[str, list[Pager]]:
+        out: dict[str, list[Pager]] = {}
+        for pager in pagers_of(self.optimizer):
+            out.setdefault(_device_key(pager), []).append(pager)
+        out.pop("host", None)  # state that never leaves host memory has no device budget
+        return out
+
+    def update(self) -> dict[str, dict[str, Any]]:
+        """Sample each device once and set its pagers' budgets to hold the headroom."""
+        cfg = self.config
+        for key, pagers in self._by_device().items():
+            sample = self.sampler(key, pagers)
+            target = cfg.target_for(sample.total_bytes)
+            footprint = sum(p.device_bytes + _idle(p) for p in pagers)
+            budget = sum(p.budget for p in pagers) if all(p.budget is not None for p in pagers) else None
+            if target is not None and sample.free_bytes is not None:
+                budget = footprint + sample.free_bytes - target
+            if budget is not None:
+                budget = max(cfg.min_budget_bytes, budget)
+                if cfg.max_budget_bytes is not None:
+                    budget = min(cfg.max_budget_bytes, budget)
+                _split_budget(pagers, budget)
+            self.last[key] = {
+                "free_bytes": sample.free_bytes, "total_bytes": sample.total_bytes,
+                "reserved_bytes": sample.reserved_bytes, "active_bytes": sample.active_bytes,
+                "target_free_bytes": target, "budget_bytes": budget,
+                "resident_bytes": sum(p.device_bytes for p in pagers),
+                "headroom_bytes": None if sample.free_bytes is None or target is None else sample.free_bytes - target,
+            }
+        return self.last
+
+    # -- out-of-memory recovery --------------------------------------------------------------
+
+    def recover(self, phase: str) -> None:
+        """Evict all paged state, release cached memory, lower the budget; log and count."""
+        evicted, budgets = 0, {}
+        for key, pagers in self._by_device().items():
+            resident = sum(p.device_bytes for p in pagers)
+            for p in pagers:
+                p.evict()
+                p.release_idle()
+            new = max(self.config.min_budget_bytes, int(resident * self.config.oom_budget_factor))
+            if self.config.max_budget_bytes is not None:
+                new = min(new, self.config.max_budget_bytes)
+            _split_budget(pagers, new)
+            evicted += resident
+            budgets[key] = new
+            if pagers[0].simulated_device is not None:
+                for p in pagers:
+                    p.simulated_device.empty_cache()
+                    p.host_memory.empty_cache()
+        gc.collect()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+        self.oom_recoveries_total += 1
+        record = {"phase": phase, "evicted_bytes": evicted, "budgets": budgets}
+        self.recoveries.append(record)
+        log.warning("out of memory in %s: evicted %d bytes of optimizer state to the host, budget now %s "
+                    "(recovery %d)", phase, evicted, budgets, self.oom_recoveries_total)
+
+    def guard(self) -> "StepGuard":
+        """A context manager for one training step (see the module docstring).
+
+        Example:
+            >>> import torch, pagedopt
+            >>> w = torch.nn.Parameter(torch.ones(3))
+            >>> opt = pagedopt.AdamW8bit([w])
+            >>> ctrl = pagedopt.MemoryController(opt)
+            >>> with ctrl.guard() as g:
+            ...     (w * 2).sum().backward(); opt.step()
+            >>> g.retry
+            False
+        """
+        return StepGuard(self)
+
+    def run_step(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` (forward, backward, ``optimizer.step()``) under a guard; after an OOM in
+        forward/backward, run it once more (a second OOM propagates)."""
+        with self.guard() as g:
+            result = fn()
+        if not g.retry:
+            return result
+        if not self.config.retry_oom:
+            raise torch.OutOfMemoryError("out of memory in forward/backward (retry_oom is off; memory was recovered)")
+        g2 = StepGuard(self, retries=0)
+        with g2:
+            return fn()
+
+    def stats(self) -> dict[str, Any]:
+        """``oom_recoveries_total`` and the last reading per device."""
+        return {"oom_recoveries_total": self.oom_recoveries_total, "devices": dict(self.last)}
+
+
+def _idle(pager: Pager) -> int:
+    return pager.idle_staging_bytes
+
+
+def _split_budget(pagers: list[Pager], budget: int) -> None:
+    """Share ``budget`` among the pagers of one device in proportion to their paged state."""
+    if len(pagers) == 1:
+        pagers[0].set_budget(budget)
+        return
+    sizes = [max(1, sum(n for _p, _k, n in p.paged_buffers())) for p in pagers]
+    total = sum(sizes)
+    for p, size in zip(pagers, sizes):
+        p.set_budget(budget * size // total)
+
+
+class StepGuard:
+    """One guarded training step (made by :meth:`MemoryController.guard`).
+
+    While active, ``optimizer.step`` is wrapped: an OOM inside it is recovered and the step
+    retried once for the parameters not yet updated. An OOM in the body outside the step is
+    recovered, gradients are cleared, the exception suppressed and ``retry`` set.
+
+    Example:
+        >>> import torch, pagedopt
+        >>> opt = pagedopt.AdamW8bit([torch.nn.Parameter(torch.ones(2))])
+        >>> with pagedopt.MemoryController(opt).guard() as g:
+        ...     pass
+        >>> g.retry, g.recovered
+        (False, 0)
+    """
+
+    def __init__(self, controller: MemoryController, retries: int = 1) -> None:
+        self.controller = controller
+        self.optimizer = controller.optimizer
+        self.retries = retries
+        self.retry = False
+        self.recovered = 0
+        self._saved_step: Any = None
+
+    def __enter__(self) -> "StepGuard":
+        opt = self.optimizer
+        self._saved_step = opt.__dict__.get("step")
+        original = opt.step  # bound (or a previous instance wrapper)
+
+        @functools.wraps(original)  # keeps markers such as the LR scheduler's step wrapper's
+        def guarded_step(*args: Any, **kwargs: Any) -> Any:
+            return self._step(original, *args, **kwargs)
+
+        opt.step = guarded_step
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        opt = self.optimizer
+        if self._saved_step is None:
+            opt.__dict__.pop("step", None)
+        else:
+            opt.step = self._saved_step
+        if exc_type is None or not issubclass(exc_type, torch.OutOfMemoryError) or self.retries <= 0:
+            return False
+        del exc, tb
+        self.optimizer.zero_grad(set_to_none=True)  # partial gradients of the failed pass
+        self.controller.recover("forward/backward")
+        self.recovered += 1
+        self.retry = True
+        return True
+
+    # -- the guarded optimizer step ----------------------------------------------------------
+
+    def _step(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        opt = self.optimizer
+        done: set[int] = set()  # parameters whose update ran in this step (any attempt)
+        while True:
+            hidden = [(p, p.grad) for g in opt.param_groups for p in g["params"] if id(p) in done]
+            for p, _g in hidden:
+                p.grad = None  # updated already: this attempt skips it
+            snapshot = _snapshot(opt)
+            try:
+                return self._journaled(original, done, *args, **kwargs)
+            except torch.OutOfMemoryError:
+                _restore(opt, snapshot, done)
+                if self.retries <= 0 or not self.controller.config.retry_oom:
+                    raise
+            finally:
+                for p, g in hidden:
+                    p.grad = g
+            # outside the except block: the traceback's frames (and what they hold) are gone
+            self.controller.recover("optimizer.step")
+            self.recovered += 1
+            self.retries -= 1
+
+    def _journaled(self, original: Callable[..., Any], done: set[int], *args: Any, **kwargs: Any) -> Any:
+        """Run ``original`` recording each chunk whose update ran in ``done``."""
+        opt = self.optimizer
+        had_instance = "_update_chunk" in opt.__dict__
+        inner = opt._update_chunk
+
+        def journaled(works: list[Any]) -> None:
+            inner(works)
+            done.update(id(w.key) for w in works)  # the chunk's update ran: never again
+
+        opt._update_chunk = journaled
+        try:
+            return original(*args, **kwargs)
+        finally:
+            if had_instance:
+                opt._update_chunk = inner
+            else:
+                opt.__dict__.pop("_update_chunk", None)
+
+
+def _snapshot(opt: Any) -> dict[torch.Tensor, tuple[bool, Any, torch.Tensor | None]]:
+    """What a step changes before its update runs, per parameter with a gradient: whether it
+    had state, its step counter and its clipping history (100 floats)."""
+    out = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = opt.state.get(p)
+            if not state:
+                out[p] = (False, None, None)
+                continue
+            gnorm = state.get("gnorm_vec")
+            out[p] = (True, state.get("step"), gnorm.clone() if isinstance(gnorm, torch.Tensor) else None)
+    return out
+
+
+def _restore(opt: Any, snapshot: dict, done: set[int]) -> None:
+    """Undo the step's bookkeeping for the parameters whose update did not run."""
+    for p, (had_state, step, gnorm) in snapshot.items():
+        if id(p) in done:
+            continue
+        if not had_state:
+            if p in opt.state:
+                opt.state_store.forget(p)
+                del opt.state[p]
+            continue
+        state = opt.state[p]
+        state["step"] = step
+        if gnorm is not None:
+            state["gnorm_vec"].copy_(gnorm)
+
+
+def guarded_step(optimizer: Any, fn: Callable[[], Any], config: MemoryConfig | dict | None = None) -> Any:
+    """Run one training step ``fn`` under ``optimizer``'s memory controller (created with
+    ``config`` on first use): see :class:`MemoryController`.
+
+    Example:
+        >>> import torch, pagedopt
+        >>> w = torch.nn.Parameter(torch.ones(3))
+        >>> opt = pagedopt.AdamW8bit([w])
+        >>> def step():
+        ...     opt.zero_grad(); (w * w).sum().backward(); opt.step()
+        >>> pagedopt.guarded_step(opt, step)
+        >>> opt.memory_controller.oom_recoveries_total
+        0
+    """
+    controller = getattr(optimizer, "memory_controller", None)
+    if controller is None:
+        controller = MemoryController(optimizer, config)
+    return controller.run_step(fn)
+
+
+def attempts(controller: MemoryController) -> Iterator[StepGuard]:
+    """``for g in attempts(ctrl): with g: ...`` - at most two guarded attempts of one batch."""
+    first = StepGuard(controller)
+    yield first
+    if first.retry:
+        yield StepGuard(controller, retries=0)
