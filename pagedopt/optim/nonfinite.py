@@ -199,7 +199,7 @@ class NonfiniteGradWatch:
                     self._seen = max(self._seen, sum(int(c) for d, c in self._counts.items() if d.type != "cuda"))
             if parts:
                 self._pending.append((event, torch.stack(parts)))
-        self._maybe_warn(stacklevel=6)  # _poll <- observe <- the step hook <- torch's step wrapper <- caller
+        self._maybe_warn(stacklevel=5)  # _poll <- observe <- the step hook <- torch's step wrapper <- caller
 
     def _maybe_warn(self, stacklevel: int = 2) -> None:
         now = time.monotonic()
