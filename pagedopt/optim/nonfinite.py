@@ -199,15 +199,15 @@ class NonfiniteGradWatch:
                     self._seen = max(self._seen, sum(int(c) for d, c in self._counts.items() if d.type != "cuda"))
             if parts:
                 self._pending.append((event, torch.stack(parts)))
-        self._maybe_warn()
+        self._maybe_warn(stacklevel=5)  # _poll <- observe <- the step hook <- torch's step wrapper <- caller
 
-    def _maybe_warn(self) -> None:
+    def _maybe_warn(self, stacklevel: int = 2) -> None:
         now = time.monotonic()
         if self._seen > self._warned and now - self._last_warning >= WARN_INTERVAL_SECONDS:
             warnings.warn(
                 f"pagedopt: {self._seen - self._warned} non-finite gradient elements (NaN/Inf) were skipped since the "
                 f"last report ({self._seen} in all); their parameters and states were left unchanged. "
-                f"Set {ENV_VAR}=raise to stop at the first one.", NonfiniteGradWarning, stacklevel=4)
+                f"Set {ENV_VAR}=raise to stop at the first one.", NonfiniteGradWarning, stacklevel=stacklevel + 1)
             self._warned, self._last_warning = self._seen, now
 
     def total(self) -> int:
@@ -215,7 +215,7 @@ class NonfiniteGradWatch:
         telemetry time, not inside a step)."""
         value = sum(int(c) for c in self._counts.values())
         self._seen = max(self._seen, value)
-        self._maybe_warn()
+        self._maybe_warn(stacklevel=3)
         return value
 
 
