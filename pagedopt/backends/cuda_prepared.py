@@ -80,8 +80,9 @@ class _Group:
         self.descs["flags"] = np.where(self.vector_ok & (grads % cuda_plan.VECTOR_BYTES == 0), FLAG_VECTOR_OK, 0)
         self.count = len(items)
         self.work_units = int(prefix[-1])
-        self.program = cuda_catalog.optimizer_program(kind.algorithm, elem)
-        self.spec = cuda_catalog.update_kernel(kind.algorithm, elem, mode)
+        numerics = getattr(items[0], "numerics", cuda_catalog.DEFAULT_NUMERICS)
+        self.program = cuda_catalog.optimizer_program(kind.algorithm, elem, numerics)
+        self.spec = cuda_catalog.update_kernel(kind.algorithm, elem, mode, numerics)
         # Persistent buffers: the host bytes in pinned memory (the numpy views alias it), and
         # their device copy, reused every step (and read by a captured graph).
         with launcher.guard():
@@ -161,10 +162,14 @@ class CudaLaunch:
         self.groups: list[_Group] = []
         for (device, elem, mode), positions in cuda_plan.group_items(items).items():
             live = [p for p in positions if items[p].param.numel() > 0]
-            if live:
-                for p in live:
-                    cuda_plan.check_item(kind, items[p], p)
-                self.groups.append(_Group(backend._device(device), kind, elem, mode, [items[p] for p in live], live))
+            if not live:
+                continue
+            for p in live:
+                cuda_plan.check_item(kind, items[p], p)
+            # one launch per numerics mode (fast/strict kernels are separate programs)
+            for in_mode in cuda_catalog.split_by_numerics([items[p] for p in live]).values():
+                chosen = [live[i] for i in in_mode]
+                self.groups.append(_Group(backend._device(device), kind, elem, mode, [items[p] for p in chosen], chosen))
         self.devices = sorted({g.launcher.device for g in self.groups}, key=str)
         self.use_graph = use_graph and len(self.devices) == 1
         self.graph: Any = None
