@@ -123,7 +123,8 @@ class NonfiniteGradWatch:
             for p in group["params"]:
                 if p.grad is not None:
                     g = _local(p.grad)
-                    if g.numel() and g.is_floating_point():
+                    # sparse gradients are the step's to refuse (with the parameter's name)
+                    if g.layout is torch.strided and g.numel() and g.is_floating_point():
                         by_device.setdefault(g.device, []).append(g)
         step_counts = []
         for device, grads in by_device.items():
