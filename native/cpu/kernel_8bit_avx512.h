@@ -19,8 +19,7 @@
 
 #include "simd_vec.h"
 
-namespace pagedopt {
-namespace cpu {
+PO_ISA_BEGIN
 namespace avx512 {
 
 // How one state value of one chunk is requantized (quant.h normalize()).
@@ -256,6 +255,5 @@ void unit_8bit(const po_item& it, int64_t begin, int64_t len, UnitPartial& out) 
 }
 
 }  // namespace avx512
-}  // namespace cpu
-}  // namespace pagedopt
+PO_ISA_END
 #endif

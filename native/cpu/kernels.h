@@ -26,12 +26,12 @@
 #include "pagedopt/convert.h"
 #include "pagedopt/quant.h"
 #include "pagedopt/update.h"
+#include "kernel_table.h"
 #include "pagedopt_cpu.h"
 #include "simd_avx512.h"
 #include "tables.h"
 
-namespace pagedopt {
-namespace cpu {
+PO_ISA_BEGIN
 
 constexpr int kLanes = 8;  // float64 accumulators per partial norm
 
@@ -42,22 +42,6 @@ constexpr int kLanes = 8;  // float64 accumulators per partial norm
 #else
 #define PO_WIDE_VECTORS
 #endif
-
-// A unit's contribution to an item's prepare result / gradient norm.
-struct UnitPartial {
-  uint32_t max_bits[3];  // max magnitude bits (as uint32) of each updated state value
-  double unorm_sq;
-  double pnorm_sq;
-};
-
-enum Mode { MODE_UPDATE = 0, MODE_PREPARE = 1 };
-
-typedef void (*UnitFn)(const po_item& item, int64_t begin, int64_t len, UnitPartial& out);
-
-// fn[quantized][param dtype][grad dtype][mode]
-struct KernelTable {
-  UnitFn fn[2][3][3][2];
-};
 
 // Number of absmax entries per state value.
 inline int64_t absmax_count(const po_item& it) {
@@ -169,7 +153,7 @@ inline float dequantize_code(uint8_t code, float absmax) {
 // Dequantize one chunk of codes into out (dequantize_value, quant.h).
 template <bool SIGNED>
 inline void dequantize_chunk(const uint8_t* __restrict__ codes, int64_t n, float absmax, float* __restrict__ out) {
-#ifdef PO_HAVE_AVX512_VBMI
+#ifdef PO_HAVE_AVX512
   avx512::dequantize<SIGNED>(codes, n, absmax, out);
 #else
   for (int64_t i = 0; i < n; ++i) out[i] = dequantize_code<SIGNED>(codes[i], absmax);
@@ -308,13 +292,11 @@ void unit_8bit_portable(const po_item& it, int64_t begin, int64_t len, UnitParti
   }
 }
 
-}  // namespace cpu
-}  // namespace pagedopt
+PO_ISA_END
 
 #include "kernel_8bit_avx512.h"  // the AVX-512 8-bit kernel, built on the helpers above
 
-namespace pagedopt {
-namespace cpu {
+PO_ISA_BEGIN
 
 // ---- 32-bit state --------------------------------------------------------------------------
 
@@ -432,5 +414,7 @@ const KernelTable& kernels_lion();
 const KernelTable& kernels_rmsprop();
 const KernelTable& kernels_adagrad();
 
-}  // namespace cpu
-}  // namespace pagedopt
+// This level's entry point (isa_ops.cpp).
+const IsaOps& isa_ops();
+
+PO_ISA_END
