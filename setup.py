@@ -249,8 +249,6 @@ class BuildNative(build_ext):
                     "Install a C++17 compiler with OpenMP (g++), or set PAGEDOPT_NO_NATIVE=1 to install "
                     "without it (pagedopt then uses its slower pure-torch path on CPU)."
                 )
-            if result.stderr:
-                sys.stderr.write(result.stderr)
             level = next((a.split("=isa_", 1)[1] for a in cmd if a.startswith("-DPO_ISA_NS=")), None)
             if level:
                 _check_level_symbols(obj, level)

@@ -77,6 +77,13 @@ int64_t check_code_search(int32_t is_signed, uint32_t first_bits, uint32_t last_
       const __m512 v = _mm512_loadu_ps(x);
       _mm512_storeu_si512(simd, is_signed ? avx512::quantize16<true, false>(v) : avx512::quantize16<false, false>(v));
       _mm512_storeu_si512(simd_bounded, is_signed ? avx512::quantize16<true, true>(v) : avx512::quantize16<false, true>(v));
+#elif defined(PO_HAVE_AVX2)
+      // The avx2 level's search (8 lanes at a time).
+      for (int h = 0; h < 2; ++h) {
+        const __m256 v = _mm256_loadu_ps(x + 8 * h);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(simd + 8 * h),
+                            is_signed ? avx2::quantize8<true>(v) : avx2::quantize8<false>(v));
+      }
 #endif
       for (int64_t k = 0; k < n; ++k) {
         const bool bounded = (float_bits(x[k]) & 0x7fffffffu) <= 0x3f800000u;
@@ -111,6 +118,13 @@ void quantize_normalized(int32_t is_signed, const float* x, uint8_t* codes, int6
     const __m512 v = _mm512_loadu_ps(x + i);
     const __m512i c = is_signed ? avx512::quantize16<true, false>(v) : avx512::quantize16<false, false>(v);
     _mm512_mask_cvtepi32_storeu_epi8(codes + i, 0xffff, c);
+  }
+#elif defined(PO_HAVE_AVX2)
+  for (; i + 8 <= n; i += 8) {  // the kernels' search
+    alignas(32) uint32_t c[8];
+    const __m256 v = _mm256_loadu_ps(x + i);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(c), is_signed ? avx2::quantize8<true>(v) : avx2::quantize8<false>(v));
+    for (int k = 0; k < 8; ++k) codes[i + k] = static_cast<uint8_t>(c[k]);
   }
 #endif
   for (; i < n; ++i) {

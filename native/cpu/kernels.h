@@ -28,6 +28,7 @@
 #include "pagedopt/update.h"
 #include "kernel_table.h"
 #include "pagedopt_cpu.h"
+#include "simd_avx2.h"
 #include "simd_avx512.h"
 #include "tables.h"
 
@@ -130,6 +131,10 @@ __attribute__((noinline)) void requantize(const float* __restrict__ fresh, int64
   alignas(64) uint32_t local[kBlockSize];
   if (uses_reciprocal(absmax)) {
     const float inv_absmax = absmax_reciprocal(absmax);
+#ifdef PO_HAVE_AVX2
+    avx2::quantize_scaled<SIGNED>(fresh, n, inv_absmax, codes);
+    return;
+#endif
     for (int64_t i = 0; i < n; ++i) local[i] = lut_quantize_value<SIGNED>(table, fresh[i] * inv_absmax);
   } else {
     // Subnormal, huge, zero or NaN absmax (rare): normalize() divides or gives 0.
@@ -153,8 +158,10 @@ inline float dequantize_code(uint8_t code, float absmax) {
 // Dequantize one chunk of codes into out (dequantize_value, quant.h).
 template <bool SIGNED>
 inline void dequantize_chunk(const uint8_t* __restrict__ codes, int64_t n, float absmax, float* __restrict__ out) {
-#ifdef PO_HAVE_AVX512
+#if defined(PO_HAVE_AVX512)
   avx512::dequantize<SIGNED>(codes, n, absmax, out);
+#elif defined(PO_HAVE_AVX2)
+  avx2::dequantize<SIGNED>(codes, n, absmax, out);
 #else
   for (int64_t i = 0; i < n; ++i) out[i] = dequantize_code<SIGNED>(codes[i], absmax);
 #endif
