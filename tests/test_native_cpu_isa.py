@@ -310,3 +310,28 @@ def test_dequantize_vbmi_switch_rejects_a_cpu_without_vbmi():
 def test_level_names_match_the_library():
     assert cpu.ISA_LEVELS == ("baseline", "avx2", "avx512")
     assert ctypes.c_int32(LIB.po_isa()).value == cpu.ISA_LEVELS.index(LIB.isa)
+
+
+def test_bench_isa_option_selects_the_level_and_reports_errors(monkeypatch, capsys):
+    """``pagedopt bench --isa LEVEL`` runs the kernels at LEVEL (the table's header says so) and
+    turns a level the CPU lacks into a one-line error naming --isa."""
+    import argparse
+
+    from pagedopt.commands import bench as bench_command
+
+    parser = argparse.ArgumentParser()
+    bench_command.add_parser(parser.add_subparsers())
+    before = LIB.isa
+    try:
+        args = parser.parse_args(["bench", "--case", "a", "--numel", "5000", "--repeats", "1", "--warmup", "1",
+                                  "--isa", SUPPORTED[-1], "--optimizers", "pagedopt-adamw8bit"])
+        assert args.func(args) == 0
+        assert f"at level {SUPPORTED[-1]}" in capsys.readouterr().out
+        monkeypatch.setattr(type(LIB), "missing_cpu_features",
+                            lambda self, level: ["avx512f"] if level == "avx512" else [])
+        args = parser.parse_args(["bench", "--case", "a", "--numel", "5000", "--isa", "avx512"])
+        with pytest.raises(SystemExit, match=r"--isa=avx512: this CPU lacks the avx512 level"):
+            args.func(args)
+    finally:
+        monkeypatch.undo()
+        LIB.select_isa(before)

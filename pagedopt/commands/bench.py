@@ -63,9 +63,9 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(bench.known_optimizers())}")
     except ValueError as e:
         raise SystemExit(f"pagedopt bench: --optimizers: {e}") from None
-    if args.isa is not None:
-        from ..backends import cpu
+    from ..backends import cpu
 
+    if args.isa is not None:
         try:
             lib = cpu.library()
             if lib is None:
@@ -75,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
         except cpu.CpuIsaError as e:
             raise SystemExit(f"pagedopt bench: {e}") from None
     cases = ("a", "b") if args.case == "all" else (args.case,)
-    bench.run(cases, optimizers, args.repeats, args.warmup, args.numel or bench.DEFAULT_NUMEL, args.layers,
-              json_path=args.json)
+    try:
+        bench.run(cases, optimizers, args.repeats, args.warmup, args.numel or bench.DEFAULT_NUMEL, args.layers,
+                  json_path=args.json)
+    except cpu.CpuIsaError as e:  # PAGEDOPT_CPU_ISA names a level this CPU cannot run
+        raise SystemExit(f"pagedopt bench: {e}") from None
     return 0
