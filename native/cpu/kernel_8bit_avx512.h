@@ -1,4 +1,4 @@
-// The 8-bit kernel for AVX-512 builds (included by kernels.h, which holds the portable one).
+// The 8-bit kernel of the avx512 level (included by kernels.h, which holds the portable one).
 //
 // Per 256-element chunk (one absmax block), in one sweep over groups of 64 elements:
 //   * the update: update.h's math instantiated on 16-lane vectors (simd_vec.h), reading the

@@ -1,12 +1,15 @@
 // The fused CPU kernels: one pass over a contiguous range ("unit") of one parameter.
+// Compiled once per instruction-set level (isa.h); everything here lives in that level's
+// namespace.
 //
 // All per-element math comes from native/include/pagedopt (shared with the CUDA kernels);
 // this file only arranges the loops:
-//   * 8-bit state, per 256-element chunk (= one absmax block). AVX-512 builds run
+//   * 8-bit state, per 256-element chunk (= one absmax block). The avx512 level runs
 //     kernel_8bit_avx512.h: the update.h math instantiated on 16-lane vectors (simd_vec.h),
 //     block maxima taken in the same loop, and the requantization of the previous chunk
 //     interleaved with the update of this one (the update waits on the divider, the code
-//     search on the vector ALUs). Other builds run the portable loops below: dequantize each
+//     search on the vector ALUs). The other levels run the portable loops below (avx2 with
+//     explicit gathers, simd_avx2.h): dequantize each
 //     state into a small local buffer; pass 1 updates the buffers and writes the parameter;
 //     the block's new max |value| is taken as integer bit patterns (exact, order
 //     independent); pass 2 requantizes the buffers with the new absmax. Either way a chunk
@@ -128,7 +131,7 @@ inline double sum_lanes(const double* lanes) {
   return total;
 }
 
-// ---- 8-bit state, portable loops (builds without AVX-512) ---------------------------------
+// ---- 8-bit state, portable loops (the avx2 and baseline levels) ----------------------------
 
 // Requantize n fresh values with scale `absmax` into codes (quantization.py rules: the code
 // of x * (1 / absmax) - or of x / absmax outside the reciprocal range, or of 0 when absmax is
