@@ -4,16 +4,32 @@
 OpenMP) into ``pagedopt/backends/libpagedopt_cpu.so``, a plain C-ABI library that
 ``pagedopt/backends/cpu.py`` loads with ctypes (no torch headers, no Python extension API).
 
-For development, rebuild in place after editing ``native/``::
+One library runs on every x86-64 CPU: the library itself is compiled for generic x86-64
+(``-march=x86-64 -mtune=generic``, SSE2), and the kernel sources (``kernels_*.cpp``,
+``isa_ops.cpp``) are compiled once more per instruction-set level into the same library:
+
+* ``avx512`` - AVX-512 F/BW/VL/DQ/CD on top of ``avx2`` (VBMI is used at run time where present),
+* ``avx2`` - AVX2, FMA, F16C, BMI1/2, POPCNT (x86-64-v3 class; FMA is never contracted),
+* ``baseline`` - the generic flags.
+
+At load time the library picks the best level the CPU supports (CPUID);
+``PAGEDOPT_CPU_ISA=avx512|avx2|baseline`` selects a lower one (see ``pagedopt/backends/cpu.py``).
+Every level computes the same bits. On other architectures (aarch64) only ``baseline`` is
+built, with the compiler's default target (NEON where it vectorizes).
+
+For development, rebuild in place after editing ``native/`` (objects whose sources and flags
+did not change are reused)::
 
     python setup.py build_ext --inplace
 
 Environment variables:
 
 * ``PAGEDOPT_CXX`` - the C++ compiler (default ``$CXX`` or ``g++``).
-* ``PAGEDOPT_MARCH`` - the ``-march`` target (default ``native``: the library is built on the
-  machine that runs it; use e.g. ``x86-64-v3`` to build for a fleet). The loader refuses a
-  library whose instruction set this CPU lacks and falls back to the reference path.
+* ``PAGEDOPT_MARCH`` - opt-in override of the generic base target for a source build that
+  runs only where it was built (e.g. ``native``); the levels are still compiled on top of it,
+  and the loader refuses the library on a CPU that lacks what this target implies.
+* ``PAGEDOPT_CPU_LEVELS`` - comma-separated levels to compile (default: all of this
+  architecture; ``baseline`` is always built). For quicker development builds.
 * ``PAGEDOPT_CXXFLAGS`` - extra compiler flags.
 * ``PAGEDOPT_NO_NATIVE=1`` - skip the native build (pagedopt then runs the pure-torch
   reference on CPU and warns once).
@@ -26,14 +42,15 @@ the CPU library (pagedopt then warns once and uses its pure-torch path); set
 ``PAGEDOPT_REQUIRE_NATIVE=1`` to make a failed CPU build fail the install (CI, images).
 
 Numerics flags: ``-ffp-contract=off`` (no FMA contraction) and no ``-ffast-math`` keep every
-float32 operation rounded exactly like the torch reference. ``-fno-math-errno`` (sqrt never
-sets errno) and ``-fno-trapping-math`` (we never read floating-point exception flags) change
-no result; they let the compiler vectorize sqrt and the branch-free skip logic.
+float32 operation rounded exactly like the torch reference, at every level. ``-fno-math-errno``
+(sqrt never sets errno) and ``-fno-trapping-math`` (we never read floating-point exception
+flags) change no result; they let the compiler vectorize sqrt and the branch-free skip logic.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -71,8 +88,10 @@ def _compiler() -> str:
     return os.environ.get("PAGEDOPT_CXX") or os.environ.get("CXX") or "g++"
 
 
-def _required_cpu_flags(cxx: str, march: str) -> list[str]:
+def _required_cpu_flags(cxx: str, march: str | None) -> list[str]:
     """The cpuinfo flags implied by ``-march`` (what the compiled code may use)."""
+    if not march:
+        return []
     try:
         out = subprocess.run(
             [cxx, f"-march={march}", "-dM", "-E", "-x", "c++", os.devnull],
@@ -84,19 +103,119 @@ def _required_cpu_flags(cxx: str, march: str) -> list[str]:
     return sorted({flag for macro, flag in _MACRO_FLAGS.items() if macro in macros})
 
 
-def _compile_flags(cxx: str, march: str) -> list[str]:
+def _is_x86(cxx: str) -> bool:
+    """Whether the compiler targets x86 (it may be a cross compiler)."""
+    try:
+        out = subprocess.run([cxx, "-dM", "-E", "-x", "c++", os.devnull], check=True, capture_output=True,
+                             text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    return "__x86_64__" in out or "__i386__" in out
+
+
+# Instruction-set levels (native/cpu/isa.h): extra flags on top of the base target. The CPU
+# features behind these flags are what native/cpu/api.cpp checks before running a level.
+_AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mpopcnt"]
+LEVEL_FLAGS = {
+    "baseline": [],
+    "avx2": _AVX2_FLAGS,
+    "avx512": [*_AVX2_FLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512cd"],
+}
+
+
+def _levels(x86: bool) -> list[str]:
+    if not x86:
+        return ["baseline"]
+    wanted = os.environ.get("PAGEDOPT_CPU_LEVELS", "").strip()
+    if not wanted:
+        return list(LEVEL_FLAGS)
+    names = [w.strip() for w in wanted.split(",") if w.strip()]
+    unknown = [n for n in names if n not in LEVEL_FLAGS]
+    if unknown:
+        raise RuntimeError(f"PAGEDOPT_CPU_LEVELS: unknown level(s) {', '.join(unknown)}; known: {', '.join(LEVEL_FLAGS)}")
+    return [n for n in LEVEL_FLAGS if n in names or n == "baseline"]
+
+
+def _base_flags(march: str | None, x86: bool) -> list[str]:
     flags = [
         "-O3", "-std=c++17", "-fPIC", "-fopenmp", "-fvisibility=hidden",
-        "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
-        f"-march={march}", "-Wall", "-Wextra",
+        "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wextra",
         f"-I{ROOT / 'native' / 'include'}", f"-I{ROOT / 'native' / 'cpu'}",
     ]
+    if march:
+        flags.append(f"-march={march}")
+    elif x86:
+        flags += ["-march=x86-64", "-mtune=generic"]
     flags += shlex.split(os.environ.get("PAGEDOPT_CXXFLAGS", ""))
     return flags
 
 
+def _is_level_source(src: str) -> bool:
+    name = Path(src).name
+    return name.startswith("kernels_") or name.startswith("isa_")
+
+
 def _newest_mtime(paths: list[str]) -> float:
     return max((ROOT / p).stat().st_mtime for p in paths)
+
+
+def _compile_jobs(cxx: str, march: str | None, x86: bool, objdir: Path) -> list[tuple[list[str], Path]]:
+    base = _base_flags(march, x86)
+    levels = _levels(x86)
+    required = _required_cpu_flags(cxx, march)
+    build_info = f"{cxx} {'-march=' + march if march else ('-march=x86-64' if x86 else 'default target')}"
+    extra = " ".join(shlex.split(os.environ.get("PAGEDOPT_CXXFLAGS", "")))
+    jobs = []
+    for src in CPU_SOURCES:
+        if _is_level_source(src):
+            for level in levels:
+                obj = objdir / f"{Path(src).stem}.{level}.o"
+                cmd = [cxx, *base, *LEVEL_FLAGS[level], f"-DPO_ISA_NS=isa_{level}", "-c", str(ROOT / src), "-o", str(obj)]
+                jobs.append((cmd, obj))
+        else:
+            defines = [
+                f'-DPO_BUILD_INFO="{build_info} levels={",".join(levels)} {extra}"'.replace("  ", " "),
+                f'-DPO_REQUIRED_CPU_FLAGS="{" ".join(required)}"',
+                *[f"-DPO_LEVEL_{level.upper()}=1" for level in levels if level != "baseline"],
+            ]
+            obj = objdir / f"{Path(src).stem}.o"
+            jobs.append(([cxx, *base, *defines, "-c", str(ROOT / src), "-o", str(obj)], obj))
+    return jobs
+
+
+def _up_to_date(cmd: list[str], obj: Path, src: str) -> bool:
+    """The object exists, was built by exactly this command and is newer than its inputs."""
+    stamp = obj.with_suffix(".cmd")
+    return (
+        obj.exists() and stamp.exists() and stamp.read_text() == shlex.join(cmd)
+        and obj.stat().st_mtime >= _newest_mtime([src, *HEADERS])
+    )
+
+
+def _check_level_symbols(obj: Path, level: str) -> None:
+    """Fail the build when a level object defines a linkable symbol outside its namespace.
+
+    The linker keeps one copy of each weak (inline / template) symbol; a copy compiled with
+    AVX-512 flags that shared its name with the generic code's could be picked for both and
+    crash on an older CPU. native/cpu/isa.h prevents that by namespace; this checks it.
+    """
+    try:
+        out = subprocess.run(["nm", "-C", "--defined-only", str(obj)], check=True, capture_output=True,
+                             text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return  # no binutils nm: nothing to check with
+    leaks = []
+    for line in out.splitlines():
+        parts = line.split(maxsplit=2)
+        if len(parts) < 3 or parts[1].islower() or parts[1] == "N":
+            continue  # local symbol (or debug)
+        name = parts[2]
+        if f"::isa_{level}::" in name or name.startswith("DW.ref."):
+            continue
+        leaks.append(name)
+    if leaks:
+        raise RuntimeError(f"pagedopt: {obj.name} defines symbols outside pagedopt::cpu::isa_{level} "
+                           f"(see native/cpu/isa.h): {', '.join(leaks[:5])}")
 
 
 class BuildNative(build_ext):
@@ -117,34 +236,21 @@ class BuildNative(build_ext):
         target = Path(self.get_ext_fullpath(ext.name))
         target.parent.mkdir(parents=True, exist_ok=True)
         cxx = _compiler()
-        march = os.environ.get("PAGEDOPT_MARCH", "native")
-        required = _required_cpu_flags(cxx, march)
-        flags = _compile_flags(cxx, march)
+        march = os.environ.get("PAGEDOPT_MARCH") or None
+        x86 = _is_x86(cxx)
         objdir = Path(self.build_temp) / "pagedopt_native"
         objdir.mkdir(parents=True, exist_ok=True)
-        stamp = objdir / (target.name + ".flags")
-        signature = shlex.join([cxx, *flags, *required])
-        if (
-            not self.force
-            and target.exists()
-            and stamp.exists()
-            and stamp.read_text() == signature
-            and target.stat().st_mtime >= _newest_mtime(CPU_SOURCES + HEADERS)
-        ):
+        jobs = _compile_jobs(cxx, march, x86, objdir)
+        srcs = {str(obj): cmd[cmd.index("-c") + 1] for cmd, obj in jobs}
+        todo = [(cmd, obj) for cmd, obj in jobs if self.force or not _up_to_date(cmd, obj, srcs[str(obj)])]
+        if not todo and target.exists() and target.stat().st_mtime >= max(obj.stat().st_mtime for _, obj in jobs):
             print(f"pagedopt: {target} is up to date")
             return
-        defines = [
-            f'-DPO_BUILD_INFO="{cxx} -march={march} {" ".join(shlex.split(os.environ.get("PAGEDOPT_CXXFLAGS", "")))}"',
-            f'-DPO_REQUIRED_CPU_FLAGS="{" ".join(required)}"',
-        ]
-        jobs = []
-        for src in CPU_SOURCES:
-            obj = objdir / (Path(src).stem + ".o")
-            jobs.append(([cxx, *flags, *defines, "-c", str(ROOT / src), "-o", str(obj)], obj))
-        print(f"pagedopt: compiling {len(jobs)} native sources with {cxx} -march={march}")
+        print(f"pagedopt: compiling {len(todo)} of {len(jobs)} native objects with {cxx} "
+              f"(levels: {', '.join(_levels(x86))})")
         with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-            results = list(pool.map(lambda job: subprocess.run(job[0], capture_output=True, text=True), jobs))
-        for (cmd, _), result in zip(jobs, results):
+            results = list(pool.map(lambda job: subprocess.run(job[0], capture_output=True, text=True), todo))
+        for (cmd, obj), result in zip(todo, results):
             if result.returncode != 0:
                 sys.stderr.write(result.stdout + result.stderr)
                 raise RuntimeError(
@@ -152,11 +258,14 @@ class BuildNative(build_ext):
                     "Install a C++17 compiler with OpenMP (g++), or set PAGEDOPT_NO_NATIVE=1 to install "
                     "without it (pagedopt then uses its slower pure-torch path on CPU)."
                 )
+            level = next((a.split("=isa_", 1)[1] for a in cmd if a.startswith("-DPO_ISA_NS=")), None)
+            if level:
+                _check_level_symbols(obj, level)
+            obj.with_suffix(".cmd").write_text(shlex.join(cmd))
         tmp = target.with_name(target.name + ".tmp")
         link = [cxx, "-shared", "-fopenmp", *[str(obj) for _, obj in jobs], "-o", str(tmp)]
         subprocess.run(link, check=True)
         os.replace(tmp, target)  # atomic: a running process keeps its mapped copy
-        stamp.write_text(signature)
         print(f"pagedopt: built {target}")
 
 

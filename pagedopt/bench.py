@@ -249,6 +249,7 @@ def machine_info() -> dict:
     lib = native.library()
     info["pagedopt_cpu_backend"] = dispatch.backend_for(torch.device("cpu")).name
     info["pagedopt_native_build"] = lib.build_info if lib else f"unavailable: {native.unavailable_reason()}"
+    info["pagedopt_cpu_isa"] = lib.isa if lib else None
     for mod in ("bitsandbytes", "torchao"):
         try:
             info[mod] = __import__(mod).__version__
@@ -273,7 +274,8 @@ def run(cases: Sequence[str], optimizers: Sequence[str], repeats: int, warmup: i
     info = machine_info()
     log(f"machine: {info['cpu']}, {info['cpu_count']} CPUs, torch {info['torch']} on {info['torch_threads']} "
         f"threads, load average {info.get('load_average')}")
-    log(f"pagedopt CPU backend: {info['pagedopt_cpu_backend']} ({info['pagedopt_native_build']})")
+    log(f"pagedopt CPU backend: {info['pagedopt_cpu_backend']} at level {info['pagedopt_cpu_isa']} "
+        f"({info['pagedopt_native_build']})")
     results: list[Result] = []
     for case in cases:
         shapes = case_shapes(case, numel, layers)
@@ -285,7 +287,8 @@ def run(cases: Sequence[str], optimizers: Sequence[str], repeats: int, warmup: i
     if json_path:
         payload = {"machine": info, "command": ["pagedopt", *sys.argv[1:]], "repeats": repeats, "warmup": warmup,
                    "results": [dataclasses.asdict(r) for r in results]}
-        with open(json_path, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
+        from .fileio import atomic_write_text
+
+        atomic_write_text(json_path, json.dumps(payload, indent=2) + "\n")
         log(f"wrote {json_path}")
     return results

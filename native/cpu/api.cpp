@@ -1,5 +1,6 @@
-// C entry points: argument checks, splitting items into units, the OpenMP loops and the
-// fixed-order reductions. The per-element work lives in kernels.h.
+// C entry points: argument checks, the choice of instruction-set level, splitting items into
+// units, the OpenMP loops and the fixed-order reductions. Compiled with the library's generic
+// flags; the per-element work lives in kernels.h, compiled once per level (isa.h).
 //
 // Work is cut into units of at most kUnitElements elements of one item (a whole number of
 // absmax blocks), independent of the thread count. Threads take units in a static schedule;
@@ -7,11 +8,13 @@
 // is the same for any number of threads.
 #include <string.h>
 
+#include <atomic>
 #include <exception>
 #include <string>
 #include <vector>
 
-#include "kernels.h"
+#include "kernel_table.h"
+#include "pagedopt/code_lut.h"
 #include "pagedopt_cpu.h"
 #include "tables.h"
 
@@ -27,7 +30,96 @@ namespace cpu {
 
 Tables g_tables;
 
+// The levels compiled into this library (setup.py defines PO_LEVEL_<NAME> for each).
+namespace isa_baseline {
+const IsaOps& isa_ops();
+}
+#ifdef PO_LEVEL_AVX2
+namespace isa_avx2 {
+const IsaOps& isa_ops();
+}
+#endif
+#ifdef PO_LEVEL_AVX512
+namespace isa_avx512 {
+const IsaOps& isa_ops();
+}
+#endif
+
 namespace {
+
+#if defined(__x86_64__) || defined(__i386__)
+#define PO_X86 1
+#endif
+
+// The CPU features a level's flags allow (setup.py: avx2 = -mavx2 -mfma -mf16c -mbmi -mbmi2
+// -mpopcnt; avx512 adds -mavx512f/bw/vl/dq/cd), space-separated, that this CPU lacks.
+// __builtin_cpu_supports also checks that the OS saves the vector registers (XGETBV).
+std::string missing_features(int level) {
+  std::string missing;
+#ifdef PO_X86
+  __builtin_cpu_init();
+#define PO_NEED(feature) \
+  if (!__builtin_cpu_supports(feature)) missing += (missing.empty() ? "" : " ") + std::string(feature)
+  if (level >= ISA_AVX2) {
+    PO_NEED("avx2");
+    PO_NEED("fma");
+    PO_NEED("f16c");
+    PO_NEED("bmi");
+    PO_NEED("bmi2");
+    PO_NEED("popcnt");
+  }
+  if (level >= ISA_AVX512) {
+    PO_NEED("avx512f");
+    PO_NEED("avx512bw");
+    PO_NEED("avx512vl");
+    PO_NEED("avx512dq");
+    PO_NEED("avx512cd");
+  }
+#undef PO_NEED
+#else
+  if (level > ISA_BASELINE) missing = "x86-64";
+#endif
+  return missing;
+}
+
+const IsaOps* compiled_level(int level) {
+  switch (level) {
+    case ISA_BASELINE: return &isa_baseline::isa_ops();
+#ifdef PO_LEVEL_AVX2
+    case ISA_AVX2: return &isa_avx2::isa_ops();
+#endif
+#ifdef PO_LEVEL_AVX512
+    case ISA_AVX512: return &isa_avx512::isa_ops();
+#endif
+    default: return nullptr;
+  }
+}
+
+bool usable_level(int level) { return compiled_level(level) != nullptr && missing_features(level).empty(); }
+
+int best_level() {
+  for (int level = ISA_COUNT - 1; level > ISA_BASELINE; --level) {
+    if (usable_level(level)) return level;
+  }
+  return ISA_BASELINE;
+}
+
+bool cpu_has_vbmi() {
+#ifdef PO_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vbmi");
+#else
+  return false;
+#endif
+}
+
+// The level in use (po_select_isa); chosen at po_init() when not selected before.
+std::atomic<int> g_level{-1};
+
+const IsaOps& ops() {
+  int level = g_level.load(std::memory_order_acquire);
+  return *compiled_level(level < 0 ? ISA_BASELINE : level);
+}
 
 constexpr int64_t kUnitElements = 64 * kBlockSize;  // 16384: ~100 KB of traffic per unit
 
@@ -70,16 +162,16 @@ void parallel_units(int64_t units, int32_t num_threads, const Fn& fn) {
 }
 
 const KernelTable* table_for(int32_t algorithm) {
-  switch (algorithm) {
-    case ALGO_ADAM: return &kernels_adam();
-    case ALGO_ADEMAMIX: return &kernels_ademamix();
-    case ALGO_MOMENTUM: return &kernels_momentum();
-    case ALGO_LION: return &kernels_lion();
-    case ALGO_RMSPROP: return &kernels_rmsprop();
-    case ALGO_ADAGRAD: return &kernels_adagrad();
-    default: return nullptr;
-  }
+  if (algorithm < ALGO_ADAM || algorithm > ALGO_ADAGRAD) return nullptr;
+  return ops().kernels[algorithm];
 }
+
+// Number of absmax entries per state value (kernels.h absmax_count()).
+int64_t absmax_count(const po_item& it) {
+  return it.block_wise ? (it.numel + kBlockSize - 1) / kBlockSize : 1;
+}
+
+uint32_t max_u32(uint32_t a, uint32_t b) { return a > b ? a : b; }
 
 int num_states(int32_t algorithm) {
   return (algorithm == ALGO_ADAM || algorithm == ALGO_ADEMAMIX) ? 2 : 1;
@@ -132,25 +224,6 @@ std::vector<int64_t> item_numels(const po_item* items, int64_t count) {
   return numels;
 }
 
-// Sum of squares of the finite elements of one unit of a gradient, in kLanes fixed lanes.
-template <int GE>
-double grad_unit_norm_sq(const void* grad, int64_t begin, int64_t len) {
-  typedef typename Elem<GE>::storage GS;
-  const GS* __restrict__ g = static_cast<const GS*>(grad) + begin;
-  double lanes[kLanes] = {0};
-  alignas(64) float buf[kBlockSize];
-  for (int64_t c = 0; c < len; c += kBlockSize) {
-    const int64_t n = len - c < kBlockSize ? len - c : kBlockSize;
-    for (int64_t i = 0; i < n; ++i) {
-      const float x = Elem<GE>::load(g[c + i]);
-      buf[i] = po_isfinite(x) ? x : 0.0f;
-    }
-    for (int64_t i = n; i < kBlockSize; ++i) buf[i] = 0.0f;
-    accumulate_squares(buf, lanes);
-  }
-  return sum_lanes(lanes);
-}
-
 // Test hook body: float -> fp16/bf16 conversions that differ from `expected` (NaN: any NaN).
 // Integer-only, so it vectorizes (a test sweeps all 2^32 floats).
 template <int ELEM>
@@ -200,6 +273,30 @@ const char* po_required_cpu_flags(void) { return PO_REQUIRED_CPU_FLAGS; }
 
 const char* po_last_error(void) { return t_last_error.c_str(); }
 
+int po_isa(void) {
+  const int level = g_level.load(std::memory_order_acquire);
+  return level < 0 ? best_level() : level;
+}
+
+int po_isa_compiled(int32_t level) { return compiled_level(level) != nullptr ? 1 : 0; }
+
+const char* po_isa_missing_features(int32_t level) {
+  static thread_local std::string missing;
+  missing = missing_features(level);
+  return missing.c_str();
+}
+
+int po_select_isa(int32_t level) {
+  if (level < ISA_BASELINE || level >= ISA_COUNT) {
+    return fail(PO_ERR_ARGUMENT, "level " + std::to_string(level) + " is not 0 (baseline), 1 (avx2) or 2 (avx512)");
+  }
+  if (!compiled_level(level)) return fail(PO_ERR_ARGUMENT, "this library was built without that level");
+  const std::string missing = missing_features(level);
+  if (!missing.empty()) return fail(PO_ERR_ARGUMENT, "this CPU lacks " + missing);
+  g_level.store(level, std::memory_order_release);
+  return PO_OK;
+}
+
 int po_init(const float* qmap_signed, const float* qmap_unsigned, const float* thresholds_signed,
             const float* thresholds_unsigned) {
   return guarded([&]() -> int {
@@ -229,8 +326,11 @@ int po_init(const float* qmap_signed, const float* qmap_unsigned, const float* t
     if (bad) return fail(PO_ERR_ARGUMENT, "po_init: unsigned map too dense for the code table (bucket " + std::to_string(bad) + ")");
     fresh.search[0] = search_constants<true>();
     fresh.search[1] = search_constants<false>();
+    fresh.dequant_vbmi = cpu_has_vbmi() ? 1 : 0;
     fresh.ready = true;
     g_tables = fresh;
+    int expected = -1;
+    g_level.compare_exchange_strong(expected, best_level());
     return PO_OK;
   });
 }
@@ -308,14 +408,11 @@ int po_grad_norm_sq(const void* const* grads, const int64_t* numels, const int32
     }
     const std::vector<Unit> units = make_units(numels, count);
     std::vector<double> partials(units.size(), 0.0);
+    const IsaOps& level = ops();
     parallel_units(static_cast<int64_t>(units.size()), num_threads, [&](int64_t u) {
       const Unit& unit = units[u];
       const void* g = grads[unit.item];
-      switch (dtypes[unit.item]) {
-        case ELEM_F32: partials[u] = grad_unit_norm_sq<ELEM_F32>(g, unit.begin, unit.len); break;
-        case ELEM_F16: partials[u] = grad_unit_norm_sq<ELEM_F16>(g, unit.begin, unit.len); break;
-        default: partials[u] = grad_unit_norm_sq<ELEM_BF16>(g, unit.begin, unit.len); break;
-      }
+      partials[u] = level.grad_norm_sq(dtypes[unit.item], g, unit.begin, unit.len);
     });
     for (int64_t i = 0; i < count; ++i) out[i] = 0.0;
     for (size_t u = 0; u < units.size(); ++u) out[units[u].item] += partials[u];
@@ -335,90 +432,25 @@ int64_t po_check_code_search(int32_t is_signed, uint32_t first_bits, uint32_t la
     t_last_error = "po_check_code_search: the range must be ordered and must not cross the sign bit";
     return -1;
   }
-  // Reference: quantize_value() = fix_code(count_below()). Within one sign the floats are
-  // monotone in bit order (increasing for +, decreasing for -), so count_below is tracked by
-  // a merge scan over the sorted thresholds (binary search at the start of each slice, and
-  // on every 4096th value as a cross-check of the scan itself).
-  const float* t = is_signed ? g_tables.thresholds_signed : g_tables.thresholds_unsigned;
-  const bool negative = (first_bits >> 31) != 0;
-  const int64_t first = first_bits, total = static_cast<int64_t>(last_bits) - first + 1;
-  const int threads = num_threads < 1 ? 1 : num_threads;
-  const int64_t slices = 256;
-  int64_t mismatches = 0;
-  uint32_t earliest = 0xffffffffu;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) reduction(+ : mismatches) reduction(min : earliest)
-  for (int64_t slice = 0; slice < slices; ++slice) {
-    const int64_t lo = first + total * slice / slices, hi = first + total * (slice + 1) / slices;
-    if (lo >= hi) continue;
-    int count = count_below(t, bits_float(static_cast<uint32_t>(lo)));
-    for (int64_t group = lo; group < hi; group += 16) {
-      const int64_t n = hi - group < 16 ? hi - group : 16;
-      float x[16] = {0};
-      uint32_t reference[16], fast[16], simd[16], simd_bounded[16];
-      for (int64_t k = 0; k < n; ++k) {
-        const int64_t b = group + k;
-        x[k] = bits_float(static_cast<uint32_t>(b));
-        if (x[k] != x[k]) {
-          count = 255;  // NaN (count_below's own rule)
-        } else if (!negative) {
-          while (count < 255 && t[count] < x[k]) ++count;
-        } else {
-          while (count > 0 && !(t[count - 1] < x[k])) --count;
-        }
-        if ((b & 4095) == 0 && count != count_below(t, x[k])) count = -1000;  // scan broken: flag everything
-        reference[k] = count < 0 ? 1000u : static_cast<uint32_t>(fix_code(count, x[k], is_signed != 0));
-        fast[k] = is_signed ? lut_quantize_value<true>(g_tables.lut_signed, x[k])
-                            : lut_quantize_value<false>(g_tables.lut_unsigned, x[k]);
-        simd[k] = simd_bounded[k] = fast[k];
-      }
-#ifdef PO_HAVE_AVX512
-      // The kernels' AVX-512 search, also in its bounded form for |x| <= 1.
-      const __m512 v = _mm512_loadu_ps(x);
-      _mm512_storeu_si512(simd, is_signed ? avx512::quantize16<true, false>(v) : avx512::quantize16<false, false>(v));
-      _mm512_storeu_si512(simd_bounded, is_signed ? avx512::quantize16<true, true>(v) : avx512::quantize16<false, true>(v));
-#endif
-      for (int64_t k = 0; k < n; ++k) {
-        const bool bounded = (float_bits(x[k]) & 0x7fffffffu) <= 0x3f800000u;
-        if (reference[k] != fast[k] || reference[k] != (simd[k] & 0xffu) ||
-            (bounded && reference[k] != (simd_bounded[k] & 0xffu))) {
-          ++mismatches;
-          const uint32_t b = static_cast<uint32_t>(group + k);
-          earliest = b < earliest ? b : earliest;
-        }
-      }
-    }
-  }
-  if (first_mismatch) *first_mismatch = earliest;
-  return mismatches;
+  return ops().check_code_search(is_signed, first_bits, last_bits, first_mismatch, num_threads);
 }
 
 int po_dequantize(int32_t is_signed, const uint8_t* codes, int64_t n, float absmax, float* out) {
   if (!g_tables.ready) return fail(PO_ERR_NOT_READY, "po_init() has not succeeded");
-  for (int64_t c = 0; c < n; c += kBlockSize) {
-    const int64_t len = n - c < kBlockSize ? n - c : kBlockSize;
-    if (is_signed) {
-      dequantize_chunk<true>(codes + c, len, absmax, out + c);
-    } else {
-      dequantize_chunk<false>(codes + c, len, absmax, out + c);
-    }
-  }
+  ops().dequantize(is_signed, codes, n, absmax, out);
   return PO_OK;
 }
 
 int po_quantize_normalized(int32_t is_signed, const float* x, uint8_t* codes, int64_t n) {
   if (!g_tables.ready) return fail(PO_ERR_NOT_READY, "po_init() has not succeeded");
-  int64_t i = 0;
-#ifdef PO_HAVE_AVX512
-  for (; i + 16 <= n; i += 16) {  // the kernels' search
-    const __m512 v = _mm512_loadu_ps(x + i);
-    const __m512i c = is_signed ? avx512::quantize16<true, false>(v) : avx512::quantize16<false, false>(v);
-    _mm512_mask_cvtepi32_storeu_epi8(codes + i, 0xffff, c);
-  }
-#endif
-  for (; i < n; ++i) {
-    codes[i] = static_cast<uint8_t>(is_signed ? lut_quantize_value<true>(g_tables.lut_signed, x[i])
-                                              : lut_quantize_value<false>(g_tables.lut_unsigned, x[i]));
-  }
+  ops().quantize_normalized(is_signed, x, codes, n);
+  return PO_OK;
+}
+
+int po_set_dequantize_vbmi(int32_t enable) {
+  if (!g_tables.ready) return fail(PO_ERR_NOT_READY, "po_init() has not succeeded");
+  if (enable && !cpu_has_vbmi()) return fail(PO_ERR_ARGUMENT, "this CPU lacks avx512vbmi");
+  g_tables.dequant_vbmi = enable ? 1 : 0;
   return PO_OK;
 }
 

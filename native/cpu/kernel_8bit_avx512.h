@@ -1,4 +1,4 @@
-// The 8-bit kernel for AVX-512 builds (included by kernels.h, which holds the portable one).
+// The 8-bit kernel of the avx512 level (included by kernels.h, which holds the portable one).
 //
 // Per 256-element chunk (one absmax block), in one sweep over groups of 64 elements:
 //   * the update: update.h's math instantiated on 16-lane vectors (simd_vec.h), reading the
@@ -19,8 +19,7 @@
 
 #include "simd_vec.h"
 
-namespace pagedopt {
-namespace cpu {
+PO_ISA_BEGIN
 namespace avx512 {
 
 // How one state value of one chunk is requantized (quant.h normalize()).
@@ -256,6 +255,5 @@ void unit_8bit(const po_item& it, int64_t begin, int64_t len, UnitPartial& out) 
 }
 
 }  // namespace avx512
-}  // namespace cpu
-}  // namespace pagedopt
+PO_ISA_END
 #endif

@@ -1,12 +1,15 @@
 // The fused CPU kernels: one pass over a contiguous range ("unit") of one parameter.
+// Compiled once per instruction-set level (isa.h); everything here lives in that level's
+// namespace.
 //
 // All per-element math comes from native/include/pagedopt (shared with the CUDA kernels);
 // this file only arranges the loops:
-//   * 8-bit state, per 256-element chunk (= one absmax block). AVX-512 builds run
+//   * 8-bit state, per 256-element chunk (= one absmax block). The avx512 level runs
 //     kernel_8bit_avx512.h: the update.h math instantiated on 16-lane vectors (simd_vec.h),
 //     block maxima taken in the same loop, and the requantization of the previous chunk
 //     interleaved with the update of this one (the update waits on the divider, the code
-//     search on the vector ALUs). Other builds run the portable loops below: dequantize each
+//     search on the vector ALUs). The other levels run the portable loops below (avx2 with
+//     explicit gathers, simd_avx2.h): dequantize each
 //     state into a small local buffer; pass 1 updates the buffers and writes the parameter;
 //     the block's new max |value| is taken as integer bit patterns (exact, order
 //     independent); pass 2 requantizes the buffers with the new absmax. Either way a chunk
@@ -26,12 +29,13 @@
 #include "pagedopt/convert.h"
 #include "pagedopt/quant.h"
 #include "pagedopt/update.h"
+#include "kernel_table.h"
 #include "pagedopt_cpu.h"
+#include "simd_avx2.h"
 #include "simd_avx512.h"
 #include "tables.h"
 
-namespace pagedopt {
-namespace cpu {
+PO_ISA_BEGIN
 
 constexpr int kLanes = 8;  // float64 accumulators per partial norm
 
@@ -42,22 +46,6 @@ constexpr int kLanes = 8;  // float64 accumulators per partial norm
 #else
 #define PO_WIDE_VECTORS
 #endif
-
-// A unit's contribution to an item's prepare result / gradient norm.
-struct UnitPartial {
-  uint32_t max_bits[3];  // max magnitude bits (as uint32) of each updated state value
-  double unorm_sq;
-  double pnorm_sq;
-};
-
-enum Mode { MODE_UPDATE = 0, MODE_PREPARE = 1 };
-
-typedef void (*UnitFn)(const po_item& item, int64_t begin, int64_t len, UnitPartial& out);
-
-// fn[quantized][param dtype][grad dtype][mode]
-struct KernelTable {
-  UnitFn fn[2][3][3][2];
-};
 
 // Number of absmax entries per state value.
 inline int64_t absmax_count(const po_item& it) {
@@ -85,6 +73,18 @@ inline float given_absmax(const po_item& it, int j) {
 }
 
 inline uint32_t magnitude_bits(float x) { return float_bits(x) & 0x7fffffffu; }
+
+// keep ? updated : raw, as a bitwise select of the stored bits. (Written as `p[i] = keep ?
+// x : p[i]`, GCC turns the loop's store into a masked store - AVX vmaskmovps - which AMD CPUs
+// run microcoded, many times slower than a plain store; the avx2 level lost 2x to it on Zen 4.)
+inline float keep_or_raw(bool keep, float updated, float raw) {
+  const uint32_t mask = 0u - static_cast<uint32_t>(keep);
+  return bits_float((float_bits(updated) & mask) | (float_bits(raw) & ~mask));
+}
+inline uint16_t keep_or_raw(bool keep, uint16_t updated, uint16_t raw) {
+  const uint16_t mask = static_cast<uint16_t>(0u - static_cast<uint32_t>(keep));
+  return static_cast<uint16_t>((updated & mask) | (raw & static_cast<uint16_t>(~mask)));
+}
 inline uint32_t max_u32(uint32_t a, uint32_t b) { return a > b ? a : b; }
 
 // Everything one element's update produces (kept = the element was not skipped). T is float,
@@ -131,7 +131,7 @@ inline double sum_lanes(const double* lanes) {
   return total;
 }
 
-// ---- 8-bit state, portable loops (builds without AVX-512) ---------------------------------
+// ---- 8-bit state, portable loops (the avx2 and baseline levels) ----------------------------
 
 // Requantize n fresh values with scale `absmax` into codes (quantization.py rules: the code
 // of x * (1 / absmax) - or of x / absmax outside the reciprocal range, or of 0 when absmax is
@@ -146,6 +146,10 @@ __attribute__((noinline)) void requantize(const float* __restrict__ fresh, int64
   alignas(64) uint32_t local[kBlockSize];
   if (uses_reciprocal(absmax)) {
     const float inv_absmax = absmax_reciprocal(absmax);
+#ifdef PO_HAVE_AVX2
+    avx2::quantize_scaled<SIGNED>(fresh, n, inv_absmax, codes);
+    return;
+#endif
     for (int64_t i = 0; i < n; ++i) local[i] = lut_quantize_value<SIGNED>(table, fresh[i] * inv_absmax);
   } else {
     // Subnormal, huge, zero or NaN absmax (rare): normalize() divides or gives 0.
@@ -169,8 +173,10 @@ inline float dequantize_code(uint8_t code, float absmax) {
 // Dequantize one chunk of codes into out (dequantize_value, quant.h).
 template <bool SIGNED>
 inline void dequantize_chunk(const uint8_t* __restrict__ codes, int64_t n, float absmax, float* __restrict__ out) {
-#ifdef PO_HAVE_AVX512_VBMI
+#if defined(PO_HAVE_AVX512)
   avx512::dequantize<SIGNED>(codes, n, absmax, out);
+#elif defined(PO_HAVE_AVX2)
+  avx2::dequantize<SIGNED>(codes, n, absmax, out);
 #else
   for (int64_t i = 0; i < n; ++i) out[i] = dequantize_code<SIGNED>(codes[i], absmax);
 #endif
@@ -196,7 +202,7 @@ PO_WIDE_VECTORS void chunk_8bit_pass1(typename Elem<PE>::storage* __restrict__ p
     if (NV > 1) f1[i] = o.v1;
     if (NV > 2) f2[i] = o.v2;
     if (MODE == MODE_UPDATE) {
-      pp[i] = o.keep ? Elem<PE>::store(o.p) : p_raw;
+      pp[i] = keep_or_raw(o.keep, Elem<PE>::store(o.p), p_raw);
     } else {
       dir[i] = o.d;
       pold[i] = p;
@@ -308,13 +314,11 @@ void unit_8bit_portable(const po_item& it, int64_t begin, int64_t len, UnitParti
   }
 }
 
-}  // namespace cpu
-}  // namespace pagedopt
+PO_ISA_END
 
 #include "kernel_8bit_avx512.h"  // the AVX-512 8-bit kernel, built on the helpers above
 
-namespace pagedopt {
-namespace cpu {
+PO_ISA_BEGIN
 
 // ---- 32-bit state --------------------------------------------------------------------------
 
@@ -333,7 +337,7 @@ inline void range_32bit_update(typename Elem<PE>::storage* __restrict__ pp,
     s0[i] = o.v0;
     if (NV > 1) s1[i] = o.v1;
     if (NV > 2) s2[i] = o.v2;
-    pp[i] = o.keep ? Elem<PE>::store(o.p) : p_raw;
+    pp[i] = keep_or_raw(o.keep, Elem<PE>::store(o.p), p_raw);
   }
 }
 
@@ -432,5 +436,7 @@ const KernelTable& kernels_lion();
 const KernelTable& kernels_rmsprop();
 const KernelTable& kernels_adagrad();
 
-}  // namespace cpu
-}  // namespace pagedopt
+// This level's entry point (isa_ops.cpp).
+const IsaOps& isa_ops();
+
+PO_ISA_END

@@ -1,13 +1,12 @@
-// Kernel instantiations for ALGO_MOMENTUM (one translation unit per algorithm: parallel builds).
+// Kernel instantiations for ALGO_MOMENTUM at one instruction-set level (one translation unit per
+// algorithm and level: parallel builds; see isa.h).
 #include "kernels.h"
 
-namespace pagedopt {
-namespace cpu {
+PO_ISA_BEGIN
 
 const KernelTable& kernels_momentum() {
   static const KernelTable table = make_kernel_table<ALGO_MOMENTUM>();
   return table;
 }
 
-}  // namespace cpu
-}  // namespace pagedopt
+PO_ISA_END

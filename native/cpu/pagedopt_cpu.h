@@ -12,7 +12,7 @@
 extern "C" {
 #endif
 
-#define PO_ABI_VERSION 2  // 2: StepScalars carries reciprocal bias corrections
+#define PO_ABI_VERSION 3  // 2: StepScalars carries reciprocal bias corrections; 3: ISA levels
 
 // The library is built with -fvisibility=hidden: only these entry points are exported.
 #define PO_API __attribute__((visibility("default")))
@@ -61,6 +61,14 @@ PO_API const char* po_build_info(void);
 PO_API const char* po_required_cpu_flags(void);
 PO_API const char* po_last_error(void);
 
+// Instruction-set levels (0 baseline, 1 avx2, 2 avx512; native/cpu/isa.h). The library holds
+// the kernels compiled for each level it was built with and runs one of them: the best level
+// this CPU supports, unless po_select_isa() chose another.
+PO_API int po_isa(void);                                  // the level in use
+PO_API int po_isa_compiled(int32_t level);                // 1 when built into this library
+PO_API const char* po_isa_missing_features(int32_t level);  // CPU features it needs that this CPU lacks
+PO_API int po_select_isa(int32_t level);                  // error when not compiled or unsupported
+
 // Install the dynamic maps (256 values) and their decision thresholds (255 values) that every
 // later call uses. Idempotent; fails when the fast code tables cannot represent the maps.
 PO_API int po_init(const float* qmap_signed, const float* qmap_unsigned, const float* thresholds_signed,
@@ -86,6 +94,9 @@ PO_API int po_grad_norm_sq(const void* const* grads, const int64_t* numels, cons
 // *first_mismatch gets the first mismatching bit pattern.
 PO_API int64_t po_check_code_search(int32_t is_signed, uint32_t first_bits, uint32_t last_bits,
                              uint32_t* first_mismatch, int32_t num_threads);
+// The avx512 level dequantizes with AVX-512 VBMI where the CPU has it (default), else with
+// F-only permutes; 0 forces the permutes (a test hook; an error to enable without VBMI).
+PO_API int po_set_dequantize_vbmi(int32_t enable);
 // The kernels' dequantization (qmap[code] * absmax) of n codes.
 PO_API int po_dequantize(int32_t is_signed, const uint8_t* codes, int64_t n, float absmax, float* out);
 // Codes of normalized values through the table search (n values).

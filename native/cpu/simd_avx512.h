@@ -1,8 +1,8 @@
 // AVX-512 versions of the 8-bit state hot loops (code search, dequantization). They compute
 // exactly what the portable code in code_lut.h / kernels.h computes (same integer table
 // search, same products); they exist because GCC's auto-vectorized code for these loops
-// issues about twice the instructions. Compiled only when the target has AVX-512
-// F/BW/VL/DQ (and VBMI for the byte-table dequantization); kernels.h falls back otherwise.
+// issues about twice the instructions. Compiled only at the avx512 level (F/BW/VL/DQ/CD, see
+// isa.h); the VBMI dequantization is chosen at run time; kernels.h falls back otherwise.
 #pragma once
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
@@ -14,11 +14,11 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
+#include "isa.h"
 #include "pagedopt/code_lut.h"
 #include "tables.h"
 
-namespace pagedopt {
-namespace cpu {
+PO_ISA_BEGIN
 namespace avx512 {
 
 // Code search for 16 normalized values (code_lut.h lut_quantize_value(), lane for lane): the
@@ -48,16 +48,13 @@ inline __m512i code_bits(__m512 q) {
 }
 
 // The top bytes of four vectors of code_bits() (64 codes, in order) as one vector of bytes.
+// (AVX-512 BW: the packs work per 128-bit lane, so lane L ends up holding dword L of each
+// input; one dword permute puts them back in order.)
 inline __m512i pack_codes(__m512i c0, __m512i c1, __m512i c2, __m512i c3) {
-  alignas(64) static const uint8_t kTopBytes[64] = {
-      3, 7, 11, 15, 19, 23, 27, 31, 35, 39, 43, 47, 51, 55, 59, 63,
-      67, 71, 75, 79, 83, 87, 91, 95, 99, 103, 107, 111, 115, 119, 123, 127,
-      3, 7, 11, 15, 19, 23, 27, 31, 35, 39, 43, 47, 51, 55, 59, 63,
-      67, 71, 75, 79, 83, 87, 91, 95, 99, 103, 107, 111, 115, 119, 123, 127};
-  const __m512i top = _mm512_load_si512(kTopBytes);
-  const __m512i c01 = _mm512_permutex2var_epi8(c0, top, c1);  // bytes 0..31 (and again 32..63)
-  const __m512i c23 = _mm512_permutex2var_epi8(c2, top, c3);
-  return _mm512_inserti64x4(c01, _mm512_castsi512_si256(c23), 1);
+  const __m512i a = _mm512_packus_epi32(_mm512_srli_epi32(c0, 24), _mm512_srli_epi32(c1, 24));
+  const __m512i b = _mm512_packus_epi32(_mm512_srli_epi32(c2, 24), _mm512_srli_epi32(c3, 24));
+  const __m512i bytes = _mm512_packus_epi16(a, b);  // lane L: dwords c0[L], c1[L], c2[L], c3[L]
+  return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), bytes);
 }
 
 // Codes of 16 normalized values, one per 32-bit lane (test hooks).
@@ -66,16 +63,16 @@ inline __m512i quantize16(__m512 q) {
   return _mm512_srli_epi32(code_bits<SIGNED, BOUNDED>(q), 24);
 }
 
-#ifdef __AVX512VBMI__
-#define PO_HAVE_AVX512_VBMI 1
-
-// out[i] = qmap[codes[i]] * absmax for i < n (dequantize_value, quant.h). Per 64 codes: each
-// of the 4 bytes of the 64 map values comes from two 128-entry byte-table permutes; byte
-// unpacking then assembles the floats. The unpacks work within 128-bit lanes, so the codes
-// are first permuted (position 16L + 4j + t <- 16j + 4L + t) to make the floats come out in
-// element order.
+// out[i] = qmap[codes[i]] * absmax for i < n (dequantize_value, quant.h), AVX-512 VBMI (Intel
+// Ice Lake and later, AMD Zen 4): per 64 codes, each of the 4 bytes of the 64 map values comes
+// from two 128-entry byte-table permutes; byte unpacking then assembles the floats. The
+// unpacks work within 128-bit lanes, so the codes are first permuted (position 16L + 4j + t
+// <- 16j + 4L + t) to make the floats come out in element order. Compiled for VBMI by a
+// function attribute (the level's own flags stop at F/BW/VL/DQ/CD); called only where the
+// CPU has it (Tables::dequant_vbmi).
 template <bool SIGNED>
-inline void dequantize(const uint8_t* codes, int64_t n, float absmax, float* out) {
+__attribute__((target("avx512vbmi"), noinline)) void dequantize_vbmi(const uint8_t* codes, int64_t n, float absmax,
+                                                                     float* out) {
   const uint8_t(*planes)[256] = SIGNED ? g_tables.qmap_planes_signed : g_tables.qmap_planes_unsigned;
   __m512i table[4][4];
   for (int k = 0; k < 4; ++k) {
@@ -112,11 +109,44 @@ inline void dequantize(const uint8_t* codes, int64_t n, float absmax, float* out
     }
   }
 }
-#endif
+
+// The same with AVX-512 F only (Skylake/Cascade Lake servers): the 256 map values sit in 16
+// registers; vpermt2ps looks up 32 of them per instruction (code bits 0-4), and code bits 5, 6
+// and 7 pick among the 8 results with three levels of blends. No gather.
+template <bool SIGNED>
+__attribute__((noinline)) void dequantize_permute(const uint8_t* codes, int64_t n, float absmax, float* out) {
+  const float* qmap = SIGNED ? g_tables.qmap_signed : g_tables.qmap_unsigned;
+  __m512 t[16];
+  for (int k = 0; k < 16; ++k) t[k] = _mm512_load_ps(qmap + 16 * k);
+  const __m512 scale = _mm512_set1_ps(absmax);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 live = n - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __m512i c = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, codes + i));
+    __m512 r[8];
+    for (int k = 0; k < 8; ++k) r[k] = _mm512_permutex2var_ps(t[2 * k], c, t[2 * k + 1]);
+    const __mmask16 b5 = _mm512_test_epi32_mask(c, _mm512_set1_epi32(32));
+    const __mmask16 b6 = _mm512_test_epi32_mask(c, _mm512_set1_epi32(64));
+    const __mmask16 b7 = _mm512_test_epi32_mask(c, _mm512_set1_epi32(128));
+    __m512 a[4];
+    for (int k = 0; k < 4; ++k) a[k] = _mm512_mask_blend_ps(b5, r[2 * k], r[2 * k + 1]);
+    const __m512 lo = _mm512_mask_blend_ps(b6, a[0], a[1]);
+    const __m512 hi = _mm512_mask_blend_ps(b6, a[2], a[3]);
+    const __m512 v = _mm512_mul_ps(_mm512_mask_blend_ps(b7, lo, hi), scale);
+    _mm512_mask_storeu_ps(out + i, live, v);
+  }
+}
+
+template <bool SIGNED>
+inline void dequantize(const uint8_t* codes, int64_t n, float absmax, float* out) {
+  if (g_tables.dequant_vbmi) {
+    dequantize_vbmi<SIGNED>(codes, n, absmax, out);
+  } else {
+    dequantize_permute<SIGNED>(codes, n, absmax, out);
+  }
+}
 
 }  // namespace avx512
-}  // namespace cpu
-}  // namespace pagedopt
+PO_ISA_END
 
 #pragma GCC diagnostic pop
 #endif

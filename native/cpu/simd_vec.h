@@ -19,8 +19,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
-namespace pagedopt {
-namespace cpu {
+PO_ISA_BEGIN
 
 // The float versions stay visible next to the vector overloads below.
 using pagedopt::po_isfinite;
@@ -92,8 +91,7 @@ inline VecF po_sign(VecF x) {
   return VecF{_mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(x.v, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_set1_ps(-1.0f))};
 }
 
-}  // namespace cpu
-}  // namespace pagedopt
+PO_ISA_END
 
 #pragma GCC diagnostic pop
 #endif

@@ -34,15 +34,11 @@ struct Tables {
   alignas(64) uint32_t lut_signed[CodeLut<true>::kEntries];
   alignas(64) uint32_t lut_unsigned[CodeLut<false>::kEntries];
   SearchConstants search[2];  // [signed ? 0 : 1]
+  int32_t dequant_vbmi;       // the avx512 level dequantizes with VBMI (the CPU has it)
   bool ready;
 };
 
 extern Tables g_tables;
-
-template <bool SIGNED>
-inline const uint32_t* lut() {
-  return SIGNED ? g_tables.lut_signed : g_tables.lut_unsigned;
-}
 
 }  // namespace cpu
 }  // namespace pagedopt

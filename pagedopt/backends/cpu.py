@@ -1,7 +1,11 @@
 """The native CPU backend: fused C++/OpenMP kernels (``native/cpu``) behind ctypes.
 
 The package install compiles ``native/cpu`` into ``libpagedopt_cpu.so`` next to this file
-(see ``setup.py``). Importing :mod:`pagedopt` registers :func:`load` for CPU tensors with
+(see ``setup.py``): one library for every x86-64 CPU, holding the kernels compiled once per
+instruction-set level (``avx512``, ``avx2``, ``baseline``). It runs the best level this CPU
+supports; ``PAGEDOPT_CPU_ISA=avx2`` (or ``baseline``) selects a lower one, and asking for a
+level the CPU lacks is an error naming the missing features. Every level computes the same
+bits. :func:`native_info` reports what is in use (``pagedopt env`` shows it). Importing :mod:`pagedopt` registers :func:`load` for CPU tensors with
 :func:`pagedopt.functional.dispatch.register_backend`; the first CPU step loads the library.
 When it is missing, was built for another CPU, or fails to load, pagedopt keeps working on
 the pure-torch reference path and warns once with the reason and how to rebuild.
@@ -21,6 +25,8 @@ Example:
     >>> lib = cpu.library()          # None when the native library is unavailable
     >>> lib is None or lib.abi_version == cpu.ABI_VERSION
     True
+    >>> sorted(cpu.native_info())
+    ['available', 'isa', 'native_library', 'reason', 'threads']
 """
 
 from __future__ import annotations
@@ -43,9 +49,11 @@ from ..functional.quantization import num_blocks
 from ..functional.scalars import StepScalars
 from . import install_info
 
-ABI_VERSION = 2  # PO_ABI_VERSION in native/cpu/pagedopt_cpu.h
+ABI_VERSION = 3  # PO_ABI_VERSION in native/cpu/pagedopt_cpu.h
 LIBRARY_FILE = "libpagedopt_cpu.so"
 LIBRARY_ENV = "PAGEDOPT_CPU_LIBRARY"  # load this file instead of the packaged one
+ISA_ENV = "PAGEDOPT_CPU_ISA"  # run this instruction-set level instead of the best one
+ISA_LEVELS = ("baseline", "avx2", "avx512")  # index = level id of native/cpu/isa.h
 
 # torch dtype -> ElemType of native/include/pagedopt/common.h
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -57,6 +65,10 @@ class NativeUnavailable(RuntimeError):
 
 class NativeError(RuntimeError):
     """A native call rejected its arguments or failed (the message is the library's)."""
+
+
+class CpuIsaError(ValueError):
+    """``PAGEDOPT_CPU_ISA`` names an unknown level, or one this CPU or library lacks."""
 
 
 # ---- C structs (mirror native/cpu/pagedopt_cpu.h) ------------------------------------------
@@ -154,6 +166,46 @@ class NativeLibrary:
         if missing:
             raise NativeUnavailable(f"{path} was built for a CPU with {', '.join(missing)}, which this CPU lacks")
         self._init_tables()
+        requested = os.environ.get(ISA_ENV, "").strip().lower()
+        if requested:
+            self.select_isa(requested, source=ISA_ENV)
+
+    # ---- instruction-set levels -----------------------------------------------------------
+
+    @property
+    def isa(self) -> str:
+        """The instruction-set level the kernels run at (``avx512``, ``avx2`` or ``baseline``)."""
+        return ISA_LEVELS[int(self._lib.po_isa())]
+
+    def compiled_isas(self) -> list[str]:
+        """The levels built into this library, best first."""
+        return [name for i, name in reversed(list(enumerate(ISA_LEVELS))) if self._lib.po_isa_compiled(i)]
+
+    def missing_cpu_features(self, level: str) -> list[str]:
+        """CPU features the level needs that this CPU lacks (empty: it can run)."""
+        return self._lib.po_isa_missing_features(ISA_LEVELS.index(level)).decode().split()
+
+    def supported_isas(self) -> list[str]:
+        """The levels this library can run on this CPU, best first."""
+        return [name for name in self.compiled_isas() if not self.missing_cpu_features(name)]
+
+    def select_isa(self, level: str, source: str = "select_isa") -> None:
+        """Run the kernels at ``level`` from now on (process-wide; results are the same bits).
+
+        Raises :class:`CpuIsaError` naming ``source`` (the variable or argument that asked) for
+        an unknown level, one this library was built without, or one this CPU lacks.
+        """
+        if level not in ISA_LEVELS:
+            raise CpuIsaError(f"{source}={level!r}: unknown instruction-set level; expected one of "
+                              f"{', '.join(reversed(ISA_LEVELS))}")
+        if level not in self.compiled_isas():
+            raise CpuIsaError(f"{source}={level}: {self.path} was built without the {level} level (built: "
+                              f"{', '.join(self.compiled_isas())}); rebuild without PAGEDOPT_CPU_LEVELS")
+        missing = self.missing_cpu_features(level)
+        if missing:
+            raise CpuIsaError(f"{source}={level}: this CPU lacks the {level} level (missing CPU features: "
+                              f"{', '.join(missing)}); levels this CPU supports: {', '.join(self.supported_isas())}")
+        self.check(self._lib.po_select_isa(ISA_LEVELS.index(level)), "select_isa")
 
     def _declare(self) -> None:
         lib = self._lib
@@ -163,6 +215,11 @@ class NativeLibrary:
             "po_build_info": (ctypes.c_char_p, []),
             "po_required_cpu_flags": (ctypes.c_char_p, []),
             "po_last_error": (ctypes.c_char_p, []),
+            "po_isa": (c_int, []),
+            "po_isa_compiled": (c_int, [ctypes.c_int32]),
+            "po_isa_missing_features": (ctypes.c_char_p, [ctypes.c_int32]),
+            "po_select_isa": (c_int, [ctypes.c_int32]),
+            "po_set_dequantize_vbmi": (c_int, [ctypes.c_int32]),
             "po_init": (c_int, [vp, vp, vp, vp]),
             "po_update": (c_int, [ctypes.c_int32, vp, c_i64, ctypes.c_int32]),
             "po_prepare": (c_int, [ctypes.c_int32, vp, c_i64, ctypes.c_int32, vp, ctypes.c_int32]),
@@ -222,7 +279,11 @@ def _warn_unavailable(reason: str) -> None:
 
 
 def library() -> NativeLibrary | None:
-    """The loaded native library (loaded once per process), or None when it is unavailable."""
+    """The loaded native library (loaded once per process), or None when it is unavailable.
+
+    Raises :class:`CpuIsaError` when ``PAGEDOPT_CPU_ISA`` asks for a level that cannot run here
+    (a configuration error, not a missing build: it is not hidden behind the fallback).
+    """
     global _library, _failure
     with _lock:
         if _library is None and _failure is None:
@@ -236,6 +297,30 @@ def library() -> NativeLibrary | None:
 def unavailable_reason() -> str | None:
     """Why the native library could not be loaded (None when it loaded or was not tried)."""
     return _failure
+
+
+def native_info() -> dict:
+    """What the CPU backend runs: the keys ``isa`` (``"avx512"``, ``"avx2"``, ``"baseline"``, or
+    None without a library), ``native_library`` (path or None), ``available``, ``reason`` (why
+    not, else None) and ``threads`` (``torch.get_num_threads()``, the kernels' thread count).
+
+    Example:
+        >>> info = native_info()
+        >>> info["isa"] in ("avx512", "avx2", "baseline", None) and isinstance(info["threads"], int)
+        True
+    """
+    info: dict = {"isa": None, "native_library": None, "available": False, "reason": None,
+                  "threads": torch.get_num_threads()}
+    try:
+        lib = library()
+    except CpuIsaError as e:
+        info["reason"] = str(e)
+        return info
+    if lib is None:
+        info["reason"] = unavailable_reason() or "unknown reason"
+        return info
+    info.update(isa=lib.isa, native_library=str(lib.path), available=True)
+    return info
 
 
 def load() -> "CpuBackend | None":

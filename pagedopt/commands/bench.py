@@ -35,6 +35,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds per candidate (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per candidate before timing")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--isa", choices=("avx512", "avx2", "baseline"), default=None,
+                        help="instruction-set level of pagedopt's CPU kernels (default: the best this CPU "
+                             "supports; the same as PAGEDOPT_CPU_ISA)")
     parser.add_argument("--numel", type=int, default=None, help="case a: tensor size (default 33554432)")
     parser.add_argument("--layers", type=int, default=12, help="case b: transformer layers (default 12)")
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
@@ -60,7 +63,21 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(bench.known_optimizers())}")
     except ValueError as e:
         raise SystemExit(f"pagedopt bench: --optimizers: {e}") from None
+    from ..backends import cpu
+
+    if args.isa is not None:
+        try:
+            lib = cpu.library()
+            if lib is None:
+                raise SystemExit(f"pagedopt bench: --isa: the native CPU library is unavailable "
+                                 f"({cpu.unavailable_reason()})")
+            lib.select_isa(args.isa, source="--isa")
+        except cpu.CpuIsaError as e:
+            raise SystemExit(f"pagedopt bench: {e}") from None
     cases = ("a", "b") if args.case == "all" else (args.case,)
-    bench.run(cases, optimizers, args.repeats, args.warmup, args.numel or bench.DEFAULT_NUMEL, args.layers,
-              json_path=args.json)
+    try:
+        bench.run(cases, optimizers, args.repeats, args.warmup, args.numel or bench.DEFAULT_NUMEL, args.layers,
+                  json_path=args.json)
+    except cpu.CpuIsaError as e:  # PAGEDOPT_CPU_ISA names a level this CPU cannot run
+        raise SystemExit(f"pagedopt bench: {e}") from None
     return 0

@@ -99,29 +99,10 @@ def _cpu_info() -> dict[str, Any]:
     from ..backends import cpu
     from ..functional import dispatch
 
-    native_info = getattr(cpu, "native_info", None)
-    info = dict(native_info()) if native_info is not None else _native_info_today(cpu)
+    info = dict(cpu.native_info())
     info.setdefault("threads", torch.get_num_threads())
     info["backend"] = dispatch.backend_for(torch.device("cpu")).name
     return info
-
-
-def _native_info_today(cpu: Any) -> dict[str, Any]:
-    """``native_info()`` derived from what ``backends/cpu.py`` exposes without it."""
-    import torch
-
-    lib = cpu.library()
-    if lib is None:
-        return {
-            "isa": None, "native_library": None, "available": False,
-            "reason": cpu.unavailable_reason(), "threads": torch.get_num_threads(),
-        }
-    flags = set(lib.required_cpu_flags)
-    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "baseline"
-    return {
-        "isa": isa, "native_library": str(lib.path), "available": True, "reason": None,
-        "threads": torch.get_num_threads(), "build": lib.build_info,
-    }
 
 
 # --- CUDA -------------------------------------------------------------------------------------

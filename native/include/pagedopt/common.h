@@ -11,7 +11,10 @@
 #define PO_HD __host__ __device__ __forceinline__
 #define PO_DEVICE_CODE 1
 #else
-#define PO_HD inline
+// Always inlined on the CPU too: the CPU library compiles its kernels once per instruction-set
+// level (native/cpu/isa.h), and an out-of-line copy of one of these functions compiled with
+// AVX-512 flags could otherwise be picked by the linker for the generic code as well.
+#define PO_HD inline __attribute__((always_inline))
 #endif
 
 #if defined(__CUDACC_RTC__)
