@@ -122,12 +122,14 @@ def test_a_broken_probe_is_reported_not_raised(cache, monkeypatch, capsys):
     assert "simulated" in capsys.readouterr().out
 
 
-def test_native_info_fallback_without_the_library(cache, monkeypatch):
+def test_native_info_without_the_library(cache, monkeypatch):
     monkeypatch.setattr(cpu_backend, "library", lambda: None)
     monkeypatch.setattr(cpu_backend, "unavailable_reason", lambda: "x.so does not exist")
-    info = env._native_info_today(cpu_backend)
+    info = cpu_backend.native_info()
     assert info == {"isa": None, "native_library": None, "available": False, "reason": "x.so does not exist",
                     "threads": torch.get_num_threads()}
+    report = env._cpu_info()
+    assert report["isa"] is None and report["reason"] == "x.so does not exist"
 
 
 def test_version_is_single_sourced(capsys):
