@@ -91,6 +91,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     run.add_argument("--memory-limit", metavar="BYTES",
                      help="device memory the job may use, e.g. 24GiB: caps torch's allocator and the pager's "
                           "device budget together, guards steps against OOM, prints the memory plan and peak")
+    run.add_argument("--update-in-backward", action="store_true",
+                     help="update each parameter as soon as backward has its gradient and free the gradient "
+                          "(lower peak memory; needs --max-grad-norm 0, percentile clipping still works)")
     run.add_argument("--distributed", choices=MODES,
                      help="data parallelism under torchrun: 'ddp' (DistributedDataParallel) or 'fsdp' (FSDP2 "
                           "fully_shard, sharded optimizer state); e.g. torchrun --nproc-per-node 8 -m pagedopt "

@@ -132,6 +132,9 @@ class TrainConfig:
         device: ``"auto"`` (CUDA when available, else CPU) or a torch device string.
         amp: ``"bf16"`` runs forward/backward under bfloat16 autocast; ``"none"`` is fp32.
         compile: wrap the model with ``torch.compile``.
+        update_in_backward: update each parameter inside ``loss.backward()`` as soon as its
+            gradient is ready and free the gradient (:mod:`pagedopt.optim.backward_update`);
+            needs ``max_grad_norm=0`` and a pagedopt optimizer, not with FSDP2.
         seed: seeds parameters, batch sampling and everything else random.
         data: a text file or directory (read recursively, ``data_glob``); ``None`` is the
             running interpreter's standard library source.
@@ -201,6 +204,7 @@ class TrainConfig:
     resume: str | None = None
     # -- memory (pagedopt.train.memory) --
     memory_limit: int | str | None = None
+    update_in_backward: bool = False  # update each parameter in backward, free its gradient at once
 
     def __post_init__(self) -> None:
         self._file = self._load_config_file()
@@ -234,6 +238,7 @@ class TrainConfig:
         if self.weight_decay is not None:
             _finite_float("weight_decay", self.weight_decay, low=0.0)
         _finite_float("max_grad_norm", self.max_grad_norm, low=0.0)
+        self._check_update_in_backward()
         _finite_float("min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
         _finite_float("val_fraction", self.val_fraction, low=0.0, high=1.0)
         if not 0.0 < self.val_fraction < 1.0:
@@ -290,6 +295,21 @@ class TrainConfig:
         if self.weight_decay is None:
             argument = constructor_arguments(get_optimizer_class(self.optimizer)).get("weight_decay")
             self.weight_decay = given.get("weight_decay", argument.default if argument is not None else 0.0)
+
+    def _check_update_in_backward(self) -> None:
+        """``update_in_backward`` frees each gradient as soon as its parameter is updated, so
+        nothing that needs every gradient at once can run (pagedopt.optim.backward_update)."""
+        if not self.update_in_backward:
+            return
+        if self.optimizer == TORCH_BASELINE:
+            raise TrainConfigError("update_in_backward", True, f"needs a pagedopt optimizer, not {TORCH_BASELINE}")
+        if self.max_grad_norm > 0:
+            raise TrainConfigError(
+                "update_in_backward", True,
+                "global gradient-norm clipping (max_grad_norm > 0) needs every gradient at once; set "
+                "max_grad_norm to 0 (--max-grad-norm 0): percentile clipping still works per parameter")
+        if self.distributed == "fsdp":
+            raise TrainConfigError("update_in_backward", True, "is not supported with FSDP2 (DTensor) parameters")
 
     def _check_checkpoint_settings(self) -> None:
         for name in ("checkpoint_dir", "resume"):

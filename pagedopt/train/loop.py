@@ -191,6 +191,8 @@ def _train(config: TrainConfig, runtime: DistributedRun, callbacks: Sequence[Cal
     model = build_model(config, runtime)
     train_model = wrap_model(model, config, runtime)
     optimizer = optimizer_factory(model, config)
+    if config.update_in_backward:  # updates happen inside loss.backward(); step() finds nothing left
+        optimizer.update_in_backward = True
     memory_job = None
     if config.memory_limit is not None:  # --memory-limit: see pagedopt/train/memory.py
         from .memory import MemoryJob
