@@ -63,7 +63,7 @@ def test_nesting_depth_is_capped(tmp_path, suffix):
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
 def test_rule_count_is_capped(tmp_path, monkeypatch, suffix):
-    monkeypatch.setattr(load, "MAX_RULES", 5)
+    monkeypatch.setattr(files, "MAX_RULES", 5)
     doc = {"optimizer": {"name": "AdamW8bit"},
            "overrides": [{"match": f"layer{i}.*", "set": {"lr": 1e-4}} for i in range(6)]}
     path = tmp_path / f"rules{suffix}"

@@ -13,7 +13,7 @@ aliases can make a few hundred bytes expand to billions of values - "billion lau
 - a YAML document expands to at most :data:`MAX_NODES` (4 million) values, counting every
   use of an anchor as a copy of what it names (the expansion is counted on the parsed node
   graph, shared parts once, before anything is built);
-- the ``overrides`` list holds at most :data:`pagedopt.config.load.MAX_RULES` rules.
+- the ``overrides`` list holds at most :data:`MAX_RULES` rules.
 
 Each limit raises :class:`~pagedopt.config.errors.ConfigError` naming the file (and the line
 of the alias or the key path). YAML is parsed by libyaml's C parser when PyYAML has it.
@@ -41,6 +41,7 @@ SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".json": "json"}
 MAX_FILE_BYTES = 64 * 2**20
 MAX_DEPTH = 64
 MAX_NODES = 4_000_000
+MAX_RULES = 10_000  # override rules in one file (each is matched against every parameter name)
 
 
 def read_document(path: str | os.PathLike[str]) -> Any:
@@ -147,10 +148,9 @@ def check_node_graph(root: Any) -> None:
 
 def _check_rule_count(root: Any) -> None:
     """Refuse an over-long ``overrides`` list before building it (the limit is
-    :data:`pagedopt.config.load.MAX_RULES`; checked again on the built document)."""
+    :data:`MAX_RULES`; checked again on the built document)."""
     import yaml
 
-    from .load import MAX_RULES
 
     if not isinstance(root, yaml.MappingNode):
         return

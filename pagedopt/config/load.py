@@ -22,13 +22,12 @@ from .. import optim
 from ..paging.config import PagingConfig, parse_bytes
 from . import optimizers
 from .errors import ConfigError, ConfigIssue, issues_from_validation_error
+from . import files
 from .files import read_document
 from .models import PagedoptConfig
 
-
-# Rules are checked against the optimizer one by one and matched against every parameter
-# name when the optimizer is built; a model with a rule per parameter has thousands.
-MAX_RULES = 10_000
+# files.MAX_RULES caps the rules: they are checked against the optimizer one by one and
+# matched against every parameter name when the optimizer is built.
 
 
 def load_config(path: str | os.PathLike[str]) -> PagedoptConfig:
@@ -58,9 +57,9 @@ def validate_document(data: Any, source: str = "<config>") -> PagedoptConfig:
             source, "", "expected a mapping of sections (optimizer, paging, telemetry, overrides, strict)",
             type(data).__name__)])
     rules = data.get("overrides")
-    if isinstance(rules, (list, tuple)) and len(rules) > MAX_RULES:
+    if isinstance(rules, (list, tuple)) and len(rules) > files.MAX_RULES:
         raise ConfigError([ConfigIssue(
-            source, "overrides", f"{len(rules):,} rules, more than the limit of {MAX_RULES:,} (rules are matched "
+            source, "overrides", f"{len(rules):,} rules, more than the limit of {files.MAX_RULES:,} (rules are matched "
                                  "against every parameter name; group parameters with a glob or re: pattern)")])
     try:
         config = PagedoptConfig.model_validate(data)
@@ -157,4 +156,4 @@ def _allow_byte_strings(schema: dict[str, Any]) -> None:
                 prop["anyOf"] = [*options, size_string]
 
 
-__all__ = ["load_config", "validate_document", "as_config", "json_schema", "MAX_RULES"]
+__all__ = ["load_config", "validate_document", "as_config", "json_schema"]
