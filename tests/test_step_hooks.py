@@ -201,3 +201,13 @@ def test_config_numerics_and_cuda_graph_reach_the_optimizer():
     assert (opt.numerics, opt.cuda_graph) == ("fast", True)
     with pytest.raises(pagedopt.ConfigError, match="numerics: Input should be 'fast' or 'strict'"):
         pagedopt.build_optimizer(model, {"optimizer": "AdamW8bit", "numerics": "exact"})
+
+
+def test_ademamix_double_buffer_has_the_shape_of_its_stacked_moments():
+    w = torch.nn.Parameter(torch.randn(64, 80))
+    opt = pagedopt.AdEMAMix8bit([w], min_8bit_size=0)
+    buf = opt._get_state_double_buffer(w, dtype=torch.uint8)
+    assert buf.shape == (2, 64, 80) and buf.dtype == torch.uint8 and not buf.any()
+    w.grad = torch.randn_like(w)
+    opt.step()
+    assert opt.state[w]["state1"].shape == buf.shape

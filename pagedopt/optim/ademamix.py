@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
+import torch
+
 from ..paging.config import PagingConfig
 from .optimizer import Optimizer2State
 from .variants import variants
@@ -61,6 +63,13 @@ class AdEMAMix(Optimizer2State):
             percentile_clipping, block_wise, max_unorm=max_unorm, skip_zeros=skip_zeros,
             is_paged=is_paged, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3, paging=paging,
         )
+
+    def _get_state_double_buffer(self, p: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """bitsandbytes 0.49's hook for AdEMAMix's stacked first moments (fast and slow EMA):
+        a zeroed ``[2, *p.shape]`` buffer, the shape of ``state["state1"]`` (see
+        :meth:`~pagedopt.optim.Optimizer8bit.get_state_buffer` for single buffers)."""
+        single = self.get_state_buffer(p, dtype=dtype)
+        return torch.zeros((2, *single.shape), dtype=dtype, device=single.device)
 
 
 AdEMAMix8bit, AdEMAMix32bit, PagedAdEMAMix, PagedAdEMAMix8bit, PagedAdEMAMix32bit = variants(AdEMAMix)
