@@ -257,33 +257,47 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str
 STEPS = 8
 
 
+def _reference_run(tmp_path_factory, steps: int) -> Path:
+    d = tmp_path_factory.mktemp("reference")
+    rc, out, err = _finish(_cli(["--steps", str(steps), *TINY_FLAGS, "--checkpoint-dir", str(d)]))
+    assert rc == 0, err[-3000:]
+    return checkpoint_path(d, steps, sharded=False)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """The uninterrupted run's final checkpoint."""
-    d = tmp_path_factory.mktemp("reference")
-    rc, out, err = _finish(_cli(["--steps", str(STEPS), *TINY_FLAGS, "--checkpoint-dir", str(d)]))
-    assert rc == 0, err[-3000:]
-    return checkpoint_path(d, STEPS, sharded=False)
+    return _reference_run(tmp_path_factory, STEPS)
+
+
+# Long enough that a signal sent within 0.2 s of step 3 lands while training on a quiet machine
+# (the tiny model takes ~15 ms a step); once the run is over, signals act as usual again.
+RANDOM_SIGNAL_STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def long_reference(tmp_path_factory) -> Path:
+    return _reference_run(tmp_path_factory, RANDOM_SIGNAL_STEPS)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("trial", range(3))
-def test_sigterm_at_random_times_then_resume_ends_like_the_uninterrupted_run(tmp_path, reference, trial):
+def test_sigterm_at_random_times_then_resume_ends_like_the_uninterrupted_run(tmp_path, long_reference, trial):
     rng = random.Random(trial)
     d = tmp_path / "ckpt"
-    proc = _cli(["--steps", str(STEPS), *TINY_FLAGS, "--checkpoint-dir", str(d), "--checkpoint-every", "3"])
+    proc = _cli(["--steps", str(RANDOM_SIGNAL_STEPS), *TINY_FLAGS, "--checkpoint-dir", str(d), "--checkpoint-every", "3"])
     _wait_for(proc, rf"^step {1 + trial}/")
     time.sleep(rng.uniform(0.0, 0.2))  # anywhere: inside a step, between steps, in a save
     proc.send_signal(signal.SIGTERM)
     rc, out, err = _finish(proc)
     assert rc == 0, err[-3000:]
     m = re.search(r"^pagedopt train: preempted at step (\d+), checkpoint at (.+)$", out, re.M)
-    if m:  # (the run may also have finished before the signal arrived)
-        assert Path(m.group(2)) == checkpoint_path(d, int(m.group(1)), sharded=False) and Path(m.group(2)).is_file()
-        rc, out, err = _finish(_cli(["--steps", str(STEPS), *TINY_FLAGS, "--checkpoint-dir", str(d), "--resume"]))
-        assert rc == 0, err[-3000:]
-        assert f"(resumed at step {m.group(1)})" in out
-    _assert_same_final_state(reference, checkpoint_path(d, STEPS, sharded=False))
+    assert m, out[-3000:]
+    assert Path(m.group(2)) == checkpoint_path(d, int(m.group(1)), sharded=False) and Path(m.group(2)).is_file()
+    rc, out, err = _finish(_cli(["--steps", str(RANDOM_SIGNAL_STEPS), *TINY_FLAGS, "--checkpoint-dir", str(d), "--resume"]))
+    assert rc == 0, err[-3000:]
+    assert f"(resumed at step {m.group(1)})" in out
+    _assert_same_final_state(long_reference, checkpoint_path(d, RANDOM_SIGNAL_STEPS, sharded=False))
 
 
 @pytest.mark.slow
