@@ -97,11 +97,43 @@ def test_a_10_mb_config_loads_in_under_10_seconds(tmp_path):
     pattern and probed an optimizer per rule (over 2 minutes)."""
     lines = ["optimizer: {name: AdamW8bit, lr: 1.0e-3}", "overrides:"]
     pad = "x" * 1000
-    lines += [f"  - {{match: 'layers.{i}.{pad}*', set: {{lr: 1.0e-4}}}}" for i in range(load.MAX_RULES)]
+    lines += [f"  - {{match: 'layers.{i}.{pad}*', set: {{lr: 1.0e-4}}}}" for i in range(files.MAX_RULES)]
     path = tmp_path / "big.yaml"
     path.write_text("\n".join(lines) + "\n")
     assert path.stat().st_size > 10_000_000
     started = time.perf_counter()
     config = pagedopt.load_config(path)
-    assert len(config.overrides) == load.MAX_RULES
+    assert len(config.overrides) == files.MAX_RULES
     assert time.perf_counter() - started < 10.0
+
+
+@pytest.mark.slow
+def test_a_10_mb_file_of_200k_rules_is_refused_in_under_10_seconds(tmp_path):
+    """A large file's rule list is counted from the parser's events and refused at rule
+    MAX_RULES + 1, before the rest of the file is composed (it took 33-57 s to compose)."""
+    lines = ["optimizer: {name: AdamW8bit, lr: 1.0e-3}", "overrides:"]
+    lines += [f"  - {{match: 'layers.{i}.x*', set: {{lr: 1.0e-4}}}}" for i in range(200_000)]
+    path = tmp_path / "rules.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    assert path.stat().st_size > 9_000_000
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=rf"rules.yaml: line {files.MAX_RULES + 3}, column \d+: overrides: more than "
+                                          rf"the limit of {files.MAX_RULES:,} rules"):
+        pagedopt.load_config(path)
+    assert time.perf_counter() - started < 10.0
+
+
+def test_event_prescan_counts_only_the_top_level_rule_list(tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "MAX_RULES", 3)
+    monkeypatch.setattr(files, "PRESCAN_BYTES", 0)  # prescan every file
+    ok = ("optimizer: {name: AdamW8bit, overrides: [1, 2, 3, 4, 5]}\n"  # a nested 'overrides' is not the list
+          "paging: [a, b, c, d]\n"
+          "overrides:\n" + "".join(f"  - {{match: 'l{i}.*', set: {{lr: 1.0e-4}}}}\n" for i in range(3)))
+    files.prescan_rule_count(ok)  # three rules: within the limit
+    with pytest.raises(files._LimitExceeded, match="more than the limit of 3 rules"):
+        files.prescan_rule_count(ok + "  - {match: 'l3.*', set: {lr: 1.0e-4}}\n")
+    path = tmp_path / "four.yaml"
+    path.write_text("optimizer: {name: AdamW8bit}\noverrides: [{match: a, set: {lr: 0.1}}, {match: b, set: {lr: 0.1}},"
+                    " {match: c, set: {lr: 0.1}}, {match: d, set: {lr: 0.1}}]\n")
+    with pytest.raises(ConfigError, match=r"four.yaml: line 2, column \d+: overrides: more than the limit of 3 rules"):
+        pagedopt.load_config(path)

@@ -161,6 +161,44 @@ def _check_rule_count(root: Any) -> None:
                                      value.start_mark)
 
 
+PRESCAN_BYTES = 1 << 20  # files at least this large get their rule list counted from events first
+
+
+def prescan_rule_count(text: str) -> None:
+    """Raise ``_LimitExceeded`` at the first ``overrides`` entry past :data:`MAX_RULES`,
+    reading only the parser's events (no nodes are built, and the rest of the file is not
+    read). Composing a 10 MB file of 200k rules took half a minute before the node-graph check
+    could refuse it; this refuses it after rule MAX_RULES + 1. Aliased rule lists are counted
+    on the node graph (:func:`_check_rule_count`)."""
+    import yaml
+
+    depth = 0  # collections open around the next event
+    expect_key = False  # the next top-level event is a key of the document's mapping
+    next_is_rules = False  # the last top-level key was "overrides"
+    rules_depth = -1  # depth of the overrides sequence's entries while inside it
+    count = 0
+    for event in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", None) or yaml.SafeLoader):
+        starts = isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent))
+        if depth == rules_depth and (starts or isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent))):
+            count += 1
+            if count > MAX_RULES:
+                raise _LimitExceeded(f"overrides: more than the limit of {MAX_RULES:,} rules", event.start_mark)
+        if depth == 1 and (starts or isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent))):
+            if expect_key:
+                next_is_rules = isinstance(event, yaml.ScalarEvent) and event.value == "overrides"
+            elif next_is_rules and isinstance(event, yaml.SequenceStartEvent):
+                rules_depth = 2
+            expect_key = not expect_key
+        if starts:
+            depth += 1
+            if depth == 1:
+                expect_key = isinstance(event, yaml.MappingStartEvent)
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+            if rules_depth > 0 and depth < rules_depth:
+                return  # the whole rule list was within the limit
+
+
 def _yaml_loader(fast: bool = True) -> type:
     import yaml
 
@@ -227,6 +265,8 @@ def _load_yaml(text: str, file: str, fast: bool) -> Any:
     if fast not in _LOADERS:
         _LOADERS[fast] = _yaml_loader(fast)
     try:
+        if fast and len(text) >= PRESCAN_BYTES:
+            prescan_rule_count(text)
         return yaml.load(text, Loader=_LOADERS[fast])  # noqa: S506 - a SafeLoader subclass
     except _LimitExceeded as e:
         mark = e.mark
