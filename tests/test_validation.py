@@ -103,3 +103,19 @@ def test_bad_override_is_reported_at_the_call():
     p = torch.nn.Parameter(torch.randn(5000))
     with pytest.raises(ValueError, match="optim_bits"):
         pagedopt.GlobalOptimManager.get_instance().override_config(p, "optim_bits", 7)
+
+
+@pytest.mark.parametrize("name", ["AdamW8bit", "AdEMAMix8bit", "PagedAdamW8bit", "Lion32bit"])
+def test_parameter_reshaped_under_its_state_raises_at_step(name):
+    w = torch.nn.Parameter(torch.randn(64, 128))
+    opt = getattr(pagedopt, name)([("blocks.0.w", w)], min_8bit_size=0)
+    for _ in range(2):  # the second step runs the stable plan
+        w.grad = torch.randn_like(w)
+        opt.step()
+    before = w.detach().clone()
+    w.data = w.data.reshape(128, 64)  # same elements, same storage: only the shape changed
+    w.grad = torch.randn(128, 64)
+    with pytest.raises(RuntimeError, match=r"blocks.0.w: the parameter has shape \(128, 64\) but its optimizer state "
+                                           r"was created for shape \(64, 128\)"):
+        opt.step()
+    assert torch.equal(w.detach().reshape(64, 128), before)  # nothing was updated

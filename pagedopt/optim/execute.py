@@ -155,6 +155,8 @@ class StepMixin:
                         state = self.state[p] = self._import_param_state(p, state, group, True)
                     if len(state) == 0:
                         self.init_state(group, p, gindex, pindex)
+                    else:
+                        validation.check_state_shape(local_tensor(p), state, self.kind.state1_moments, name)
                     entries.append(PlanEntry(p, local_tensor(p), position, gindex, pindex, name, self.state[p]))
                 position += 1
         plan = StepPlan(
@@ -219,6 +221,7 @@ class StepMixin:
         group = self.param_groups[e.gindex]
         if advance:
             validation.check_grad(e.key, grad, e.name)
+            validation.check_state_shape(local_tensor(e.key), e.state, self.kind.state1_moments, e.name)
             e.state["step"] += 1
         settings = cfg if cfg is not None else self._settings(group, e.key)
         return Work(

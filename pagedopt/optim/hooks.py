@@ -100,6 +100,7 @@ class HooksMixin:
         name = self._param_name(group, gindex, pindex)
         validation.check_grad(p, p.grad, name)
         state = self.state[p]
+        validation.check_state_shape(local_tensor(p), state, self.kind.state1_moments, name)
         state["step"] += 1
         settings = self._settings(group, p)
         work = Work(

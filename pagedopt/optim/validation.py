@@ -118,3 +118,19 @@ def check_grad(p: torch.Tensor, grad: torch.Tensor, name: str) -> None:
         raise RuntimeError(f"{name}: gradient dtype {grad.dtype} != parameter dtype {p.dtype}")
     if grad.device != p.device:
         raise RuntimeError(f"{name}: gradient device {grad.device} != parameter device {p.device}")
+
+
+def check_state_shape(param: torch.Tensor, state: dict, moments: int, name: str) -> None:
+    """Raise when ``param`` (its local shard under FSDP2) no longer has the shape its state
+    was created for (``p.data = p.data.reshape(...)`` keeps the element count but changes
+    which elements share a quantization block); torch.optim and bitsandbytes raise too."""
+    state1 = state.get("state1")
+    if not isinstance(state1, torch.Tensor):
+        return
+    expected = (moments, *param.shape) if moments > 1 else tuple(param.shape)
+    if tuple(state1.shape) != expected:
+        raise RuntimeError(
+            f"{name}: the parameter has shape {tuple(param.shape)} but its optimizer state was created for "
+            f"shape {tuple(state1.shape[1:] if moments > 1 else state1.shape)}; reshaping a parameter under its "
+            "state is not supported (re-create the optimizer, or load a state dict for the new shape)"
+        )
