@@ -140,6 +140,69 @@ def test_avx512_dequantize_without_vbmi(signed):
         LIB.select_isa(before)
 
 
+def _kernel_matches_reference(name, shape, dtype, steps, label):
+    """steps of the native 8-bit kernel against the Python reference, state and parameters equal."""
+    kind = kind_for(name)
+    ref = base.Slot(kind, shape, dtype, "8bit-blockwise", 3)
+    nat = ref.clone()
+    for step in range(1, steps + 1):
+        g = base.gradient(shape, dtype, step, 3)
+        s = step_scalars(kind, base.HYPER[name], step)
+        base.run_step(dispatch.REFERENCE, kind, [ref.item(g, s)])
+        base.run_step(BACKEND, kind, [nat.item(g, s)])
+    base.assert_slots_equal(ref, nat, label)
+
+
+@pytest.mark.parametrize("search", ["table", "arithmetic"])
+@pytest.mark.parametrize("name", ["adamw", "lion", "ademamix", "rmsprop"])
+def test_avx512_code_searches_match_the_reference(search, name):
+    """VBMI CPUs quantize with the gather-free arithmetic search (code_arith.h), others with the
+    bucket table: each forced in turn, over all floats' dense sample and through whole kernels
+    (signed and unsigned states, odd sizes). Exact tier."""
+    if "avx512" not in SUPPORTED:
+        pytest.skip("this CPU lacks the avx512 level")
+    has_vbmi = "avx512vbmi" in (cpu._cpu_flags() or set())
+    if search == "arithmetic" and not has_vbmi:
+        pytest.skip("this CPU lacks avx512vbmi")
+    before = LIB.isa
+    LIB.select_isa("avx512")
+    LIB.check(LIB.po_set_code_search_vbmi(int(search == "arithmetic")), "set_code_search_vbmi")
+    try:
+        for signed in (True, False):
+            base.test_code_search_dense_sample_and_bad_range(signed)
+        for shape in [(4097,), (1,), (3, 300)]:
+            _kernel_matches_reference(name, shape, torch.float32, 4, f"{search} search")
+        _kernel_matches_reference(name, (777,), torch.bfloat16, 3, f"{search} search, bf16")
+    finally:
+        LIB.check(LIB.po_set_dequantize_vbmi(int(has_vbmi)), "set_dequantize_vbmi")
+        LIB.select_isa(before)
+
+
+def test_code_search_switch_rejects_a_cpu_without_vbmi():
+    if "avx512vbmi" in (cpu._cpu_flags() or set()):
+        pytest.skip("this CPU has VBMI")
+    with pytest.raises(cpu.NativeError, match="avx512vbmi"):
+        LIB.check(LIB.po_set_code_search_vbmi(1), "set_code_search_vbmi")
+
+
+def test_prefetch_distance_is_validated_and_does_not_change_results():
+    """The 8-bit kernels' software prefetch distance (chosen per CPU vendor at load) is a tuning
+    knob only: any valid distance gives the reference's results; a bad one is refused by name."""
+    before = LIB.po_get_prefetch()
+    assert 0 <= before <= 16
+    try:
+        for chunks in (0, 1, 4):
+            LIB.check(LIB.po_set_prefetch(chunks), "set_prefetch")
+            assert LIB.po_get_prefetch() == chunks
+            _kernel_matches_reference("adamw", (5000,), torch.float32, 2, f"prefetch {chunks}")
+        for bad in (-1, 17):
+            with pytest.raises(cpu.NativeError, match="prefetch distance"):
+                LIB.check(LIB.po_set_prefetch(bad), "set_prefetch")
+        assert LIB.po_get_prefetch() == 4
+    finally:
+        LIB.check(LIB.po_set_prefetch(before), "set_prefetch")
+
+
 # ---- levels against each other on large multi-threaded calls ---------------------------------
 
 

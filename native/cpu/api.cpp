@@ -113,6 +113,15 @@ bool cpu_has_vbmi() {
 #endif
 }
 
+bool cpu_is_amd() {
+#ifdef PO_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_is("amd");
+#else
+  return false;
+#endif
+}
+
 // The level in use (po_select_isa); chosen at po_init() when not selected before.
 std::atomic<int> g_level{-1};
 
@@ -327,6 +336,12 @@ int po_init(const float* qmap_signed, const float* qmap_unsigned, const float* t
     fresh.search[0] = search_constants<true>();
     fresh.search[1] = search_constants<false>();
     fresh.dequant_vbmi = cpu_has_vbmi() ? 1 : 0;
+    // The gather-free search needs VBMI and the dynamic maps' decade structure; a map it cannot
+    // prove (code_arith.h) keeps the table search.
+    fresh.arith_ready = build_arith_search<true>(fresh.thresholds_signed, fresh.arith[0]) == 0 &&
+                                build_arith_search<false>(fresh.thresholds_unsigned, fresh.arith[1]) == 0;
+    fresh.search_vbmi = fresh.dequant_vbmi && fresh.arith_ready ? 1 : 0;
+    fresh.prefetch_chunks = cpu_is_amd() ? 0 : 2;
     fresh.ready = true;
     g_tables = fresh;
     int expected = -1;
@@ -451,6 +466,24 @@ int po_set_dequantize_vbmi(int32_t enable) {
   if (!g_tables.ready) return fail(PO_ERR_NOT_READY, "po_init() has not succeeded");
   if (enable && !cpu_has_vbmi()) return fail(PO_ERR_ARGUMENT, "this CPU lacks avx512vbmi");
   g_tables.dequant_vbmi = enable ? 1 : 0;
+  g_tables.search_vbmi = enable && g_tables.arith_ready ? 1 : 0;
+  return PO_OK;
+}
+
+int po_set_prefetch(int32_t chunks) {
+  if (!g_tables.ready) return fail(PO_ERR_NOT_READY, "po_init() has not succeeded");
+  if (chunks < 0 || chunks > 16) return fail(PO_ERR_ARGUMENT, "prefetch distance must be 0..16 chunks, got " + std::to_string(chunks));
+  g_tables.prefetch_chunks = chunks;
+  return PO_OK;
+}
+
+int po_get_prefetch() { return g_tables.ready ? g_tables.prefetch_chunks : -1; }
+
+int po_set_code_search_vbmi(int32_t enable) {
+  if (!g_tables.ready) return fail(PO_ERR_NOT_READY, "po_init() has not succeeded");
+  if (enable && !cpu_has_vbmi()) return fail(PO_ERR_ARGUMENT, "this CPU lacks avx512vbmi");
+  if (enable && !g_tables.arith_ready) return fail(PO_ERR_ARGUMENT, "the maps do not allow the arithmetic code search");
+  g_tables.search_vbmi = enable ? 1 : 0;
   return PO_OK;
 }
 

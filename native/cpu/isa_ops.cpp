@@ -55,7 +55,7 @@ int64_t check_code_search(int32_t is_signed, uint32_t first_bits, uint32_t last_
     for (int64_t group = lo; group < hi; group += 16) {
       const int64_t n = hi - group < 16 ? hi - group : 16;
       float x[16] = {0};
-      uint32_t reference[16], fast[16], simd[16], simd_bounded[16];
+      uint32_t reference[16], fast[16], simd[16], simd_bounded[16], arith[16], arith_bounded[16];
       for (int64_t k = 0; k < n; ++k) {
         const int64_t b = group + k;
         x[k] = bits_float(static_cast<uint32_t>(b));
@@ -70,13 +70,27 @@ int64_t check_code_search(int32_t is_signed, uint32_t first_bits, uint32_t last_
         reference[k] = count < 0 ? 1000u : static_cast<uint32_t>(fix_code(count, x[k], is_signed != 0));
         fast[k] = is_signed ? lut_quantize_value<true>(g_tables.lut_signed, x[k])
                             : lut_quantize_value<false>(g_tables.lut_unsigned, x[k]);
-        simd[k] = simd_bounded[k] = fast[k];
+        simd[k] = simd_bounded[k] = arith[k] = arith_bounded[k] = fast[k];
       }
 #ifdef PO_HAVE_AVX512
       // The kernels' AVX-512 search, also in its bounded form for |x| <= 1.
       const __m512 v = _mm512_loadu_ps(x);
       _mm512_storeu_si512(simd, is_signed ? avx512::quantize16<true, false>(v) : avx512::quantize16<false, false>(v));
       _mm512_storeu_si512(simd_bounded, is_signed ? avx512::quantize16<true, true>(v) : avx512::quantize16<false, true>(v));
+      if (g_tables.search_vbmi) {  // and the gather-free search (code_arith.h) of VBMI CPUs
+        uint8_t codes[16], codes_bounded[16];
+        if (is_signed) {
+          vbmi::quantize<true, false>(x, 16, codes);
+          vbmi::quantize<true, true>(x, 16, codes_bounded);
+        } else {
+          vbmi::quantize<false, false>(x, 16, codes);
+          vbmi::quantize<false, true>(x, 16, codes_bounded);
+        }
+        for (int k = 0; k < 16; ++k) {
+          arith[k] = codes[k];
+          arith_bounded[k] = codes_bounded[k];
+        }
+      }
 #elif defined(PO_HAVE_AVX2)
       // The avx2 level's search (8 lanes at a time).
       for (int h = 0; h < 2; ++h) {
@@ -87,8 +101,8 @@ int64_t check_code_search(int32_t is_signed, uint32_t first_bits, uint32_t last_
 #endif
       for (int64_t k = 0; k < n; ++k) {
         const bool bounded = (float_bits(x[k]) & 0x7fffffffu) <= 0x3f800000u;
-        if (reference[k] != fast[k] || reference[k] != (simd[k] & 0xffu) ||
-            (bounded && reference[k] != (simd_bounded[k] & 0xffu))) {
+        if (reference[k] != fast[k] || reference[k] != (simd[k] & 0xffu) || reference[k] != arith[k] ||
+            (bounded && (reference[k] != (simd_bounded[k] & 0xffu) || reference[k] != arith_bounded[k]))) {
           ++mismatches;
           const uint32_t b = static_cast<uint32_t>(group + k);
           earliest = b < earliest ? b : earliest;
@@ -114,6 +128,14 @@ void dequantize(int32_t is_signed, const uint8_t* codes, int64_t n, float absmax
 void quantize_normalized(int32_t is_signed, const float* x, uint8_t* codes, int64_t n) {
   int64_t i = 0;
 #ifdef PO_HAVE_AVX512
+  if (g_tables.search_vbmi) {  // the kernels' search on VBMI CPUs
+    if (is_signed) {
+      vbmi::quantize<true, false>(x, n, codes);
+    } else {
+      vbmi::quantize<false, false>(x, n, codes);
+    }
+    return;
+  }
   for (; i + 16 <= n; i += 16) {  // the kernels' search
     const __m512 v = _mm512_loadu_ps(x + i);
     const __m512i c = is_signed ? avx512::quantize16<true, false>(v) : avx512::quantize16<false, false>(v);

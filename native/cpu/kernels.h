@@ -244,7 +244,6 @@ inline void prefetch_range(const void* p, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
 }
 
-constexpr int64_t kPrefetchChunks = 2;  // how far ahead (in 256-element chunks; 2 measured best)
 
 template <int ALGO, int PE, int GE, int MODE>
 void unit_8bit_portable(const po_item& it, int64_t begin, int64_t len, UnitPartial& out) {
@@ -270,8 +269,8 @@ void unit_8bit_portable(const po_item& it, int64_t begin, int64_t len, UnitParti
     const int64_t block = it.block_wise ? c / kBlockSize : 0;
     PS* pp = static_cast<PS*>(it.param) + c;
     const GS* gp = static_cast<const GS*>(it.grad) + c;
-    const int64_t ahead = c + kPrefetchChunks * kBlockSize;
-    if (ahead < end) {
+    const int64_t ahead = c + g_tables.prefetch_chunks * kBlockSize;
+    if (g_tables.prefetch_chunks && ahead < end) {
       const int64_t bytes = (end - ahead < kBlockSize ? end - ahead : kBlockSize);
       prefetch_range(static_cast<PS*>(it.param) + ahead, bytes * static_cast<int64_t>(sizeof(PS)));
       prefetch_range(static_cast<const GS*>(it.grad) + ahead, bytes * static_cast<int64_t>(sizeof(GS)));
@@ -395,7 +394,11 @@ template <int ALGO, int Q, int PE, int GE, int MODE>
 void unit_kernel(const po_item& it, int64_t begin, int64_t len, UnitPartial& out) {
   if (Q) {
 #ifdef PO_HAVE_AVX512
-    avx512::unit_8bit<ALGO, PE, GE, MODE>(it, begin, len, out);
+    if (MODE == MODE_UPDATE && g_tables.search_vbmi) {  // (prepare searches no codes)
+      avx512_vbmi::unit_8bit<ALGO, PE, GE, MODE>(it, begin, len, out);
+    } else {
+      avx512::unit_8bit<ALGO, PE, GE, MODE>(it, begin, len, out);
+    }
 #else
     unit_8bit_portable<ALGO, PE, GE, MODE>(it, begin, len, out);
 #endif

@@ -95,8 +95,17 @@ PO_API int po_grad_norm_sq(const void* const* grads, const int64_t* numels, cons
 PO_API int64_t po_check_code_search(int32_t is_signed, uint32_t first_bits, uint32_t last_bits,
                              uint32_t* first_mismatch, int32_t num_threads);
 // The avx512 level dequantizes with AVX-512 VBMI where the CPU has it (default), else with
-// F-only permutes; 0 forces the permutes (a test hook; an error to enable without VBMI).
+// F-only permutes, and with VBMI also searches codes without gathers (code_arith.h), else with
+// the bucket table; 0 forces the F-only paths for both (a test hook; an error to enable
+// without VBMI).
 PO_API int po_set_dequantize_vbmi(int32_t enable);
+// Only the code search: 1 = the gather-free search (needs VBMI), 0 = the bucket table (a
+// test and benchmark hook; po_set_dequantize_vbmi() sets both).
+PO_API int po_set_code_search_vbmi(int32_t enable);
+// Software prefetch distance of the 8-bit kernels in 256-element chunks (0..16, 0 = none).
+// po_init() picks it per CPU vendor (tables.h); a benchmark hook, results do not depend on it.
+PO_API int po_set_prefetch(int32_t chunks);
+PO_API int po_get_prefetch(void);  // -1 before po_init()
 // The kernels' dequantization (qmap[code] * absmax) of n codes.
 PO_API int po_dequantize(int32_t is_signed, const uint8_t* codes, int64_t n, float absmax, float* out);
 // Codes of normalized values through the table search (n values).
