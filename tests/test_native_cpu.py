@@ -505,11 +505,11 @@ def test_bad_items_raise_errors_naming_the_field():
 
 def test_native_errors_raise_with_the_library_message():
     item = cpu._CItem()
-    status = LIB.po_update(42, ctypes.byref(item), 1, 1)
+    status = LIB.po_update(42, ctypes.byref(item), 1, 1, None)
     with pytest.raises(cpu.NativeError, match="algorithm 42 is unknown"):
         LIB.check(status, "update")
     item.numel = 10
-    status = LIB.po_update(0, ctypes.byref(item), 1, 1)
+    status = LIB.po_update(0, ctypes.byref(item), 1, 1, None)
     with pytest.raises(cpu.NativeError, match="item 0: param is NULL"):
         LIB.check(status, "update")
 

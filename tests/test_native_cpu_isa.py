@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from pagedopt.backends import cpu
-from pagedopt.functional import dispatch
+from pagedopt.functional import dispatch, nonfinite_tally
 from pagedopt.functional.kinds import kind_for
 from pagedopt.functional.scalars import step_scalars
 
@@ -201,6 +201,49 @@ def test_prefetch_distance_is_validated_and_does_not_change_results():
         assert LIB.po_get_prefetch() == 4
     finally:
         LIB.check(LIB.po_set_prefetch(before), "set_prefetch")
+
+
+@pytest.mark.parametrize("level", LEVELS, indirect=True)
+@pytest.mark.parametrize("mode", ["8bit-blockwise", "8bit-tensorwise", "32bit"])
+@pytest.mark.parametrize("gdtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_level_counts_nonfinite_gradient_elements(level, mode, gdtype):
+    """po_update counts the NaN/+-Inf gradient elements it skips (the non-finite watch's CPU
+    count): exactly, in every kernel, across units and threads, at the tails of chunks."""
+    kind = kind_for("adamw")
+    sizes = [(1,), (4097,), (40000,)]  # (40000: three units of the kernels' work split)
+    slots = [base.Slot(kind, shape, torch.float32, mode, 5) for shape in sizes]
+    grads, expected = [], 0
+    for i, shape in enumerate(sizes):
+        g = (torch.randn(shape, generator=torch.Generator().manual_seed(i)) * 0.01).to(gdtype)
+        flat = g.view(-1)
+        bad = [k for k in (0, 255, 256, 4095, 4096, 16383, 16384, 39999) if k < flat.numel()]
+        for j, k in enumerate(bad):
+            flat[k] = (float("nan"), float("inf"), -float("inf"))[j % 3]
+        expected += len(bad)
+        grads.append(g)
+    s = step_scalars(kind, base.HYPER["adamw"], 1)
+    torch.set_num_threads(2)
+    with nonfinite_tally.counting() as tally:
+        base.run_step(BACKEND, kind, [slot.item(g, s) for slot, g in zip(slots, grads)])
+    assert tally.count == expected
+    # the prepared launches' path (one po_update over a fixed item list) counts the same
+    if mode == "8bit-blockwise":
+        from pagedopt.backends import cpu_plan
+
+        launch = cpu_plan.CpuLaunch(LIB, kind, [slot.item(g, s) for slot, g in zip(slots, grads)])
+        with nonfinite_tally.counting() as tally:
+            launch.run(None, s)
+        assert tally.count == expected
+
+
+def test_update_without_a_count_pointer():
+    """po_update's count pointer may be NULL (nothing counted or written)."""
+    kind = kind_for("adamw")
+    slot = base.Slot(kind, (300,), torch.float32, "8bit-blockwise", 1)
+    g = torch.full((300,), float("nan"))
+    staging = cpu._Staging()
+    c_item = cpu._c_item(kind, slot.item(g, step_scalars(kind, base.HYPER["adamw"], 1)), staging, updating=True)
+    LIB.check(LIB.po_update(int(kind.algorithm), ctypes.byref(c_item), 1, 1, None), "update")
 
 
 # ---- levels against each other on large multi-threaded calls ---------------------------------

@@ -98,6 +98,85 @@ def test_prometheus_counter_reads_the_device_count():
     assert prometheus_client is not None
 
 
+# ---- the CPU count comes from the update kernels ----------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["AdamW8bit", "AdamW", "LAMB8bit", "Lion8bit", "PagedAdEMAMix8bit"])
+def test_cpu_skip_mode_counts_in_the_kernels_without_a_pass_of_its_own(monkeypatch, name):
+    """On the CPU, "skip" mode reads no gradient before the update: the kernels (or the
+    reference, for what they do not serve) report what they skipped. Optimizers with a prepare
+    pass (LAMB's trust ratio) count each element once; 32-bit and paged optimizers count too."""
+    from pagedopt.backends import cpu
+
+    if cpu.library() is None:
+        pytest.skip("the native CPU library is not available")
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the watch made a pass over the gradients in skip mode")
+
+    w = torch.nn.Parameter(torch.ones(5000))
+    half = torch.nn.Parameter(torch.ones(300, dtype=torch.bfloat16))  # (kernels for bf16 too)
+    tiny = torch.nn.Parameter(torch.ones(1))
+    opt = getattr(pagedopt, name)([w, half, tiny], lr=0.01)
+    monkeypatch.setattr(torch, "_foreach_norm", no_pass)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonfiniteGradWarning)
+        for step in range(3):
+            w.grad = _grad(5000, {0: float("nan"), 4999: float("inf")})
+            half.grad = _grad(300, {7: -float("inf")}).to(torch.bfloat16)
+            tiny.grad = _grad(1, {0: float("nan")} if step == 2 else {})
+            opt.step()
+    assert opt.nonfinite.total() == 3 * 3 + 1
+    assert w[0] == 1 and w[4999] == 1 and half[7] == 1 and w[1] != 1
+
+
+def test_reference_backend_counts_cpu_gradients(monkeypatch):
+    """Without the native library (PAGEDOPT_BACKEND=reference) the reference's CPU updates count."""
+    from pagedopt.functional import dispatch
+
+    monkeypatch.setenv("PAGEDOPT_BACKEND", "reference")
+    dispatch.reset_backends()
+    try:
+        w = torch.nn.Parameter(torch.ones(700))
+        opt = pagedopt.AdamW8bit([w], min_8bit_size=0)
+        w.grad = _grad(700, {1: float("nan"), 2: float("inf")})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NonfiniteGradWarning)
+            opt.step()
+        assert opt.nonfinite.total() == 2
+    finally:
+        monkeypatch.delenv("PAGEDOPT_BACKEND")
+        dispatch.reset_backends()
+
+
+def test_update_in_backward_counts_and_warns_at_the_backward_call():
+    """Updates made in backward count their NaN/Inf gradient elements too, and the warning
+    points at the user's line (not inside pagedopt or torch)."""
+    w = torch.nn.Parameter(torch.ones(600))
+    opt = pagedopt.AdamW8bit([w], min_8bit_size=0, update_in_backward=True)
+    x = torch.ones(600)
+    x[5] = float("nan")
+    x[9] = float("inf")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (w * x).sum().backward()
+    mine = [c for c in caught if issubclass(c.category, NonfiniteGradWarning)]
+    assert len(mine) == 1 and mine[0].filename == __file__, [(c.filename, c.lineno) for c in mine]
+    assert opt.nonfinite.total() == 2 and w.grad is None
+    assert w[5] == 1 and w[9] == 1 and w[0] != 1
+
+
+def test_step_warning_points_at_the_callers_line():
+    w = torch.nn.Parameter(torch.ones(64))
+    opt = pagedopt.AdamW8bit([w])
+    w.grad = _grad(64, {3: float("nan")})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    mine = [c for c in caught if issubclass(c.category, NonfiniteGradWarning)]
+    assert len(mine) == 1 and mine[0].filename == __file__, [(c.filename, c.lineno) for c in mine]
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -350,19 +350,27 @@ int po_init(const float* qmap_signed, const float* qmap_unsigned, const float* t
   });
 }
 
-int po_update(int32_t algorithm, const po_item* items, int64_t count, int32_t num_threads) {
+int po_update(int32_t algorithm, const po_item* items, int64_t count, int32_t num_threads, int64_t* nonfinite) {
   return guarded([&]() -> int {
     int status = check_call(algorithm, items, count, true);
     if (status != PO_OK) return status;
     const KernelTable& table = *table_for(algorithm);
     const std::vector<int64_t> numels = item_numels(items, count);
     const std::vector<Unit> units = make_units(numels.data(), count);
+    std::vector<int64_t> skipped(units.size(), 0);
     parallel_units(static_cast<int64_t>(units.size()), num_threads, [&](int64_t u) {
       const Unit& unit = units[u];
       const po_item& it = items[unit.item];
-      UnitPartial unused;
-      kernel_for(table, it, MODE_UPDATE)(it, unit.begin, unit.len, unused);
+      UnitPartial partial;
+      partial.nonfinite = 0;
+      kernel_for(table, it, MODE_UPDATE)(it, unit.begin, unit.len, partial);
+      skipped[u] = partial.nonfinite;
     });
+    if (nonfinite) {
+      int64_t total = 0;
+      for (int64_t n : skipped) total += n;
+      *nonfinite = total;
+    }
     // Tensor-wise 8-bit: every unit dequantized with the old absmax; publish the new one now.
     for (int64_t i = 0; i < count; ++i) {
       const po_item& it = items[i];

@@ -60,6 +60,7 @@ void unit_8bit(const po_item& it, int64_t begin, int64_t len, UnitPartial& out) 
   Requant requant[2][3] = {};
   __m512d ulanes = _mm512_setzero_pd(), planes = _mm512_setzero_pd();
   uint32_t unit_max[3] = {0, 0, 0};
+  int64_t nonfinite = 0;  // update mode: NaN/Inf gradient elements
 
   const int64_t end = begin + len;
   int64_t prev = -1, prev_n = 0;  // the chunk waiting for requantization
@@ -115,6 +116,8 @@ void unit_8bit(const po_item& it, int64_t begin, int64_t len, UnitPartial& out) 
         max2.template add<FULL>(o.v2, live);
       }
       if (MODE == MODE_UPDATE) {
+        // NaN/Inf gradient elements (fpclass: QNaN, SNaN, +Inf, -Inf) for the non-finite watch
+        nonfinite += __builtin_popcount(static_cast<unsigned>(_mm512_fpclass_ps_mask(g.v, 0x99) & live));
         if (PE == ELEM_F32) {
           const __mmask16 write = FULL ? o.keep.k : static_cast<__mmask16>(live & o.keep.k);
           _mm512_mask_storeu_ps(pf + k, write, o.p.v);  // skipped elements: bits untouched
@@ -168,6 +171,7 @@ void unit_8bit(const po_item& it, int64_t begin, int64_t len, UnitPartial& out) 
     cur ^= 1;
     if (!have) break;
   }
+  if (MODE == MODE_UPDATE) out.nonfinite = nonfinite;
   if (MODE == MODE_PREPARE) {
     for (int j = 0; j < 3; ++j) out.max_bits[j] = unit_max[j];
     alignas(64) double lanes[kLanes];

@@ -14,6 +14,7 @@ struct UnitPartial {
   uint32_t max_bits[3];  // max magnitude bits (as uint32) of each updated state value
   double unorm_sq;
   double pnorm_sq;
+  int64_t nonfinite;  // update mode: gradient elements that were NaN/Inf (their updates skipped)
 };
 
 enum Mode { MODE_UPDATE = 0, MODE_PREPARE = 1 };

@@ -210,6 +210,16 @@ PO_WIDE_VECTORS void chunk_8bit_pass1(typename Elem<PE>::storage* __restrict__ p
   }
 }
 
+// Gradient elements of gp[0..n) that are NaN or +-Inf (update mode counts them for the
+// non-finite watch while the chunk is in L1; a separate loop, because a reduction inside the
+// update loop defeats GCC's vectorizer).
+template <int GE>
+inline int64_t count_nonfinite(const typename Elem<GE>::storage* __restrict__ gp, int64_t n) {
+  int64_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad += po_isfinite(Elem<GE>::load(gp[i])) ? 0 : 1;
+  return bad;
+}
+
 // The block scale of a chunk (quant.h scale_weight(): max of x >= 0, and of -x weighted by
 // kNegativeWeight on the signed map) as float bits (separate loop: inside the update loop
 // the reductions defeat GCC's vectorizer). Rounding is monotone, so
@@ -262,6 +272,7 @@ void unit_8bit_portable(const po_item& it, int64_t begin, int64_t len, UnitParti
   alignas(64) float pold[kBlockSize];
   double ulanes[kLanes] = {0}, planes[kLanes] = {0};
   uint32_t unit_max[3] = {0, 0, 0};
+  int64_t nonfinite = 0;  // update mode: NaN/Inf gradient elements
 
   const int64_t end = begin + len;
   for (int64_t c = begin; c < end; c += kBlockSize) {
@@ -286,6 +297,7 @@ void unit_8bit_portable(const po_item& it, int64_t begin, int64_t len, UnitParti
     dequantize_all();
     chunk_8bit_pass1<ALGO, PE, GE, MODE>(pp, gp, fresh[0], fresh[1], fresh[2], dir, pold, n, gnorm_scale,
                                          update_scale, s);
+    if (MODE == MODE_UPDATE) nonfinite += count_nonfinite<GE>(gp, n);
     uint32_t maxima[3] = {0, 0, 0};
     chunk_scales<S0, S1, S2, NV>(fresh, n, maxima);
 
@@ -306,6 +318,7 @@ void unit_8bit_portable(const po_item& it, int64_t begin, int64_t len, UnitParti
       if (it.block_wise) value_absmax<ALGO>(it, j)[block] = absmax;
     }
   }
+  if (MODE == MODE_UPDATE) out.nonfinite = nonfinite;
   if (MODE == MODE_PREPARE) {
     for (int j = 0; j < 3; ++j) out.max_bits[j] = unit_max[j];
     out.unorm_sq = sum_lanes(ulanes);
@@ -372,6 +385,7 @@ void unit_32bit(const po_item& it, int64_t begin, int64_t len, UnitPartial& out)
 
   if (MODE == MODE_UPDATE) {
     range_32bit_update<ALGO, PE, GE>(pp, gp, s0, s1, s2, len, gnorm_scale, update_scale, s);
+    out.nonfinite = count_nonfinite<GE>(gp, len);
     return;
   }
   // Prepare (trust ratio norms; 32-bit state needs no maxima).

@@ -12,7 +12,8 @@
 extern "C" {
 #endif
 
-#define PO_ABI_VERSION 3  // 2: StepScalars carries reciprocal bias corrections; 3: ISA levels
+#define PO_ABI_VERSION 4  // 2: StepScalars carries reciprocal bias corrections; 3: ISA levels;
+                          // 4: po_update counts non-finite gradient elements
 
 // The library is built with -fvisibility=hidden: only these entry points are exported.
 #define PO_API __attribute__((visibility("default")))
@@ -74,8 +75,11 @@ PO_API int po_select_isa(int32_t level);                  // error when not comp
 PO_API int po_init(const float* qmap_signed, const float* qmap_unsigned, const float* thresholds_signed,
             const float* thresholds_unsigned);
 
-// In-place update of every item (reference.update).
-PO_API int po_update(int32_t algorithm, const po_item* items, int64_t count, int32_t num_threads);
+// In-place update of every item (reference.update). When nonfinite is not NULL it receives the
+// number of gradient elements that were NaN or +-Inf (their updates were skipped), counted as
+// the kernels read the gradients: no second pass over them.
+PO_API int po_update(int32_t algorithm, const po_item* items, int64_t count, int32_t num_threads,
+                     int64_t* nonfinite);
 
 // Maxima of the updated states and, if want_norms, the update / parameter norms, without
 // writing anything (reference.prepare).

@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..functional import dispatch, reference
+from ..functional import dispatch, nonfinite_tally, reference
 from ..functional.items import PrepareResult, UpdateItem
 from ..functional.kinds import UpdateKind
 from ..functional.qmap import decision_thresholds, dynamic_map
@@ -49,7 +49,7 @@ from ..functional.quantization import num_blocks
 from ..functional.scalars import StepScalars
 from . import install_info
 
-ABI_VERSION = 3  # PO_ABI_VERSION in native/cpu/pagedopt_cpu.h
+ABI_VERSION = 4  # PO_ABI_VERSION in native/cpu/pagedopt_cpu.h
 LIBRARY_FILE = "libpagedopt_cpu.so"
 LIBRARY_ENV = "PAGEDOPT_CPU_LIBRARY"  # load this file instead of the packaged one
 ISA_ENV = "PAGEDOPT_CPU_ISA"  # run this instruction-set level instead of the best one
@@ -224,7 +224,7 @@ class NativeLibrary:
             "po_set_prefetch": (c_int, [ctypes.c_int32]),
             "po_get_prefetch": (c_int, []),
             "po_init": (c_int, [vp, vp, vp, vp]),
-            "po_update": (c_int, [ctypes.c_int32, vp, c_i64, ctypes.c_int32]),
+            "po_update": (c_int, [ctypes.c_int32, vp, c_i64, ctypes.c_int32, vp]),
             "po_prepare": (c_int, [ctypes.c_int32, vp, c_i64, ctypes.c_int32, vp, ctypes.c_int32]),
             "po_grad_norm_sq": (c_int, [vp, vp, vp, c_i64, vp, ctypes.c_int32]),
             "po_check_code_search": (c_i64, [ctypes.c_int32, ctypes.c_uint32, ctypes.c_uint32, vp, ctypes.c_int32]),
@@ -516,9 +516,12 @@ class CpuBackend:
         if native:
             staging = _Staging()
             c_items = (_CItem * len(native))(*[_c_item(kind, item, staging, updating=True) for item in native])
-            status = self.lib.po_update(int(kind.algorithm), c_items, len(native), torch.get_num_threads())
+            skipped = ctypes.c_int64(0)
+            status = self.lib.po_update(int(kind.algorithm), c_items, len(native), torch.get_num_threads(),
+                                        ctypes.addressof(skipped))
             self.lib.check(status, "update")
             staging.finish()
+            nonfinite_tally.report(skipped.value)
         rest = [item for item in items if not _supported(item)]
         if rest:
             reference.update(kind, rest)

@@ -35,6 +35,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..functional import nonfinite_tally
 from ..functional.items import UpdateItem
 from ..functional.kinds import UpdateKind
 from ..functional.scalars import StepScalars
@@ -93,6 +94,8 @@ class CpuLaunch:
         self._view = np.frombuffer(self.c_items, dtype=_numpy_dtype(_CItem))
         self._scalar_dtype = self._view.dtype["scalars"]
         self._last_scalars: StepScalars | None = None
+        self._skipped = ctypes.c_int64(0)  # po_update's count of NaN/Inf gradient elements
+        self._skipped_address = ctypes.addressof(self._skipped)
 
     def run(self, grad_ptrs: Sequence[int] | None, scalars: StepScalars) -> None:
         if not self.count:
@@ -103,5 +106,7 @@ class CpuLaunch:
             record = np.array(tuple(getattr(scalars, n) for n in _SCALAR_NAMES), dtype=self._scalar_dtype)
             self._view["scalars"] = record
             self._last_scalars = scalars
-        status = self.lib.po_update(self.algorithm, self.c_items, self.count, torch.get_num_threads())
+        status = self.lib.po_update(self.algorithm, self.c_items, self.count, torch.get_num_threads(),
+                                    self._skipped_address)
         self.lib.check(status, "update")
+        nonfinite_tally.report(self._skipped.value)

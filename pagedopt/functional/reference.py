@@ -43,6 +43,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import nonfinite_tally
 from .items import PrepareResult, UpdateItem
 from .kinds import Algorithm, UpdateKind
 from .quantization import block_absmax, dequantize, quantize_with_absmax
@@ -249,5 +250,8 @@ def prepare(kind: UpdateKind, items: Sequence[UpdateItem], want_norms: bool) -> 
 
 @torch.no_grad()
 def update(kind: UpdateKind, items: Sequence[UpdateItem]) -> None:
+    counting = nonfinite_tally.active()
     for item in items:
+        if counting and item.grad.device.type == "cpu":  # (other devices: the watch's own pass)
+            nonfinite_tally.report(int(torch.isfinite(item.grad).logical_not().sum()))
         update_one(kind, item)

@@ -114,7 +114,8 @@ class BackwardUpdateMixin:
             self.init_state(group, p, gindex, pindex)
         self.prefetch_state(p)
         self._hook_works = []
-        self.update_step(group, p, gindex, pindex)
+        with self.nonfinite.tallied():
+            self.update_step(group, p, gindex, pindex)
         self._hook_works = []
         p.grad = None
         self.backward_updates += 1

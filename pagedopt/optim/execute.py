@@ -106,10 +106,11 @@ class StepMixin:
         started = time.perf_counter()
         sink = self.sink
         self._quant_probe = self._telemetry_begin(sink) if sink is not NULL_SINK else None
-        if self._uses_hook_path():
-            works = self._hook_step()
-        else:
-            works = self._planned_step(per_item_only=sink is not NULL_SINK or not self.prepared_launches)
+        with self.nonfinite.tallied():  # the CPU kernels count NaN/Inf gradient elements
+            if self._uses_hook_path():
+                works = self._hook_step()
+            else:
+                works = self._planned_step(per_item_only=sink is not NULL_SINK or not self.prepared_launches)
         self.steps_taken += 1
         if sink is not NULL_SINK:
             sink.on_step(self, self._step_report(works, started))

@@ -6,7 +6,9 @@ so every pagedopt optimizer carries a :class:`NonfiniteGradWatch` (``optimizer.n
 installed as a torch.optim step pre-hook:
 
 - ``"skip"`` (default): count the skipped elements on the device, in a running 0-d tensor;
-  nothing is read on the host inside the step. The count is read when metrics are collected
+  nothing is read on the host inside the step. On the CPU the kernels count them while they
+  read the gradients (:mod:`pagedopt.functional.nonfinite_tally`), so the watch makes no pass of
+  its own there. The count is read when metrics are collected
   (Prometheus ``pagedopt_nonfinite_grad_elements_total``) or by :meth:`~NonfiniteGradWatch.total`,
   and at most every :data:`CHECK_EVERY_STEPS` steps the watch looks at a copy of it made
   asynchronously at an earlier step (a CUDA event tells whether the copy is done; no
@@ -16,9 +18,12 @@ installed as a torch.optim step pre-hook:
 - ``"off"``: no counting at all.
 
 The mode comes from ``PAGEDOPT_NONFINITE`` (``skip``, ``raise``, ``off``) when the optimizer
-is built, or ``optimizer.nonfinite.mode = "raise"`` at any time. Cost: on the CPU one fused
-L2-norm pass over the gradients (``torch._foreach_norm``), elements counted only in gradients
-it flags; on CUDA one extra read of each gradient, queued on the device (no sync).
+is built, or ``optimizer.nonfinite.mode = "raise"`` at any time. Cost in ``"skip"`` mode: none
+on the CPU (counted inside the update kernels), one extra read of each gradient on CUDA, queued
+on the device (no sync). ``"raise"`` must look before the update: on the CPU one fused L2-norm
+pass over the gradients (``torch._foreach_norm``), elements counted only in gradients it flags.
+Update in backward (:mod:`pagedopt.optim.backward_update`) counts CPU gradients the same way;
+CUDA gradients updated in backward are not counted.
 
 Example:
     >>> import torch, pagedopt
@@ -41,11 +46,15 @@ Example:
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
+
+from ..functional import nonfinite_tally
 
 MODES = ("skip", "raise", "off")
 ENV_VAR = "PAGEDOPT_NONFINITE"
@@ -119,12 +128,15 @@ class NonfiniteGradWatch:
         if self.mode == "off":
             return
         by_device: dict[torch.device, list[torch.Tensor]] = {}
+        kernels_count_cpu = self.mode == "skip"  # (see tallied())
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     g = _local(p.grad)
                     # sparse gradients are the step's to refuse (with the parameter's name)
                     if g.layout is torch.strided and g.numel() and g.is_floating_point():
+                        if kernels_count_cpu and g.device.type == "cpu":
+                            continue
                         by_device.setdefault(g.device, []).append(g)
         step_counts = []
         for device, grads in by_device.items():
@@ -154,6 +166,30 @@ class NonfiniteGradWatch:
             self._raise_if_any(optimizer, step_counts)
         elif self._steps % CHECK_EVERY_STEPS == 1 or CHECK_EVERY_STEPS == 1:
             self._poll()
+
+    @contextmanager
+    def tallied(self) -> Iterator[None]:
+        """Around a step's updates (and each update in backward): in ``"skip"`` mode the CPU
+        updates inside report the NaN/Inf gradient elements they skipped, and they are added to
+        the count when the block ends (also when it raises: those updates were applied)."""
+        if self.mode != "skip":
+            yield
+            return
+        with nonfinite_tally.counting() as tally:
+            try:
+                yield
+            finally:
+                self._add_cpu_count(tally.count)
+
+    def _add_cpu_count(self, count: int) -> None:
+        if not count:
+            return
+        cpu = torch.device("cpu")
+        if cpu not in self._counts:
+            self._counts[cpu] = torch.zeros((), dtype=torch.int64)
+        self._counts[cpu].add_(count)
+        self._seen = max(self._seen, sum(int(c) for d, c in self._counts.items() if d.type != "cuda"))
+        self._maybe_warn()  # a CPU count is known at once: no need to wait for a poll
 
     def _raise_if_any(self, optimizer: Any, step_counts: list[tuple[list[torch.Tensor], torch.Tensor]]) -> None:
         bad = 0
@@ -200,15 +236,15 @@ class NonfiniteGradWatch:
                     self._seen = max(self._seen, sum(int(c) for d, c in self._counts.items() if d.type != "cuda"))
             if parts:
                 self._pending.append((event, torch.stack(parts)))
-        self._maybe_warn(stacklevel=5)  # _poll <- observe <- the step hook <- torch's step wrapper <- caller
+        self._maybe_warn()
 
-    def _maybe_warn(self, stacklevel: int = 2) -> None:
+    def _maybe_warn(self) -> None:
         now = time.monotonic()
         if self._seen > self._warned and now - self._last_warning >= WARN_INTERVAL_SECONDS:
             warnings.warn(
                 f"pagedopt: {self._seen - self._warned} non-finite gradient elements (NaN/Inf) were skipped since the "
                 f"last report ({self._seen} in all); their parameters and states were left unchanged. "
-                f"Set {ENV_VAR}=raise to stop at the first one.", NonfiniteGradWarning, stacklevel=stacklevel + 1)
+                f"Set {ENV_VAR}=raise to stop at the first one.", NonfiniteGradWarning, stacklevel=_caller_stacklevel())
             self._warned, self._last_warning = self._seen, now
 
     def total(self) -> int:
@@ -216,8 +252,22 @@ class NonfiniteGradWatch:
         telemetry time, not inside a step)."""
         value = sum(int(c) for c in self._counts.values())
         self._seen = max(self._seen, value)
-        self._maybe_warn(stacklevel=3)
+        self._maybe_warn()
         return value
+
+
+def _caller_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel (called from :meth:`NonfiniteGradWatch._maybe_warn`) that
+    points at the first frame outside pagedopt, torch and contextlib: the user's ``step()`` or
+    ``backward()`` call, however deep inside the step the count became known."""
+    level, frame = 1, sys._getframe(2)  # level 1 = _maybe_warn; this frame = its caller
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _INTERNAL_MODULES:
+        level += 1
+        frame = frame.f_back
+    return level + 1
+
+
+_INTERNAL_MODULES = frozenset({"pagedopt", "torch", "contextlib"})
 
 
 def _before_step(optimizer: Any, args: Any, kwargs: Any) -> None:

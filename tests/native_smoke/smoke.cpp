@@ -63,7 +63,7 @@ int main(int argc, char** argv) {
     item.quantized = 1;
     item.block_wise = 1;
     item.scalars = scalars[step];
-    if (po_update(pagedopt::ALGO_ADAM, &item, 1, 2) != PO_OK) return fail("po_update failed");
+    if (po_update(pagedopt::ALGO_ADAM, &item, 1, 2, nullptr) != PO_OK) return fail("po_update failed");
   }
   FILE* out = fopen(argv[2], "wb");
   if (!out) return fail("cannot open the output file");
