@@ -171,7 +171,7 @@ class StepMixin:
             entries=entries,
         )
         self._group_launches(plan, grads)
-        plan.state_tensors = [e.state.get("state1") for lg in plan.launch_groups for e in lg.entries]
+        plan.freeze()
         return plan
 
     def _group_launches(self, plan: StepPlan, grads: list[Any]) -> None:

@@ -50,6 +50,7 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
+from operator import attrgetter
 from typing import Any, Iterator
 
 import torch
@@ -87,6 +88,9 @@ def mode_from_environment() -> str:
     if value not in MODES:
         raise ValueError(f"{ENV_VAR}={value!r}: expected one of {', '.join(MODES)}")
     return value
+
+
+_device = attrgetter("device")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -127,17 +131,20 @@ class NonfiniteGradWatch:
         """Count this step's non-finite gradient elements (on the device)."""
         if self.mode == "off":
             return
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        present = [g for group in optimizer.param_groups for p in group["params"] if (g := p.grad) is not None]
         kernels_count_cpu = self.mode == "skip"  # (see tallied())
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    g = _local(p.grad)
-                    # sparse gradients are the step's to refuse (with the parameter's name)
-                    if g.layout is torch.strided and g.numel() and g.is_floating_point():
-                        if kernels_count_cpu and g.device.type == "cpu":
-                            continue
-                        by_device.setdefault(g.device, []).append(g)
+        if kernels_count_cpu and all(d.type == "cpu" for d in set(map(_device, present))):
+            # Nothing to look at: the CPU kernels count (a C-level scan, no per-parameter Python)
+            self._after_observe()
+            return
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for grad in present:
+            g = _local(grad)
+            # sparse gradients are the step's to refuse (with the parameter's name)
+            if g.layout is torch.strided and g.numel() and g.is_floating_point():
+                if kernels_count_cpu and g.device.type == "cpu":
+                    continue
+                by_device.setdefault(g.device, []).append(g)
         step_counts = []
         for device, grads in by_device.items():
             if device.type == "cpu":
@@ -161,10 +168,15 @@ class NonfiniteGradWatch:
             if device not in self._counts:
                 self._counts[device] = torch.zeros((), dtype=torch.int64, device=device)
             self._counts[device].add_(total)
-        self._steps += 1
         if self.mode == "raise":
+            self._steps += 1
             self._raise_if_any(optimizer, step_counts)
-        elif self._steps % CHECK_EVERY_STEPS == 1 or CHECK_EVERY_STEPS == 1:
+        else:
+            self._after_observe()
+
+    def _after_observe(self) -> None:
+        self._steps += 1
+        if self._steps % CHECK_EVERY_STEPS == 1 or CHECK_EVERY_STEPS == 1:
             self._poll()
 
     @contextmanager

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import chain
-from operator import is_
+from operator import is_, methodcaller
 from typing import Any, Mapping
 
 import torch
@@ -112,15 +112,25 @@ class StepPlan:
             return False
         if group_signatures(param_groups) != self.group_signatures:
             return False
-        keys = [e.key for e in self.entries]
-        if [p.data_ptr() for p in keys] != self.param_ptrs:
+        # (map() over bound methods: C-level loops, no Python frame per parameter)
+        keys = self._keys
+        if list(map(_data_ptr, keys)) != self.param_ptrs:
             return False
-        if not all(map(is_, [state.get(k) for k in keys], self.state_dicts)):
+        if not all(map(is_, map(state.get, keys), self.state_dicts)):
             return False
         # Prepared launches hold pointers to the state tensors: they must not have been replaced.
         # (Paged state is replaced by the pager as it moves; it never joins a launch.)
-        launched = [e.state.get("state1") for lg in self.launch_groups for e in lg.entries]
-        return all(map(is_, launched, self.state_tensors))
+        return all(map(is_, map(_get_state1, self._launched_states), self.state_tensors))
+
+    def freeze(self) -> None:
+        """Record the state tensors the launches hold (after the launch groups are built)."""
+        self._keys = [e.key for e in self.entries]
+        self._launched_states = [e.state for lg in self.launch_groups for e in lg.entries]
+        self.state_tensors = list(map(_get_state1, self._launched_states))
+
+
+_data_ptr = methodcaller("data_ptr")
+_get_state1 = methodcaller("get", "state1")
 
 
 def flat_params(param_groups: list[dict[str, Any]]) -> list[torch.Tensor]:
