@@ -75,6 +75,7 @@ class EmulatedLauncher(DeviceLauncher):
         self.luts = torch.from_numpy(tables.luts.copy())
         self.launches: list[tuple[str, int, int | None]] = []
         self.numerics_launched: list[int | None] = []
+        self.nonfinite_pointers: list[int] = []  # the update launches' count argument
 
     def kernel(self, program, spec):
         assert spec in program.kernels, f"{spec.name} is not part of program {program.slug}"
@@ -148,16 +149,22 @@ class EmulatedLauncher(DeviceLauncher):
             new_absmax1=n1, new_absmax2=n2,
         )
 
-    def _update_kernel(self, algo, elem, mode, numerics, descs_ptr, prefix_ptr, n, maps, luts, *, work_units, grid):
+    def _update_kernel(self, algo, elem, mode, numerics, descs_ptr, prefix_ptr, n, maps, luts, nonfinite, *,
+                       work_units, grid):
         def run(kind, items):
             if numerics == 1:
                 fast_numerics.update(kind, items, self.approx)
             else:
-                reference.update(kind, items)
+                for item in items:  # (update_one: the kernel counts below, not the reference's report)
+                    reference.update_one(kind, item)
 
         assert (maps, luts) == (self.maps.data_ptr(), self.luts.data_ptr())
         kind, items = self._items(algo, elem, mode, descs_ptr, prefix_ptr, n, CHUNK_ELEMS)
         assert work_units == items[-1][2] if items else work_units == 0
+        if nonfinite:  # the kernel's atomicAdd into the watch's running count (an int64)
+            counter = typed(nonfinite, 1, torch.int64)
+            counter += sum(int(torch.isfinite(item.grad).logical_not().sum()) for item, _, _ in items)
+        self.nonfinite_pointers.append(nonfinite)
         for item, _, _ in items:
             if mode == MODE_CODES["tensor8"]:
                 assert item.new_absmax1 is not None, "tensor-wise update without maxima"

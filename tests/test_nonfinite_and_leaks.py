@@ -212,3 +212,23 @@ def test_dropped_paged_optimizers_free_their_memory_without_the_cycle_collector(
             gc.enable()
     assert all(a() is None and b() is None for a, b in refs)
     assert grown < 64 * 2**20, grown  # 50 leaked optimizers would hold > 200 MB
+
+
+def test_subclass_overriding_the_update_hook_is_counted_once():
+    """A bitsandbytes-style subclass overriding update_step may not run pagedopt's kernels, so
+    the watch counts those gradients itself - and the kernels (called through super()) do not
+    count them a second time."""
+
+    class Custom(pagedopt.AdamW8bit):
+        def update_step(self, group, p, gindex, pindex):
+            return super().update_step(group, p, gindex, pindex)
+
+    w = torch.nn.Parameter(torch.ones(900))
+    opt = Custom([w], min_8bit_size=0)
+    assert opt._uses_hook_path()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonfiniteGradWarning)
+        for _ in range(2):
+            w.grad = _grad(900, {1: float("nan"), 800: float("inf")})
+            opt.step()
+    assert opt.nonfinite.total() == 4 and w[1] == 1 and w[0] != 1

@@ -208,3 +208,71 @@ def test_no_capture_inside_a_user_capture_or_when_turned_off(emulated, graphs):
     graphs.user_capturing = False
     _, opt = train_graph(True, cuda_graph=False)
     assert graphs.captures == 0 and opt._plan.launch_groups[0].launch.use_graph is False
+
+
+# -- the kernels count non-finite gradient elements into the watch's device counter --------------
+
+
+IGNORE_NONFINITE = pytest.mark.filterwarnings("ignore::pagedopt.optim.nonfinite.NonfiniteGradWarning")
+
+
+def _nan_grads(ps, t):
+    """Gradients with NaN/Inf at fixed places; returns how many."""
+    g = torch.Generator().manual_seed(300 + t)
+    bad = 0
+    for p in ps:
+        grad = (torch.randn(p.shape, generator=g) * 0.01).to(p.dtype)
+        flat = grad.view(-1)
+        for k, v in zip((0, 5, 777), (float("nan"), float("inf"), -float("inf"))):
+            if k < flat.numel():
+                flat[k] = v
+                bad += 1
+        p.grad = grad
+    return bad
+
+
+@IGNORE_NONFINITE
+@pytest.mark.parametrize("prepared", [True, False], ids=["planned", "per-item"])
+def test_update_kernels_count_nonfinite_into_the_watch_counter(emulated, graphs, prepared):
+    """Every update launch (planned, graph-replayed, per item) passes the watch's running count
+    on the device; the emulated kernel adds its NaN/Inf count there, and the watch's total is
+    exact (no second count by a pass of its own or by the reference)."""
+    ps = params()
+    opt = pagedopt.AdamW8bit(ps, min_8bit_size=0)
+    opt.prepared_launches = prepared
+    expected = 0
+    for t in range(5):
+        expected += _nan_grads(ps, t)
+        opt.step()
+    counter = opt.nonfinite._counts[torch.device("cpu")]
+    pointers = [p for launcher in emulated for p in launcher.nonfinite_pointers]
+    assert pointers and set(pointers) == {counter.data_ptr()}
+    assert opt.nonfinite.total() == expected
+    if prepared:
+        assert opt._plan.launch_groups[0].launch.replays == 5 - 2  # counted inside the graph too
+
+
+@IGNORE_NONFINITE
+def test_watch_mode_change_replans_and_stops_kernel_counting(emulated):
+    ps = params()
+    opt = pagedopt.AdamW8bit(ps, min_8bit_size=0)
+    _nan_grads(ps, 0)
+    opt.nonfinite.mode = "off"
+    opt.step()
+    assert opt.plan_builds == 1 and opt.nonfinite.total() == 0
+    assert {p for launcher in emulated for p in launcher.nonfinite_pointers} == {0}
+    opt.nonfinite.mode = "skip"
+    bad = _nan_grads(ps, 1)
+    opt.step()
+    assert opt.plan_builds == 2 and opt.nonfinite.total() == bad
+
+
+@IGNORE_NONFINITE
+def test_update_in_backward_counts_through_the_kernels(emulated):
+    w = torch.nn.Parameter(torch.ones(600))
+    opt = pagedopt.AdamW8bit([w], min_8bit_size=0, update_in_backward=True)
+    x = torch.ones(600)
+    x[5], x[9] = float("nan"), float("inf")
+    (w * x).sum().backward()
+    assert opt.nonfinite.total() == 2 and w.grad is None
+    assert any(p for launcher in emulated for p in launcher.nonfinite_pointers)

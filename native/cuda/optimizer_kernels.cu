@@ -149,7 +149,8 @@ __device__ __forceinline__ void store_tile(const TensorDesc& d, int64_t base, co
 // (PREPARE = false) or accumulate into `acc` (PREPARE = true). All 32 lanes must call it.
 template <int ALGO, int P, int MODE, bool PREPARE, int NUM>
 __device__ __forceinline__ void run_tile(const TensorDesc& d, int64_t base, const QMapShared* qs,
-                                         PrepareAcc& acc, bool want_norms, float pow10_lane) {
+                                         PrepareAcc& acc, bool want_norms, float pow10_lane,
+                                         unsigned long long* nonfinite) {
   typedef typename Elem<P>::storage T;
   constexpr int VEC = 16 / (int)sizeof(T);  // elements per 16-byte parameter access
   constexpr int GROUPS = kElemsPerLane / VEC;
@@ -177,6 +178,18 @@ __device__ __forceinline__ void run_tile(const TensorDesc& d, int64_t base, cons
   for (int j = 0; j < GROUPS; ++j) {
     load_group<T, VEC>(static_cast<const T*>(d.param) + first[j], praw + j * VEC, vec[j], valid[j]);
     load_group<T, VEC>(static_cast<const T*>(d.grad) + first[j], graw + j * VEC, vec[j], valid[j]);
+  }
+  if constexpr (!PREPARE) {
+    // The non-finite watch's count (pagedopt/optim/nonfinite.py), when the host passed one:
+    // counted here, before the states are loaded (few registers live), with an atomic only
+    // for a tile that has any (rare).
+    if (nonfinite != nullptr) {
+      unsigned bad = 0;
+#pragma unroll
+      for (int i = 0; i < kElemsPerLane; ++i)
+        bad += ((int64_t)(i % VEC) < valid[i / VEC] && !po_isfinite(Elem<P>::load(graw[i]))) ? 1u : 0u;
+      if (bad != 0) atomicAdd(nonfinite, (unsigned long long)bad);
+    }
   }
 
   float val[3][kElemsPerLane];  // NV of them used
@@ -261,7 +274,8 @@ template <int ALGO, int P, int MODE, int NUM = NUMERICS_STRICT>
 __global__ void __launch_bounds__(kThreads, update_min_blocks_per_sm<ALGO>()) update_kernel(const TensorDesc* __restrict__ descs,
                                                           const int64_t* __restrict__ chunk_prefix,
                                                           int num_tensors, const float* __restrict__ maps,
-                                                          const uint8_t* __restrict__ luts) {
+                                                          const uint8_t* __restrict__ luts,
+                                                          unsigned long long* __restrict__ nonfinite) {
   __shared__ QMapShared qs[2];
   if constexpr (MODE != MODE_STATE32) load_maps<ALGO>(qs, maps, luts);
   const int64_t total = chunk_prefix[num_tensors];
@@ -272,7 +286,7 @@ __global__ void __launch_bounds__(kThreads, update_min_blocks_per_sm<ALGO>()) up
     t = find_tensor(chunk_prefix, num_tensors, chunk, t);
     const TensorDesc& d = descs[t];
     const int64_t base = (chunk - chunk_prefix[t]) * kChunkElems + (int64_t)warp_id() * kWarpElems;
-    if (base < d.numel) run_tile<ALGO, P, MODE, false, NUM>(d, base, qs, unused, false, pow10_lane);
+    if (base < d.numel) run_tile<ALGO, P, MODE, false, NUM>(d, base, qs, unused, false, pow10_lane, nonfinite);
   }
 }
 
@@ -296,7 +310,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) prepare_kernel(cons
     const int64_t chunk_base = (chunk - chunk_prefix[t]) * kReduceChunkElems;
     for (int sub = 0; sub < kReduceSubchunks; ++sub) {
       const int64_t base = chunk_base + (int64_t)sub * kChunkElems + (int64_t)warp_id() * kWarpElems;
-      if (base < d.numel) run_tile<ALGO, P, MODE, true, NUM>(d, base, qs, acc, want_norms != 0, pow10_lane);
+      if (base < d.numel) run_tile<ALGO, P, MODE, true, NUM>(d, base, qs, acc, want_norms != 0, pow10_lane, nullptr);
     }
     const PrepareAcc w = block_reduce<PrepareReduce>(acc, scratch);
     if (threadIdx.x == 0) {

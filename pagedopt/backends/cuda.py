@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..functional import dispatch, reference
+from ..functional import dispatch, nonfinite_tally, reference
 from ..functional.items import PrepareResult, UpdateItem
 from ..functional.kinds import UpdateKind
 
@@ -174,6 +174,13 @@ class CudaBackend:
         return items
 
 
+def _counter_ptr(device: torch.device) -> int:
+    """Where the update kernel adds its count of NaN/Inf gradient elements: the non-finite
+    watch's running count on ``device`` during an optimizer step, else 0 (not counted)."""
+    counter = nonfinite_tally.device_counter(device)
+    return counter.data_ptr() if counter is not None else 0
+
+
 class DeviceLauncher:
     """The launch logic for one device, independent of how kernels are loaded and launched.
 
@@ -285,7 +292,8 @@ class DeviceLauncher:
                 prefix = cuda_plan.chunk_prefix([it.param.numel() for it in live], cuda_plan.CHUNK_ELEMS)
                 buffer, descs_ptr, prefix_ptr = self._descriptors(cuda_plan.pack_update_descs(kind, live), prefix)
                 kernel = self.kernel(program, cuda_catalog.update_kernel(kind.algorithm, elem, mode, numerics))
-                args = (descs_ptr, prefix_ptr, len(live), self.maps.data_ptr(), self.luts.data_ptr())
+                args = (descs_ptr, prefix_ptr, len(live), self.maps.data_ptr(), self.luts.data_ptr(),
+                        _counter_ptr(self.device))
                 self.launch(kernel, int(prefix[-1]), None, args)
                 del buffer
             if mode == "tensor8":

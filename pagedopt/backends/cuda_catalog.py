@@ -51,8 +51,9 @@ _I32 = ctypes.c_int32
 _I64 = ctypes.c_int64
 _U64 = ctypes.c_uint64
 
-# (descs, chunk_prefix, num_tensors, maps, luts)
-UPDATE_PARAMS = (_P, _P, _I32, _P, _P)
+# (descs, chunk_prefix, num_tensors, maps, luts, nonfinite): nonfinite is an int64 the kernel adds
+# its count of NaN/Inf gradient elements to (atomically), or 0 for none
+UPDATE_PARAMS = (_P, _P, _I32, _P, _P, _P)
 # (descs, chunk_prefix, num_tensors, maps, luts, partials, want_norms)
 PREPARE_PARAMS = (_P, _P, _I32, _P, _P, _P, _I32)
 # (chunk_prefix, num_tensors, partials, norms, maxima)

@@ -24,7 +24,10 @@ a new launch and captures again. No graph is captured while the current stream i
 capturing (inside a user's ``torch.cuda.graph``: the launches are recorded into the user's
 graph instead), and if a capture fails the launch warns once and stays eager. Percentile
 clipping, trust ratios, tensor-wise state and paged state run outside the graph, in the
-per-item passes (paging policies that move state never enter it).
+per-item passes (paging policies that move state never enter it). The kernels add their count
+of NaN/Inf gradient elements to the non-finite watch's running count on the device (its
+address is fixed when the launch is built), so counting needs no launch of its own, in a
+graph or not.
 
 Example:
     >>> import torch  # doctest: +SKIP
@@ -42,6 +45,7 @@ import torch
 
 import warnings
 
+from ..functional import nonfinite_tally
 from ..functional.items import UpdateItem
 from ..functional.kinds import UpdateKind
 from ..functional.scalars import StepScalars
@@ -67,6 +71,12 @@ class _Group:
     def __init__(self, launcher: Any, kind: UpdateKind, elem: str, mode: str, items: list[UpdateItem],
                  positions: list[int]) -> None:
         self.launcher = launcher
+        # The non-finite watch's running count on this device when the plan is built inside a
+        # step (the optimizer rebuilds its plan when the watch's mode changes), else 0. Stable:
+        # a captured graph keeps adding to the same tensor.
+        counter = nonfinite_tally.device_counter(launcher.device)
+        self.counter = counter  # (kept alive with the launch)
+        self.counter_ptr = counter.data_ptr() if counter is not None else 0
         self.positions = np.asarray(positions, dtype=np.int64)  # index of each item in the launch's list
         prefix = cuda_plan.chunk_prefix([it.param.numel() for it in items], cuda_plan.CHUNK_ELEMS)
         descs = cuda_plan.pack_update_descs(kind, items)
@@ -110,7 +120,8 @@ class _Group:
             base = self.device_buffer.data_ptr()
             kernel = launcher.kernel(self.program, self.spec)
             launcher.launch(kernel, self.work_units, None,
-                            (base, base + self.offset, self.count, launcher.maps.data_ptr(), launcher.luts.data_ptr()))
+                            (base, base + self.offset, self.count, launcher.maps.data_ptr(), launcher.luts.data_ptr(),
+                             self.counter_ptr))
 
 
 WARMUP_RUNS = 2  # eager runs before a capture (kernels loaded, allocator warm)

@@ -114,7 +114,7 @@ class BackwardUpdateMixin:
             self.init_state(group, p, gindex, pindex)
         self.prefetch_state(p)
         self._hook_works = []
-        with self.nonfinite.tallied():
+        with self.nonfinite.tallied(self):
             self.update_step(group, p, gindex, pindex)
         self._hook_works = []
         p.grad = None

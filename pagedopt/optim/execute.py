@@ -106,7 +106,7 @@ class StepMixin:
         started = time.perf_counter()
         sink = self.sink
         self._quant_probe = self._telemetry_begin(sink) if sink is not NULL_SINK else None
-        with self.nonfinite.tallied():  # the CPU kernels count NaN/Inf gradient elements
+        with self.nonfinite.tallied(self):  # the update kernels count NaN/Inf gradient elements
             if self._uses_hook_path():
                 works = self._hook_step()
             else:
@@ -128,7 +128,9 @@ class StepMixin:
     # -- planning ----------------------------------------------------------------------------
 
     def _plan_key(self) -> tuple[Any, ...]:
-        return (self._plan_generation, self.mng.generation, id(self.state_store), self.numerics, self.cuda_graph)
+        # (the watch's mode: prepared CUDA launches hold its device counter only in "skip" mode)
+        return (self._plan_generation, self.mng.generation, id(self.state_store), self.numerics, self.cuda_graph,
+                self.nonfinite.mode)
 
     def _current_plan(self, params: list[torch.Tensor], grads: list[Any]) -> StepPlan:
         plan = self._plan

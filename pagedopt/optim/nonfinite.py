@@ -6,9 +6,10 @@ so every pagedopt optimizer carries a :class:`NonfiniteGradWatch` (``optimizer.n
 installed as a torch.optim step pre-hook:
 
 - ``"skip"`` (default): count the skipped elements on the device, in a running 0-d tensor;
-  nothing is read on the host inside the step. On the CPU the kernels count them while they
-  read the gradients (:mod:`pagedopt.functional.nonfinite_tally`), so the watch makes no pass of
-  its own there. The count is read when metrics are collected
+  nothing is read on the host inside the step. The update kernels count them while they read
+  the gradients (:mod:`pagedopt.functional.nonfinite_tally`; the CUDA kernels add to the
+  running count on the device, inside a captured graph too), so the watch makes no pass of
+  its own. The count is read when metrics are collected
   (Prometheus ``pagedopt_nonfinite_grad_elements_total``) or by :meth:`~NonfiniteGradWatch.total`,
   and at most every :data:`CHECK_EVERY_STEPS` steps the watch looks at a copy of it made
   asynchronously at an earlier step (a CUDA event tells whether the copy is done; no
@@ -19,11 +20,14 @@ installed as a torch.optim step pre-hook:
 
 The mode comes from ``PAGEDOPT_NONFINITE`` (``skip``, ``raise``, ``off``) when the optimizer
 is built, or ``optimizer.nonfinite.mode = "raise"`` at any time. Cost in ``"skip"`` mode: none
-on the CPU (counted inside the update kernels), one extra read of each gradient on CUDA, queued
-on the device (no sync). ``"raise"`` must look before the update: on the CPU one fused L2-norm
-pass over the gradients (``torch._foreach_norm``), elements counted only in gradients it flags.
-Update in backward (:mod:`pagedopt.optim.backward_update`) counts CPU gradients the same way;
-CUDA gradients updated in backward are not counted.
+(counted inside the update kernels; an atomic add only for a tile of gradient elements that
+has one), except where no pagedopt kernel runs - gradients on a CUDA device without the CUDA
+backend (the reference updates them) and bitsandbytes-style subclasses that override the
+update hooks - where the watch reads each gradient once more before the step, queued on the
+device (no sync). ``"raise"`` must look before the update: on the CPU one fused L2-norm pass
+over the gradients (``torch._foreach_norm``), elements counted only in gradients it flags; on
+CUDA one extra read of each gradient and a host read of the counts. Update in backward
+(:mod:`pagedopt.optim.backward_update`) counts the same way as the step.
 
 Example:
     >>> import torch, pagedopt
@@ -55,7 +59,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..functional import nonfinite_tally
+from ..functional import dispatch, nonfinite_tally
 
 MODES = ("skip", "raise", "off")
 ENV_VAR = "PAGEDOPT_NONFINITE"
@@ -91,6 +95,13 @@ def mode_from_environment() -> str:
 
 
 _device = attrgetter("device")
+
+
+def _kernels_count_on(device: torch.device) -> bool:
+    """Whether the updates of gradients on ``device`` count non-finite elements themselves:
+    every CPU path does (native kernels, the reference), and the CUDA kernels do; the
+    reference on a CUDA device does not (no CUDA backend loaded), so the watch looks there."""
+    return device.type == "cpu" or dispatch.backend_for(device).name == "cuda"
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -132,9 +143,9 @@ class NonfiniteGradWatch:
         if self.mode == "off":
             return
         present = [g for group in optimizer.param_groups for p in group["params"] if (g := p.grad) is not None]
-        kernels_count_cpu = self.mode == "skip"  # (see tallied())
-        if kernels_count_cpu and all(d.type == "cpu" for d in set(map(_device, present))):
-            # Nothing to look at: the CPU kernels count (a C-level scan, no per-parameter Python)
+        kernels_count = self.kernels_count(optimizer)  # (see tallied())
+        if kernels_count and all(map(_kernels_count_on, set(map(_device, present)))):
+            # Nothing to look at: the update kernels count (a C-level scan, no per-parameter Python)
             self._after_observe()
             return
         by_device: dict[torch.device, list[torch.Tensor]] = {}
@@ -142,7 +153,7 @@ class NonfiniteGradWatch:
             g = _local(grad)
             # sparse gradients are the step's to refuse (with the parameter's name)
             if g.layout is torch.strided and g.numel() and g.is_floating_point():
-                if kernels_count_cpu and g.device.type == "cpu":
+                if kernels_count and _kernels_count_on(g.device):
                     continue
                 by_device.setdefault(g.device, []).append(g)
         step_counts = []
@@ -180,18 +191,40 @@ class NonfiniteGradWatch:
             self._poll()
 
     @contextmanager
-    def tallied(self) -> Iterator[None]:
-        """Around a step's updates (and each update in backward): in ``"skip"`` mode the CPU
-        updates inside report the NaN/Inf gradient elements they skipped, and they are added to
-        the count when the block ends (also when it raises: those updates were applied)."""
-        if self.mode != "skip":
+    def tallied(self, optimizer: Any) -> Iterator[None]:
+        """Around a step's updates (and each update in backward): in ``"skip"`` mode the updates
+        inside count the NaN/Inf gradient elements they skip - CPU updates report them and they
+        are added when the block ends (also when it raises: those updates were applied), CUDA
+        kernels add theirs to :meth:`kernel_counter` on the device."""
+        if not self.kernels_count(optimizer):
             yield
             return
-        with nonfinite_tally.counting() as tally:
+        with nonfinite_tally.counting(self.kernel_counter) as tally:
             try:
                 yield
             finally:
                 self._add_cpu_count(tally.count)
+
+    def kernels_count(self, optimizer: Any) -> bool:
+        """Whether this step's update kernels count (``"skip"`` mode), so that the watch needs
+        no pass of its own. Not for bitsandbytes-style subclasses that override the update
+        hooks: their updates may not run pagedopt's kernels, so the watch looks itself."""
+        if self.mode != "skip":
+            return False
+        hook_path = getattr(optimizer, "_uses_hook_path", None)
+        return not (callable(hook_path) and hook_path())
+
+    def kernel_counter(self, device: torch.device) -> torch.Tensor | None:
+        """The running count on a CUDA-served ``device`` that the update kernels add to
+        atomically (``"skip"`` mode; None otherwise, and for other devices). The tensor is
+        created once per device and never replaced, so prepared launches and captured CUDA
+        graphs may hold its address."""
+        if self.mode != "skip" or dispatch.backend_for(device).name != "cuda":
+            return None
+        count = self._counts.get(device)
+        if count is None:
+            count = self._counts[device] = torch.zeros((), dtype=torch.int64, device=device)
+        return count
 
     def _add_cpu_count(self, count: int) -> None:
         if not count:
