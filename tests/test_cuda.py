@@ -301,6 +301,41 @@ def test_step_never_syncs_the_host(device):
     torch.cuda.synchronize()
 
 
+@pytest.mark.parametrize("cuda_graph", [True, False], ids=["graph", "eager"])
+@pytest.mark.parametrize("prepared", [True, False], ids=["planned", "per-item"])
+def test_update_kernels_count_nonfinite_gradient_elements(device, cuda_graph, prepared, monkeypatch):
+    """The CUDA update kernels add their NaN/Inf count to the watch's device counter (in a
+    replayed graph too), exactly, and the watch launches nothing of its own per gradient."""
+    import warnings
+
+    import pagedopt
+    from pagedopt.optim.nonfinite import NonfiniteGradWarning
+
+    params = _model_params(device, torch.bfloat16)
+    opt = pagedopt.AdamW8bit(params, min_8bit_size=1000, cuda_graph=cuda_graph)
+    opt.prepared_launches = prepared
+    expected = 0
+    calls = []
+    real_isfinite = torch.isfinite
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonfiniteGradWarning)
+        for step in range(6):
+            for i, p in enumerate(params):
+                g = torch.randn_like(p) * 0.01
+                flat = g.view(-1)
+                spots = {k for k in (0, 3 + step, flat.numel() - 1) if k < flat.numel()}
+                for k in spots:
+                    flat[k] = float("nan") if (i + k) % 2 else float("inf")
+                expected += len(spots)
+                p.grad = g
+            if step == 3:  # from here on, no isfinite() launches of the watch
+                monkeypatch.setattr(torch, "isfinite", lambda t: calls.append(t) or real_isfinite(t))
+            opt.step()
+        monkeypatch.setattr(torch, "isfinite", real_isfinite)
+        assert opt.nonfinite.total() == expected
+    assert not calls
+
+
 def test_kernels_run_on_the_current_stream(backend, device):
     """A launch queued behind a 1 s sleep on a side stream must not have run yet when the
     default stream reads the parameter."""
