@@ -153,20 +153,24 @@ def _kernel_matches_reference(name, shape, dtype, steps, label):
     base.assert_slots_equal(ref, nat, label)
 
 
-@pytest.mark.parametrize("search", ["table", "arithmetic"])
+SEARCH_MODES = {"table": 0, "arithmetic": 1, "lattice": 2}
+
+
+@pytest.mark.parametrize("search", list(SEARCH_MODES))
 @pytest.mark.parametrize("name", ["adamw", "lion", "ademamix", "rmsprop"])
 def test_avx512_code_searches_match_the_reference(search, name):
-    """VBMI CPUs quantize with the gather-free arithmetic search (code_arith.h), others with the
-    bucket table: each forced in turn, over all floats' dense sample and through whole kernels
-    (signed and unsigned states, odd sizes). Exact tier."""
+    """VBMI CPUs quantize without gathers - the lattice fast path (code_lattice.h) falling back
+    to the arithmetic search (code_arith.h) - others with the bucket table: each forced in turn,
+    over all floats' dense sample and through whole kernels (signed and unsigned states, odd
+    sizes). Exact tier."""
     if "avx512" not in SUPPORTED:
         pytest.skip("this CPU lacks the avx512 level")
     has_vbmi = "avx512vbmi" in (cpu._cpu_flags() or set())
-    if search == "arithmetic" and not has_vbmi:
+    if search != "table" and not has_vbmi:
         pytest.skip("this CPU lacks avx512vbmi")
     before = LIB.isa
     LIB.select_isa("avx512")
-    LIB.check(LIB.po_set_code_search_vbmi(int(search == "arithmetic")), "set_code_search_vbmi")
+    LIB.check(LIB.po_set_code_search_vbmi(SEARCH_MODES[search]), "set_code_search_vbmi")
     try:
         for signed in (True, False):
             base.test_code_search_dense_sample_and_bad_range(signed)
@@ -183,6 +187,11 @@ def test_code_search_switch_rejects_a_cpu_without_vbmi():
         pytest.skip("this CPU has VBMI")
     with pytest.raises(cpu.NativeError, match="avx512vbmi"):
         LIB.check(LIB.po_set_code_search_vbmi(1), "set_code_search_vbmi")
+
+
+def test_code_search_switch_rejects_an_unknown_mode():
+    with pytest.raises(cpu.NativeError, match="mode must be 0, 1 or 2, got 3"):
+        LIB.check(LIB.po_set_code_search_vbmi(3), "set_code_search_vbmi")
 
 
 def test_prefetch_distance_is_validated_and_does_not_change_results():

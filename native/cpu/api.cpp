@@ -340,7 +340,9 @@ int po_init(const float* qmap_signed, const float* qmap_unsigned, const float* t
     // prove (code_arith.h) keeps the table search.
     fresh.arith_ready = build_arith_search<true>(fresh.thresholds_signed, fresh.arith[0]) == 0 &&
                                 build_arith_search<false>(fresh.thresholds_unsigned, fresh.arith[1]) == 0;
-    fresh.search_vbmi = fresh.dequant_vbmi && fresh.arith_ready ? 1 : 0;
+    fresh.lattice_ready = fresh.arith_ready && build_lattice_search(fresh.arith[0], true, fresh.lattice[0]) == 0 &&
+                          build_lattice_search(fresh.arith[1], false, fresh.lattice[1]) == 0;
+    fresh.search_vbmi = fresh.dequant_vbmi && fresh.arith_ready ? (fresh.lattice_ready ? 2 : 1) : 0;
     fresh.prefetch_chunks = cpu_is_amd() ? 0 : 2;
     fresh.ready = true;
     g_tables = fresh;
@@ -474,7 +476,7 @@ int po_set_dequantize_vbmi(int32_t enable) {
   if (!g_tables.ready) return fail(PO_ERR_NOT_READY, "po_init() has not succeeded");
   if (enable && !cpu_has_vbmi()) return fail(PO_ERR_ARGUMENT, "this CPU lacks avx512vbmi");
   g_tables.dequant_vbmi = enable ? 1 : 0;
-  g_tables.search_vbmi = enable && g_tables.arith_ready ? 1 : 0;
+  g_tables.search_vbmi = enable && g_tables.arith_ready ? (g_tables.lattice_ready ? 2 : 1) : 0;
   return PO_OK;
 }
 
@@ -487,11 +489,13 @@ int po_set_prefetch(int32_t chunks) {
 
 int po_get_prefetch() { return g_tables.ready ? g_tables.prefetch_chunks : -1; }
 
-int po_set_code_search_vbmi(int32_t enable) {
+int po_set_code_search_vbmi(int32_t mode) {
   if (!g_tables.ready) return fail(PO_ERR_NOT_READY, "po_init() has not succeeded");
-  if (enable && !cpu_has_vbmi()) return fail(PO_ERR_ARGUMENT, "this CPU lacks avx512vbmi");
-  if (enable && !g_tables.arith_ready) return fail(PO_ERR_ARGUMENT, "the maps do not allow the arithmetic code search");
-  g_tables.search_vbmi = enable ? 1 : 0;
+  if (mode < 0 || mode > 2) return fail(PO_ERR_ARGUMENT, "code search mode must be 0, 1 or 2, got " + std::to_string(mode));
+  if (mode && !cpu_has_vbmi()) return fail(PO_ERR_ARGUMENT, "this CPU lacks avx512vbmi");
+  if (mode && !g_tables.arith_ready) return fail(PO_ERR_ARGUMENT, "the maps do not allow the arithmetic code search");
+  if (mode == 2 && !g_tables.lattice_ready) return fail(PO_ERR_ARGUMENT, "the maps do not allow the lattice code search");
+  g_tables.search_vbmi = mode;
   return PO_OK;
 }
 

@@ -99,12 +99,11 @@ inline bool guess_ok(int32_t g, int32_t count, bool is_signed) {
   return (g == count || g == count - 1) && g >= 0 && g < (is_signed ? 128 : 256);
 }
 
-// Proves the guess for every float bit pattern in [0, last]: between consecutive breakpoints
-// (octave starts, the octaves' powers of ten, the float after each threshold) the segment is
-// fixed, so g is monotone, and count is constant; checking both ends of each piece covers it.
-// Returns 0 or 1 + the first failing bit pattern.
-inline int64_t prove_arith_search(const ArithSearch& s, uint32_t last, bool is_signed) {
-  uint32_t breaks[32 * 2 + 256 + 2];
+// The sorted breakpoints of [0, last] (octave starts, the octaves' powers of ten, the float
+// after each threshold) into breaks[] (room for 32 * 2 + 256 + 2); returns how many. Between
+// two consecutive ones the segment is fixed (so the affine functions are monotone) and the
+// count of thresholds below x is constant.
+inline int arith_breakpoints(const ArithSearch& s, uint32_t last, uint32_t* breaks) {
   int n = 0;
   breaks[n++] = 0u;
   for (uint32_t e = kArithLowExponent; e <= 127; ++e) {
@@ -121,6 +120,15 @@ inline int64_t prove_arith_search(const ArithSearch& s, uint32_t last, bool is_s
       breaks[j - 1] = t;
     }
   }
+  return n;
+}
+
+// Proves the guess for every float bit pattern in [0, last]: on each piece between
+// breakpoints g is monotone and count constant, so checking both ends of each piece covers it.
+// Returns 0 or 1 + the first failing bit pattern.
+inline int64_t prove_arith_search(const ArithSearch& s, uint32_t last, bool is_signed) {
+  uint32_t breaks[32 * 2 + 256 + 2];
+  const int n = arith_breakpoints(s, last, breaks);
   for (int i = 0; i + 1 < n; ++i) {
     const uint32_t lo = breaks[i], hi = breaks[i + 1] - 1u;
     if (breaks[i + 1] <= lo || lo > last) continue;  // empty piece (duplicate breakpoints)

@@ -38,6 +38,27 @@ double grad_norm_sq(int32_t dtype, const void* grad, int64_t begin, int64_t len)
 // Within one sign the floats are monotone in bit order (increasing for +, decreasing for -),
 // so count_below is tracked by a merge scan over the sorted thresholds (binary search at the
 // start of each slice, and on every 4096th value as a cross-check of the scan itself).
+
+#ifdef PO_HAVE_AVX512
+// Codes of x[0..16) through the VBMI search (LATTICE: its lattice fast path), unbounded and
+// bounded, as uint32 (the check below compares them with the reference).
+template <bool LATTICE>
+void vbmi_codes(int32_t is_signed, const float* x, uint32_t* out, uint32_t* out_bounded) {
+  uint8_t codes[16], codes_bounded[16];
+  if (is_signed) {
+    vbmi::quantize<true, false, LATTICE>(x, 16, codes);
+    vbmi::quantize<true, true, LATTICE>(x, 16, codes_bounded);
+  } else {
+    vbmi::quantize<false, false, LATTICE>(x, 16, codes);
+    vbmi::quantize<false, true, LATTICE>(x, 16, codes_bounded);
+  }
+  for (int k = 0; k < 16; ++k) {
+    out[k] = codes[k];
+    out_bounded[k] = codes_bounded[k];
+  }
+}
+#endif
+
 int64_t check_code_search(int32_t is_signed, uint32_t first_bits, uint32_t last_bits, uint32_t* first_mismatch,
                           int32_t num_threads) {
   const float* t = is_signed ? g_tables.thresholds_signed : g_tables.thresholds_unsigned;
@@ -55,7 +76,8 @@ int64_t check_code_search(int32_t is_signed, uint32_t first_bits, uint32_t last_
     for (int64_t group = lo; group < hi; group += 16) {
       const int64_t n = hi - group < 16 ? hi - group : 16;
       float x[16] = {0};
-      uint32_t reference[16], fast[16], simd[16], simd_bounded[16], arith[16], arith_bounded[16];
+      uint32_t reference[16], fast[16], simd[16], simd_bounded[16], arith[16], arith_bounded[16], lattice[16],
+          lattice_bounded[16];
       for (int64_t k = 0; k < n; ++k) {
         const int64_t b = group + k;
         x[k] = bits_float(static_cast<uint32_t>(b));
@@ -70,26 +92,16 @@ int64_t check_code_search(int32_t is_signed, uint32_t first_bits, uint32_t last_
         reference[k] = count < 0 ? 1000u : static_cast<uint32_t>(fix_code(count, x[k], is_signed != 0));
         fast[k] = is_signed ? lut_quantize_value<true>(g_tables.lut_signed, x[k])
                             : lut_quantize_value<false>(g_tables.lut_unsigned, x[k]);
-        simd[k] = simd_bounded[k] = arith[k] = arith_bounded[k] = fast[k];
+        simd[k] = simd_bounded[k] = arith[k] = arith_bounded[k] = lattice[k] = lattice_bounded[k] = fast[k];
       }
 #ifdef PO_HAVE_AVX512
       // The kernels' AVX-512 search, also in its bounded form for |x| <= 1.
       const __m512 v = _mm512_loadu_ps(x);
       _mm512_storeu_si512(simd, is_signed ? avx512::quantize16<true, false>(v) : avx512::quantize16<false, false>(v));
       _mm512_storeu_si512(simd_bounded, is_signed ? avx512::quantize16<true, true>(v) : avx512::quantize16<false, true>(v));
-      if (g_tables.search_vbmi) {  // and the gather-free search (code_arith.h) of VBMI CPUs
-        uint8_t codes[16], codes_bounded[16];
-        if (is_signed) {
-          vbmi::quantize<true, false>(x, 16, codes);
-          vbmi::quantize<true, true>(x, 16, codes_bounded);
-        } else {
-          vbmi::quantize<false, false>(x, 16, codes);
-          vbmi::quantize<false, true>(x, 16, codes_bounded);
-        }
-        for (int k = 0; k < 16; ++k) {
-          arith[k] = codes[k];
-          arith_bounded[k] = codes_bounded[k];
-        }
+      if (g_tables.search_vbmi) {  // and the gather-free searches of VBMI CPUs (both, whichever is in use)
+        vbmi_codes<false>(is_signed, x, arith, arith_bounded);
+        if (g_tables.lattice_ready) vbmi_codes<true>(is_signed, x, lattice, lattice_bounded);
       }
 #elif defined(PO_HAVE_AVX2)
       // The avx2 level's search (8 lanes at a time).
@@ -102,7 +114,9 @@ int64_t check_code_search(int32_t is_signed, uint32_t first_bits, uint32_t last_
       for (int64_t k = 0; k < n; ++k) {
         const bool bounded = (float_bits(x[k]) & 0x7fffffffu) <= 0x3f800000u;
         if (reference[k] != fast[k] || reference[k] != (simd[k] & 0xffu) || reference[k] != arith[k] ||
-            (bounded && (reference[k] != (simd_bounded[k] & 0xffu) || reference[k] != arith_bounded[k]))) {
+            reference[k] != lattice[k] ||
+            (bounded && (reference[k] != (simd_bounded[k] & 0xffu) || reference[k] != arith_bounded[k] ||
+                         reference[k] != lattice_bounded[k]))) {
           ++mismatches;
           const uint32_t b = static_cast<uint32_t>(group + k);
           earliest = b < earliest ? b : earliest;
@@ -129,10 +143,11 @@ void quantize_normalized(int32_t is_signed, const float* x, uint8_t* codes, int6
   int64_t i = 0;
 #ifdef PO_HAVE_AVX512
   if (g_tables.search_vbmi) {  // the kernels' search on VBMI CPUs
+    const bool lattice = g_tables.search_vbmi == 2;
     if (is_signed) {
-      vbmi::quantize<true, false>(x, n, codes);
+      (lattice ? vbmi::quantize<true, false, true> : vbmi::quantize<true, false, false>)(x, n, codes);
     } else {
-      vbmi::quantize<false, false>(x, n, codes);
+      (lattice ? vbmi::quantize<false, false, true> : vbmi::quantize<false, false, false>)(x, n, codes);
     }
     return;
   }

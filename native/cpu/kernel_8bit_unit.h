@@ -21,7 +21,12 @@ __attribute__((always_inline)) inline void requantize64(const float* x, int64_t 
                                         : _mm512_mul_ps(v, _mm512_set1_ps(r.inv_absmax));
     }
 #if PO_UNIT_VBMI
-    packed = r.kind == Requant::kMultiplyBounded ? vbmi::search64<SIGNED, true>(q) : vbmi::search64<SIGNED, false>(q);
+    if (g_tables.search_vbmi == 2) {
+      packed = r.kind == Requant::kMultiplyBounded ? vbmi::search64_lattice<SIGNED, true>(q)
+                                                   : vbmi::search64_lattice<SIGNED, false>(q);
+    } else {
+      packed = r.kind == Requant::kMultiplyBounded ? vbmi::search64<SIGNED, true>(q) : vbmi::search64<SIGNED, false>(q);
+    }
 #else
     __m512i c[4];
     for (int k = 0; k < 4; ++k) {

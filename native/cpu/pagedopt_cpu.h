@@ -103,9 +103,10 @@ PO_API int64_t po_check_code_search(int32_t is_signed, uint32_t first_bits, uint
 // the bucket table; 0 forces the F-only paths for both (a test hook; an error to enable
 // without VBMI).
 PO_API int po_set_dequantize_vbmi(int32_t enable);
-// Only the code search: 1 = the gather-free search (needs VBMI), 0 = the bucket table (a
-// test and benchmark hook; po_set_dequantize_vbmi() sets both).
-PO_API int po_set_code_search_vbmi(int32_t enable);
+// Only the code search: 0 = the bucket table, 1 = the gather-free arithmetic search
+// (code_arith.h; needs VBMI), 2 = its lattice fast path (code_lattice.h; the default where
+// proven). A test and benchmark hook; po_set_dequantize_vbmi() sets both.
+PO_API int po_set_code_search_vbmi(int32_t mode);
 // Software prefetch distance of the 8-bit kernels in 256-element chunks (0..16, 0 = none).
 // po_init() picks it per CPU vendor (tables.h); a benchmark hook, results do not depend on it.
 PO_API int po_set_prefetch(int32_t chunks);

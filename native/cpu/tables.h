@@ -3,6 +3,7 @@
 // reference's own tensors, so the maps exist in exactly one place (pagedopt/functional/qmap.py).
 #pragma once
 #include "code_arith.h"
+#include "code_lattice.h"
 #include "pagedopt/code_lut.h"
 
 namespace pagedopt {
@@ -36,9 +37,13 @@ struct Tables {
   alignas(64) uint32_t lut_unsigned[CodeLut<false>::kEntries];
   SearchConstants search[2];  // [signed ? 0 : 1]
   ArithSearch arith[2];       // [signed ? 0 : 1]: the gather-free search (code_arith.h)
+  LatticeSearch lattice[2];   // [signed ? 0 : 1]: its fast path (code_lattice.h)
   int32_t dequant_vbmi;       // the avx512 level dequantizes with VBMI (the CPU has it)
-  int32_t search_vbmi;        // ... and searches codes with code_arith.h (VBMI, and the maps allow it)
+  // The avx512 level's code search on VBMI CPUs: 0 = the bucket table (gathers), 1 = the
+  // arithmetic search (code_arith.h), 2 = its lattice fast path (code_lattice.h)
+  int32_t search_vbmi;
   int32_t arith_ready;        // arith[] holds a proven search for both maps
+  int32_t lattice_ready;      // lattice[] too
   // How far ahead (in 256-element chunks) the 8-bit kernels prefetch, 0 = not at all: 2 measured
   // best on Intel Xeon; on AMD Zen 4 the hardware prefetchers keep up and the software ones cost
   // ~10% (AdamW8bit, 16M params, 1 thread: 28.4 ms with, 25.6 ms without).
