@@ -12,7 +12,8 @@
 // threshold, found by the octave lookup with that threshold as the octave's boundary - whose
 // V is the constant count + 1/2. (a) is detected instead of corrected: a lane whose V lies
 // within `band` of an integer is ambiguous, and a group of 64 values with any ambiguous lane
-// takes code_arith.h's exact search (with band ~1e-4, a fraction of a percent of the groups).
+// takes code_arith.h's exact search (bands 2^-16 signed, 2^-15 unsigned on the dynamic maps:
+// on Gaussian test states 0.2% of the signed and 1% of the unsigned groups fall back).
 // Per 16 values that replaces the byte-plane fetch of 64 thresholds and its unpacking (about
 // 4 vector shuffles per 16 values, the part of the search Zen 4 pays most for) by one 16-entry
 // permute, a compare and the band test.
