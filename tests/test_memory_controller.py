@@ -243,3 +243,21 @@ def test_oom_in_the_retry_too_leaves_no_half_applied_update():
     set_grads(pp, 0, skip=set_grads_skip)
     paged.step()
     assert_identical(ref, rp, paged, pp)
+
+
+def test_oom_after_the_step_is_applied_propagates_without_a_second_update():
+    """An OOM in the guarded body after optimizer.step() has run (a scheduler, a logging pass)
+    must not retry the body: the update would be applied twice. Memory is still recovered."""
+    ref, rp, paged, pp = make_pair("AdamW8bit", sim(), shapes=SHAPES)
+    ctrl = MemoryController(paged)
+    run(ref, rp, 1)
+
+    def body():
+        set_grads(pp, 0)
+        paged.step()
+        raise torch.OutOfMemoryError("injected after the step")
+
+    with pytest.raises(torch.OutOfMemoryError, match="after the step"):
+        ctrl.run_step(body)
+    assert ctrl.oom_recoveries_total == 1 and ctrl.recoveries[0]["phase"] == "after optimizer.step"
+    assert_identical(ref, rp, paged, pp)  # exactly one update

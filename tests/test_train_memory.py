@@ -52,3 +52,40 @@ def test_main_job_presets_build_on_meta(name, layers, d_model):
     body = 12 * n * d * d + 13 * n * d  # blocks: qkv, proj, mlp (weights + biases) and two LayerNorms
     assert count == body + (256 + 1024) * d + 2 * d
     assert TrainConfig(model_size=name).model_dims() == (d, n, h)
+
+
+def test_oom_in_forward_retries_the_same_batch(tmp_path, monkeypatch):
+    """The main job's guarded step: an OOM in forward at step 2 is recovered and the step runs
+    again on the same batch - the run's losses and final parameters equal those of a run that
+    never ran out of memory, and one recovery is counted."""
+    from pagedopt.train import TrainConfig, train
+    from pagedopt.train import loop
+
+    config = tmp_path / "paged.yaml"
+    config.write_text("optimizer: {name: AdamW8bit}\n"
+                      "paging: {policy: budgeted, backend: simulated, simulated_capacity_bytes: 8MiB,\n"
+                      "         device_budget_bytes: 64KiB, min_paged_numel: 4096}\n")
+
+    def run(inject: bool):
+        real = loop.lm_loss
+        calls = []
+
+        def lm_loss(model, x, y):
+            calls.append(1)
+            if inject and len(calls) == 2:
+                raise torch.OutOfMemoryError("injected: out of memory in forward")
+            return real(model, x, y)
+
+        monkeypatch.setattr(loop, "lm_loss", lm_loss)
+        cfg = TrainConfig(steps=3, model_size="tiny", seq_len=32, batch_size=4, max_corpus_bytes=200_000,
+                          eval_batches=1, eval_every=0, progress="off", memory_limit="1GiB", threads=1,
+                          config_file=str(config))
+        result = train(cfg)
+        monkeypatch.setattr(loop, "lm_loss", real)
+        return result
+
+    plain, recovered = run(False), run(True)
+    assert recovered.to_dict()["memory_limit"]["oom_recoveries"] == 1
+    assert plain.to_dict()["memory_limit"]["oom_recoveries"] == 0
+    assert recovered.to_dict()["memory_limit"]["limit_bytes"] == 2**30
+    assert recovered.train_losses == plain.train_losses and len(plain.train_losses) == 3

@@ -253,8 +253,11 @@ class StepGuard:
     """One guarded training step (made by :meth:`MemoryController.guard`).
 
     While active, ``optimizer.step`` is wrapped: an OOM inside it is recovered and the step
-    retried once for the parameters not yet updated. An OOM in the body outside the step is
-    recovered, gradients are cleared, the exception suppressed and ``retry`` set.
+    retried once for the parameters not yet updated. An OOM in the body before the step
+    (forward, backward) is recovered, gradients are cleared, the exception suppressed and
+    ``retry`` set: the caller runs the body again, on the same batch. An OOM in the body after
+    the step has been applied (say, in a scheduler or a logging pass) is recovered but
+    propagates: running the body again would apply the update twice.
 
     Example:
         >>> import torch, pagedopt
@@ -271,6 +274,7 @@ class StepGuard:
         self.retries = retries
         self.retry = False
         self.recovered = 0
+        self.stepped = False  # the guarded optimizer.step() has completed in this body
         self._saved_step: Any = None
 
     def __enter__(self) -> "StepGuard":
@@ -293,6 +297,11 @@ class StepGuard:
             opt.step = self._saved_step
         if exc_type is None or not issubclass(exc_type, torch.OutOfMemoryError) or self.retries <= 0:
             return False
+        if self.stepped:  # the update is applied: recover memory, but no retry (it would apply it twice)
+            del exc, tb
+            self.controller.recover("after optimizer.step")
+            self.recovered += 1
+            return False
         del exc, tb
         self.optimizer.zero_grad(set_to_none=True)  # partial gradients of the failed pass
         self.controller.recover("forward/backward")
@@ -311,7 +320,9 @@ class StepGuard:
                 p.grad = None  # updated already: this attempt skips it
             snapshot = _snapshot(opt)
             try:
-                return self._journaled(original, done, *args, **kwargs)
+                result = self._journaled(original, done, *args, **kwargs)
+                self.stepped = True
+                return result
             except torch.OutOfMemoryError:
                 _restore(opt, snapshot, done)
                 if self.retries <= 0 or not self.controller.config.retry_oom:

@@ -242,10 +242,11 @@ def _train(config: TrainConfig, runtime: DistributedRun, callbacks: Sequence[Cal
         for step in range(run.step + 1, config.steps + 1):
             if checkpoints.stop_requested(guard):
                 break
+            batch = sampler.next_batch()  # (outside the guarded step: a retry after an OOM reuses it)
             if memory_job is None:
-                info = _train_step(run, sampler, autocast, step)
+                info = _train_step(run, batch, autocast, step)
             else:
-                info = memory_job.run_step(lambda step=step: _train_step(run, sampler, autocast, step))
+                info = memory_job.run_step(lambda step=step, batch=batch: _train_step(run, batch, autocast, step))
             history.losses.append(info.loss)
             info.train_seconds = clock.seconds()
             for cb in callbacks:
@@ -324,6 +325,7 @@ def _finish(run: TrainRun, history: RunHistory, callbacks: Sequence[Callback], s
         resumed_from_step=run.resumed_from,
         preempted=preempted,
         checkpoint=None if checkpoint is None else str(checkpoint),
+        memory_limit=None if run.memory_job is None else {"limit_bytes": run.memory_job.limit, **run.memory_job.peak()},
     )
     if write_outputs:
         _write_outputs(run, result)
@@ -348,9 +350,9 @@ def job_state_memory(optimizer: torch.optim.Optimizer, runtime: DistributedRun) 
     return combine_state_memory(runtime.gather_object(mine), replicated=runtime.mode == "ddp")
 
 
-def _train_step(run: TrainRun, sampler: BatchSampler, autocast, step: int) -> StepInfo:
+def _train_step(run: TrainRun, batch: tuple[torch.Tensor, torch.Tensor], autocast, step: int) -> StepInfo:
     config, optimizer = run.config, run.optimizer
-    x, y = sampler.next_batch()
+    x, y = batch
     with autocast():
         loss = lm_loss(run.train_model, x, y)
     loss.backward()

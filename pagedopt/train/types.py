@@ -124,6 +124,8 @@ class TrainResult:
     resumed_from_step: int = 0  # 0: a fresh start
     preempted: bool = False  # stopped by a signal; ``checkpoint`` is where it can resume from
     checkpoint: str | None = None  # the last checkpoint written (with ``checkpoint_dir``)
+    # --memory-limit: the limit, peaks and OOM recoveries (pagedopt.train.memory.MemoryJob.peak)
+    memory_limit: dict[str, int] | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -156,6 +158,7 @@ class TrainResult:
             "eval_seconds": self.eval_seconds,
             "total_seconds": self.total_seconds,
             "optimizer_state": self.memory.to_dict(),
+            "memory_limit": self.memory_limit,
         }
 
 
