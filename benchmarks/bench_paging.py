@@ -120,6 +120,10 @@ def run(args: argparse.Namespace) -> dict:
         for label, cfg in candidates(state_bytes, backend):
             opt, params = build(args.optimizer, cfg, args.params, args.numel, device)
             if not math:
+                # No update math for anyone, the unpaged baseline included: prepared launches
+                # (which only unpaged state gets) would bypass the per-item chunks stubbed here
+                # and run the kernels, making the baseline do work the candidates skip.
+                opt.prepared_launches = False
                 opt._update_chunk = lambda works: None
                 opt._prepare_chunk = lambda works: None
             runs.append((label, opt))

@@ -66,6 +66,7 @@ from .staged import StagedMover
 from .stats import PagerStats
 from .store import PAGEABLE_KEYS
 from .transitions import TransitionsMixin
+from .victims import VictimIndex
 
 __all__ = ["Pager", "PagingFallbackWarning", "AccountingError"]
 
@@ -132,6 +133,7 @@ class Pager(AllocationMixin, TransitionsMixin):
         self._device_total = 0  # paged bytes on all devices (kept with the movers' device_bytes)
         self._device_mover_list: list[Mover] | None = None  # cache of _device_movers()
         self._stable = 0  # length of the plan's stable prefix (next_use eviction with a budget)
+        self._victim_indexes: dict[int, VictimIndex] = {}  # id(mover) -> its index, during a visit
 
     # -- StateStore protocol -----------------------------------------------------------------
 
@@ -170,10 +172,14 @@ class Pager(AllocationMixin, TransitionsMixin):
         for mover in self._device_movers():
             mover.begin_visit()
             self._relieve_pressure(mover)
+        if self.config.eviction == "next_use":  # (see pagedopt.paging.victims)
+            self._victim_indexes = {id(m): VictimIndex(m, self._visit_serial, self._stable)
+                                    for m in self._device_movers()}
         try:
             self._run_chunks(works, plan, fn)
         finally:
             self._cursor = -1
+            self._victim_indexes = {}
         for mover in self._device_movers():
             self._relieve_pressure(mover)
 

@@ -74,7 +74,23 @@ class TransitionsMixin:
     def _lru_victim(self, mover: Mover, target_index: int | None = None) -> _PagedBuffer | None:
         """The buffer to evict (see :mod:`pagedopt.paging.eviction`): unpinned and movable.
         ``target_index``: the plan position a prefetch makes room for. Buffers whose
-        state-dict entry was replaced behind the pager's back are orphans: dropped, not moved."""
+        state-dict entry was replaced behind the pager's back are orphans: dropped, not moved.
+        During a visit, ``next_use`` eviction asks the mover's :class:`VictimIndex` (no scan)."""
+        index = self._victim_indexes.get(id(mover)) if self._cursor >= 0 else None
+        if index is not None:
+            return index.pick(self._cursor, target_index, self._movable_or_drop)
+        if self.config.eviction == "lru" or self._cursor < 0:  # the least recently used: the first one
+            while True:  # (no copy of the list: the first unpinned buffer is usually near its head)
+                for buf in mover.resident.values():
+                    if buf.pins:
+                        continue
+                    if buf.movable:
+                        return buf
+                    if buf.state is not None:
+                        break  # an orphan: drop it (outside the iteration) and look again
+                else:
+                    return None
+                self._drop(buf)
         candidates = []
         for buf in list(mover.resident.values()):
             if buf.pins:
@@ -85,6 +101,14 @@ class TransitionsMixin:
                 self._drop(buf)
         return pick_victim(candidates, self.config.eviction, self._visit_serial, self._cursor, target_index,
                            self._stable)
+
+    def _movable_or_drop(self, buf: _PagedBuffer) -> bool:
+        """Whether ``buf`` may move; an orphan (its state-dict entry replaced) is dropped."""
+        if buf.movable:
+            return True
+        if buf.state is not None:
+            self._drop(buf)
+        return False
 
     def _page_in(self, buf: _PagedBuffer, reason: str) -> bool:
         """Move ``buf`` to the device; on an allocation failure evict and retry. False: it stayed."""
@@ -161,6 +185,9 @@ class TransitionsMixin:
             self._device_total += sign * buf.nbytes
             if sign > 0:
                 buf.mover.resident[buf.serial] = buf
+                index = self._victim_indexes.get(id(buf.mover))
+                if index is not None:
+                    index.add(buf)
                 if self._device_total > self._stats.peak_device_bytes:
                     self._stats.peak_device_bytes = self._device_total
             else:
