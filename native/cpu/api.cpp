@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "kernel_table.h"
+#include "levels.h"
 #include "pagedopt/code_lut.h"
 #include "pagedopt_cpu.h"
 #include "tables.h"
@@ -30,114 +31,17 @@ namespace cpu {
 
 Tables g_tables;
 
-// The levels compiled into this library (setup.py defines PO_LEVEL_<NAME> for each).
-namespace isa_baseline {
-const IsaOps& isa_ops();
-}
-#ifdef PO_LEVEL_AVX2
-namespace isa_avx2 {
-const IsaOps& isa_ops();
-}
-#endif
-#ifdef PO_LEVEL_AVX512
-namespace isa_avx512 {
-const IsaOps& isa_ops();
-}
-#endif
-
-namespace {
-
-#if defined(__x86_64__) || defined(__i386__)
-#define PO_X86 1
-#endif
-
-// The CPU features a level's flags allow (setup.py: avx2 = -mavx2 -mfma -mf16c -mbmi -mbmi2
-// -mpopcnt; avx512 adds -mavx512f/bw/vl/dq/cd), space-separated, that this CPU lacks.
-// __builtin_cpu_supports also checks that the OS saves the vector registers (XGETBV).
-std::string missing_features(int level) {
-  std::string missing;
-#ifdef PO_X86
-  __builtin_cpu_init();
-#define PO_NEED(feature) \
-  if (!__builtin_cpu_supports(feature)) missing += (missing.empty() ? "" : " ") + std::string(feature)
-  if (level >= ISA_AVX2) {
-    PO_NEED("avx2");
-    PO_NEED("fma");
-    PO_NEED("f16c");
-    PO_NEED("bmi");
-    PO_NEED("bmi2");
-    PO_NEED("popcnt");
-  }
-  if (level >= ISA_AVX512) {
-    PO_NEED("avx512f");
-    PO_NEED("avx512bw");
-    PO_NEED("avx512vl");
-    PO_NEED("avx512dq");
-    PO_NEED("avx512cd");
-  }
-#undef PO_NEED
-#else
-  if (level > ISA_BASELINE) missing = "x86-64";
-#endif
-  return missing;
-}
-
-const IsaOps* compiled_level(int level) {
-  switch (level) {
-    case ISA_BASELINE: return &isa_baseline::isa_ops();
-#ifdef PO_LEVEL_AVX2
-    case ISA_AVX2: return &isa_avx2::isa_ops();
-#endif
-#ifdef PO_LEVEL_AVX512
-    case ISA_AVX512: return &isa_avx512::isa_ops();
-#endif
-    default: return nullptr;
-  }
-}
-
-bool usable_level(int level) { return compiled_level(level) != nullptr && missing_features(level).empty(); }
-
-int best_level() {
-  for (int level = ISA_COUNT - 1; level > ISA_BASELINE; --level) {
-    if (usable_level(level)) return level;
-  }
-  return ISA_BASELINE;
-}
-
-bool cpu_has_vbmi() {
-#ifdef PO_X86
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512vbmi");
-#else
-  return false;
-#endif
-}
-
-bool cpu_is_amd() {
-#ifdef PO_X86
-  __builtin_cpu_init();
-  return __builtin_cpu_is("amd");
-#else
-  return false;
-#endif
-}
-
-// The level in use (po_select_isa); chosen at po_init() when not selected before.
-std::atomic<int> g_level{-1};
-
-const IsaOps& ops() {
-  int level = g_level.load(std::memory_order_acquire);
-  return *compiled_level(level < 0 ? ISA_BASELINE : level);
-}
-
-constexpr int64_t kUnitElements = 64 * kBlockSize;  // 16384: ~100 KB of traffic per unit
-
 thread_local std::string t_last_error;
 
 int fail(int status, const std::string& message) {
   t_last_error = message;
   return status;
 }
+
+namespace {
+
+constexpr int64_t kUnitElements = 64 * kBlockSize;  // 16384: ~100 KB of traffic per unit
+
 
 struct Unit {
   int64_t item;
@@ -281,30 +185,6 @@ const char* po_build_info(void) { return PO_BUILD_INFO; }
 const char* po_required_cpu_flags(void) { return PO_REQUIRED_CPU_FLAGS; }
 
 const char* po_last_error(void) { return t_last_error.c_str(); }
-
-int po_isa(void) {
-  const int level = g_level.load(std::memory_order_acquire);
-  return level < 0 ? best_level() : level;
-}
-
-int po_isa_compiled(int32_t level) { return compiled_level(level) != nullptr ? 1 : 0; }
-
-const char* po_isa_missing_features(int32_t level) {
-  static thread_local std::string missing;
-  missing = missing_features(level);
-  return missing.c_str();
-}
-
-int po_select_isa(int32_t level) {
-  if (level < ISA_BASELINE || level >= ISA_COUNT) {
-    return fail(PO_ERR_ARGUMENT, "level " + std::to_string(level) + " is not 0 (baseline), 1 (avx2) or 2 (avx512)");
-  }
-  if (!compiled_level(level)) return fail(PO_ERR_ARGUMENT, "this library was built without that level");
-  const std::string missing = missing_features(level);
-  if (!missing.empty()) return fail(PO_ERR_ARGUMENT, "this CPU lacks " + missing);
-  g_level.store(level, std::memory_order_release);
-  return PO_OK;
-}
 
 int po_init(const float* qmap_signed, const float* qmap_unsigned, const float* thresholds_signed,
             const float* thresholds_unsigned) {
