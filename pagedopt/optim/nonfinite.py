@@ -223,6 +223,11 @@ class NonfiniteGradWatch:
             return None
         count = self._counts.get(device)
         if count is None:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                # Created inside a user's graph capture, the tensor's zero-fill would be part of
+                # the graph and reset the count on every replay: steps captured before any
+                # eager step are not counted (warm-up steps, which capture needs anyway, are).
+                return None
             count = self._counts[device] = torch.zeros((), dtype=torch.int64, device=device)
         return count
 
