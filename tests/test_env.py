@@ -127,7 +127,7 @@ def test_native_info_without_the_library(cache, monkeypatch):
     monkeypatch.setattr(cpu_backend, "unavailable_reason", lambda: "x.so does not exist")
     info = cpu_backend.native_info()
     assert info == {"isa": None, "native_library": None, "available": False, "reason": "x.so does not exist",
-                    "threads": torch.get_num_threads()}
+                    "threads": torch.get_num_threads(), "code_search": None, "prefetch_chunks": None}
     report = env._cpu_info()
     assert report["isa"] is None and report["reason"] == "x.so does not exist"
 

@@ -189,6 +189,21 @@ def test_code_search_switch_rejects_a_cpu_without_vbmi():
         LIB.check(LIB.po_set_code_search_vbmi(1), "set_code_search_vbmi")
 
 
+def test_env_reports_the_code_search_in_use():
+    """``pagedopt env`` names the code search the kernels run: the lattice on VBMI CPUs at the
+    avx512 level (the proven default), the table search otherwise."""
+    before = LIB.isa
+    try:
+        for name in SUPPORTED:
+            LIB.select_isa(name)
+            info = cpu.native_info()
+            has_vbmi = "avx512vbmi" in (cpu._cpu_flags() or set())
+            assert info["code_search"] == ("lattice" if name == "avx512" and has_vbmi else "table"), (name, info)
+            assert info["prefetch_chunks"] == LIB.po_get_prefetch()
+    finally:
+        LIB.select_isa(before)
+
+
 def test_code_search_switch_rejects_an_unknown_mode():
     with pytest.raises(cpu.NativeError, match="mode must be 0, 1 or 2, got 3"):
         LIB.check(LIB.po_set_code_search_vbmi(3), "set_code_search_vbmi")
@@ -318,7 +333,7 @@ def test_every_level_grad_norm_matches_reference(level):
 
 def test_native_info_reports_the_level_in_use():
     info = cpu.native_info()
-    assert set(info) == {"isa", "native_library", "available", "reason", "threads"}
+    assert set(info) == {"isa", "native_library", "available", "reason", "threads", "code_search", "prefetch_chunks"}
     assert info["available"] is True and info["reason"] is None
     assert info["isa"] == LIB.isa and info["isa"] in SUPPORTED
     assert info["native_library"] == str(LIB.path)

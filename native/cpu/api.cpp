@@ -369,6 +369,8 @@ int po_set_prefetch(int32_t chunks) {
 
 int po_get_prefetch() { return g_tables.ready ? g_tables.prefetch_chunks : -1; }
 
+int po_code_search(void) { return g_tables.ready ? g_tables.search_vbmi : -1; }
+
 int po_set_code_search_vbmi(int32_t mode) {
   if (!g_tables.ready) return fail(PO_ERR_NOT_READY, "po_init() has not succeeded");
   if (mode < 0 || mode > 2) return fail(PO_ERR_ARGUMENT, "code search mode must be 0, 1 or 2, got " + std::to_string(mode));

@@ -107,6 +107,7 @@ PO_API int po_set_dequantize_vbmi(int32_t enable);
 // (code_arith.h; needs VBMI), 2 = its lattice fast path (code_lattice.h; the default where
 // proven). A test and benchmark hook; po_set_dequantize_vbmi() sets both.
 PO_API int po_set_code_search_vbmi(int32_t mode);
+PO_API int po_code_search(void);  // the mode in use (-1 before po_init())
 // Software prefetch distance of the 8-bit kernels in 256-element chunks (0..16, 0 = none).
 // po_init() picks it per CPU vendor (tables.h); a benchmark hook, results do not depend on it.
 PO_API int po_set_prefetch(int32_t chunks);

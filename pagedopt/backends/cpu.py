@@ -26,7 +26,7 @@ Example:
     >>> lib is None or lib.abi_version == cpu.ABI_VERSION
     True
     >>> sorted(cpu.native_info())
-    ['available', 'isa', 'native_library', 'reason', 'threads']
+    ['available', 'code_search', 'isa', 'native_library', 'prefetch_chunks', 'reason', 'threads']
 """
 
 from __future__ import annotations
@@ -223,6 +223,7 @@ class NativeLibrary:
             "po_set_code_search_vbmi": (c_int, [ctypes.c_int32]),
             "po_set_prefetch": (c_int, [ctypes.c_int32]),
             "po_get_prefetch": (c_int, []),
+            "po_code_search": (c_int, []),
             "po_init": (c_int, [vp, vp, vp, vp]),
             "po_update": (c_int, [ctypes.c_int32, vp, c_i64, ctypes.c_int32, vp]),
             "po_prepare": (c_int, [ctypes.c_int32, vp, c_i64, ctypes.c_int32, vp, ctypes.c_int32]),
@@ -305,7 +306,10 @@ def unavailable_reason() -> str | None:
 def native_info() -> dict:
     """What the CPU backend runs: the keys ``isa`` (``"avx512"``, ``"avx2"``, ``"baseline"``, or
     None without a library), ``native_library`` (path or None), ``available``, ``reason`` (why
-    not, else None) and ``threads`` (``torch.get_num_threads()``, the kernels' thread count).
+    not, else None), ``threads`` (``torch.get_num_threads()``, the kernels' thread count), and
+    (None without a library) ``code_search`` (the 8-bit code search of the avx512 level: ``"lattice"``,
+    ``"arithmetic"`` - both gather-free, on VBMI CPUs - or ``"table"``) and ``prefetch_chunks``
+    (the kernels' software prefetch distance, chosen per CPU vendor).
 
     Example:
         >>> info = native_info()
@@ -313,7 +317,7 @@ def native_info() -> dict:
         True
     """
     info: dict = {"isa": None, "native_library": None, "available": False, "reason": None,
-                  "threads": torch.get_num_threads()}
+                  "threads": torch.get_num_threads(), "code_search": None, "prefetch_chunks": None}
     try:
         lib = library()
     except CpuIsaError as e:
@@ -322,8 +326,13 @@ def native_info() -> dict:
     if lib is None:
         info["reason"] = unavailable_reason() or "unknown reason"
         return info
-    info.update(isa=lib.isa, native_library=str(lib.path), available=True)
+    info.update(isa=lib.isa, native_library=str(lib.path), available=True,
+                code_search=CODE_SEARCHES.get(int(lib.po_code_search()), "unknown") if lib.isa == "avx512" else "table",
+                prefetch_chunks=int(lib.po_get_prefetch()))
     return info
+
+
+CODE_SEARCHES = {0: "table", 1: "arithmetic", 2: "lattice"}  # po_code_search()
 
 
 def load() -> "CpuBackend | None":

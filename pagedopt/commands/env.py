@@ -237,6 +237,8 @@ def format_text(info: dict[str, Any]) -> str:
     lines.append("CPU kernels")
     row("backend", cpu.get("backend"))
     row("isa", cpu.get("isa"))
+    if cpu.get("code_search"):
+        row("code search", f"{cpu['code_search']} (prefetch {cpu.get('prefetch_chunks')} chunks)")
     row("native library", cpu.get("native_library"))
     row("threads", cpu.get("threads"))
     if not cpu.get("available"):
