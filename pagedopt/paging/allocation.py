@@ -38,6 +38,8 @@ class AllocationMixin:
         found = self._movers.get(device)
         if found is None:
             found = self._movers[device] = self._make_mover(device)
+            if found is not _UNPAGED:
+                found.budget = self.budget  # a device starts with the pager-wide budget
             self._device_mover_list = None
         return found
 

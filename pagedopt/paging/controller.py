@@ -78,17 +78,64 @@ def pagers_of(optimizer: Any) -> list[Pager]:
     return [s for s in candidates if isinstance(s, Pager)]
 
 
-def _device_key(pager: Pager) -> str:
-    if pager.simulated_device is not None:
-        return "simulated"
-    for mover in pager._device_movers():
-        return str(mover.torch_device)
-    return "host"
+@dataclass(frozen=True)
+class DeviceShare:
+    """The paged state one pager keeps on one physical device.
+
+    Example:
+        >>> import torch
+        >>> from pagedopt.paging import Pager, PagingConfig
+        >>> pager = Pager(PagingConfig(policy="offload", backend="simulated", min_paged_numel=1))
+        >>> _ = pager.zeros(torch.zeros(8), "state1", (8,), torch.float32)
+        >>> [(key, str(s.param_device)) for key, shares in device_shares([pager]).items() for s in shares]
+        [('simulated', 'cpu')]
+    """
+
+    pager: Pager
+    param_device: torch.device  # where the parameters are (the pager's key for the mover)
+    mover: Any
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.mover.device_bytes
+
+    @property
+    def footprint_bytes(self) -> int:
+        """Resident state plus idle staging slots: device memory the pager holds there."""
+        return self.mover.device_bytes + getattr(self.mover, "idle_device_bytes", 0)
+
+
+def device_shares(pagers: list[Pager]) -> dict[str, list[DeviceShare]]:
+    """Paged state grouped by the physical device that holds it: ``"cuda:0"``, ``"cuda:1"``,
+    ... and one key per simulated device (``"simulated"`` for the first the pagers use,
+    ``"simulated:1"``, ``"simulated:2"`` for the others - every simulated pager has a device
+    of its own). State that never leaves the host has no key. Each device gets a budget of
+    its own: two GPUs never share one."""
+    out: dict[str, list[DeviceShare]] = {}
+    simulated: list[Any] = []
+    for pager in pagers:
+        for param_device, mover in pager.movers_by_device().items():
+            sim = pager.simulated_device
+            if sim is not None:
+                index = next((i for i, d in enumerate(simulated) if d is sim), None)
+                if index is None:
+                    simulated.append(sim)
+                    index = len(simulated) - 1
+                key = "simulated" if index == 0 else f"simulated:{index}"
+            else:
+                key = str(mover.torch_device)
+            out.setdefault(key, []).append(DeviceShare(pager, param_device, mover))
+    return out
+
+
+def _pagers(shares: list[DeviceShare]) -> list[Pager]:
+    return list({id(s.pager): s.pager for s in shares}.values())
 
 
 def sample_device(key: str, pagers: list[Pager]) -> MemorySample:
-    """Read free/total/reserved/active bytes of device ``key`` (``"cuda:0"``, ``"simulated"``)."""
-    if key == "simulated":
+    """Read free/total/reserved/active bytes of device ``key`` (``"cuda:0"``, ``"simulated"``,
+    ``"simulated:1"``; ``pagers``: the pagers with state there)."""
+    if key.startswith("simulated"):
         dev = pagers[0].simulated_device
         assert dev is not None
         return MemorySample(dev.free_bytes, dev.capacity_bytes, dev.used_bytes, dev.used_bytes)
@@ -141,33 +188,31 @@ class MemoryController:
 
     # -- the headroom loop -------------------------------------------------------------------
 
-    def _by_device(self) -> dict[str, list[Pager]]:
-        out: dict[str, list[Pager]] = {}
-        for pager in pagers_of(self.optimizer):
-            out.setdefault(_device_key(pager), []).append(pager)
-        out.pop("host", None)  # state that never leaves host memory has no device budget
-        return out
+    def _by_device(self) -> dict[str, list[DeviceShare]]:
+        return device_shares(pagers_of(self.optimizer))
 
     def update(self) -> dict[str, dict[str, Any]]:
-        """Sample each device once and set its pagers' budgets to hold the headroom."""
+        """Sample each device once and set the budget of the state on it to hold its headroom
+        (each device on its own: ``min_budget_bytes``/``max_budget_bytes`` bound each)."""
         cfg = self.config
-        for key, pagers in self._by_device().items():
-            sample = self.sampler(key, pagers)
+        for key, shares in self._by_device().items():
+            sample = self.sampler(key, _pagers(shares))
             target = cfg.target_for(sample.total_bytes)
-            footprint = sum(p.device_bytes + _idle(p) for p in pagers)
-            budget = sum(p.budget for p in pagers) if all(p.budget is not None for p in pagers) else None
+            footprint = sum(s.footprint_bytes for s in shares)
+            budgets = [s.mover.budget for s in shares]
+            budget = sum(budgets) if all(b is not None for b in budgets) else None
             if target is not None and sample.free_bytes is not None:
                 budget = footprint + sample.free_bytes - target
             if budget is not None:
                 budget = max(cfg.min_budget_bytes, budget)
                 if cfg.max_budget_bytes is not None:
                     budget = min(cfg.max_budget_bytes, budget)
-                _split_budget(pagers, budget)
+                _split_budget(shares, budget)
             self.last[key] = {
                 "free_bytes": sample.free_bytes, "total_bytes": sample.total_bytes,
                 "reserved_bytes": sample.reserved_bytes, "active_bytes": sample.active_bytes,
                 "target_free_bytes": target, "budget_bytes": budget,
-                "resident_bytes": sum(p.device_bytes for p in pagers),
+                "resident_bytes": sum(s.resident_bytes for s in shares),
                 "headroom_bytes": None if sample.free_bytes is None or target is None else sample.free_bytes - target,
             }
         return self.last
@@ -177,21 +222,21 @@ class MemoryController:
     def recover(self, phase: str) -> None:
         """Evict all paged state, release cached memory, lower the budget; log and count."""
         evicted, budgets = 0, {}
-        for key, pagers in self._by_device().items():
-            resident = sum(p.device_bytes for p in pagers)
-            for p in pagers:
-                p.evict()
-                p.release_idle()
-            new = max(self.config.min_budget_bytes, int(resident * self.config.oom_budget_factor))
+        by_device = self._by_device()
+        resident = {key: sum(s.resident_bytes for s in shares) for key, shares in by_device.items()}
+        for pager in _pagers([s for shares in by_device.values() for s in shares]):
+            pager.evict()
+            pager.release_idle()
+            if pager.simulated_device is not None:
+                pager.simulated_device.empty_cache()
+                pager.host_memory.empty_cache()
+        for key, shares in by_device.items():
+            new = max(self.config.min_budget_bytes, int(resident[key] * self.config.oom_budget_factor))
             if self.config.max_budget_bytes is not None:
                 new = min(new, self.config.max_budget_bytes)
-            _split_budget(pagers, new)
-            evicted += resident
+            _split_budget(shares, new)
+            evicted += resident[key]
             budgets[key] = new
-            if pagers[0].simulated_device is not None:
-                for p in pagers:
-                    p.simulated_device.empty_cache()
-                    p.host_memory.empty_cache()
         gc.collect()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
@@ -234,19 +279,18 @@ class MemoryController:
         return {"oom_recoveries_total": self.oom_recoveries_total, "devices": dict(self.last)}
 
 
-def _idle(pager: Pager) -> int:
-    return pager.idle_staging_bytes
-
-
-def _split_budget(pagers: list[Pager], budget: int) -> None:
-    """Share ``budget`` among the pagers of one device in proportion to their paged state."""
-    if len(pagers) == 1:
-        pagers[0].set_budget(budget)
-        return
-    sizes = [max(1, sum(n for _p, _k, n in p.paged_buffers())) for p in pagers]
+def _split_budget(shares: list[DeviceShare], budget: int) -> None:
+    """Share one device's ``budget`` among the pagers with state there, in proportion to their
+    paged state on it. A pager whose state is all on this device gets a pager-wide budget; one
+    spread over several devices gets a budget for this device only."""
+    sizes = [max(1, s.pager.paged_bytes_on(s.mover)) for s in shares]
     total = sum(sizes)
-    for p, size in zip(pagers, sizes):
-        p.set_budget(budget * size // total)
+    for share, size in zip(shares, sizes):
+        part = budget if len(shares) == 1 else budget * size // total
+        if len(share.pager.movers_by_device()) == 1:
+            share.pager.set_budget(part)
+        else:
+            share.pager.set_budget(part, device=share.param_device)
 
 
 class StepGuard:

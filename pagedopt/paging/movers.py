@@ -54,6 +54,9 @@ class Mover:
     def __init__(self, device: torch.device) -> None:
         self.torch_device = device
         self.device_bytes = 0  # paged bytes resident on this device (kept by the pager)
+        # The most paged bytes this device may hold (set by the pager: its device_budget_bytes,
+        # or a per-device value from the memory controller); None: no budget.
+        self.budget: int | None = None
         self.resident: OrderedDict[int, Any] = OrderedDict()  # serial -> buffer, LRU first
 
     def allocate(self, shape: tuple[int, ...], dtype: torch.dtype, where: str, source: torch.Tensor | None) -> torch.Tensor:

@@ -163,7 +163,7 @@ class Pager(AllocationMixin, TransitionsMixin):
             for b in bufs:
                 b.plan_visit, b.plan_index = self._visit_serial, index
         if self.config.eviction == "next_use":
-            self._stable = stable_prefix([sum(b.nbytes for b in bufs) for bufs in plan], self.budget,
+            self._stable = stable_prefix([sum(b.nbytes for b in bufs) for bufs in plan], self._plan_budget(),
                                          self.policy.lookahead)
         if not any(plan):
             self._stats.chunks_total += 1
@@ -259,6 +259,11 @@ class Pager(AllocationMixin, TransitionsMixin):
         out["copy_pieces_total"] = sum(m.copy_pieces for m in staged)
         if self.budget is not None:
             out["device_headroom_bytes"] = max(0, self.budget - out["device_bytes"])
+        budgets = self.device_budgets()
+        if len(budgets) > 1 or any(b != self.budget for b in budgets.values()):
+            out["device_budgets_bytes"] = budgets  # per device, where one differs from the pager's
+            if all(b is not None for b in budgets.values()):
+                out["device_headroom_bytes"] = sum(max(0, m.budget - m.device_bytes) for m in self._device_movers())
         out_bytes = self._stats.transfers.get("out", {})
         out["oom_avoidance_actions"] = {
             "pressure_eviction": out_bytes.get("pressure", 0),
@@ -305,18 +310,67 @@ class Pager(AllocationMixin, TransitionsMixin):
             if buf.location == "device" and buf.pins == 0 and buf.movable:
                 self._page_out(buf, "manual")
 
-    def set_budget(self, budget: int | None) -> None:
+    def set_budget(self, budget: int | None, device: torch.device | str | None = None) -> None:
         """Change ``device_budget_bytes`` between steps (the memory controller does): state above
         the new budget leaves the device now (reason ``budget``), and the staging pool keeps no
-        more than the budget reserved."""
-        self.budget = None if budget is None else max(0, int(budget))
-        for mover in self._device_movers():
+        more than the budget reserved.
+
+        ``device``: only the state of parameters on that device (``"cuda:1"``; ``"cpu"`` for
+        the simulated device, which serves CPU parameters) gets the new budget - a model
+        spread over two GPUs has one budget per GPU. ``None``: every device, and devices that
+        get state later.
+
+        Example:
+            >>> import torch
+            >>> from pagedopt.paging import Pager, PagingConfig
+            >>> pager = Pager(PagingConfig(policy="budgeted", backend="simulated", device_budget_bytes=4096,
+            ...                             min_paged_numel=1))
+            >>> _ = pager.zeros(torch.zeros(2048), "state1", (2048,), torch.float32)
+            >>> pager.set_budget(1024, device="cpu")
+            >>> pager.budget, pager.device_budgets()
+            (4096, {'cpu': 1024})
+        """
+        if budget is not None and budget < 0:
+            raise ValueError(f"set_budget: budget must be >= 0 bytes or None, got {budget}")
+        budget = None if budget is None else int(budget)
+        if device is None:
+            self.budget = budget
+            movers = self._device_movers()
+        else:
+            device = torch.device(device)
+            movers = [m for d, m in self.movers_by_device().items() if d == device]
+            if not movers:
+                known = sorted(str(m.torch_device) for m in self._device_movers())
+                raise ValueError(f"set_budget: device {str(device)!r} holds no paged state of this pager "
+                                 f"(its devices: {known})")
+        for mover in movers:
+            mover.budget = budget
             if isinstance(mover, StagedMover):
-                mover.pool.limit = self.budget
-                if self.budget is not None and mover.pool.reserved_bytes > self.budget:
+                mover.pool.limit = budget
+                if budget is not None and mover.pool.reserved_bytes > budget:
                     mover.release_idle()
-            if self.budget is not None:
+            if budget is not None:
                 self._make_room(mover, 0)
+
+    def movers_by_device(self) -> dict[torch.device, Mover]:
+        """The mover of each parameter device whose paged state can be on a device (for the
+        memory controller, which budgets each physical device on its own)."""
+        movers = self._device_movers()
+        return {d: m for d, m in self._movers.items() if m in movers}
+
+    def paged_bytes_on(self, mover: Mover) -> int:
+        """Bytes of all paged state ``mover`` serves, wherever it is now."""
+        return sum(b.nbytes for bufs in self._buffers.values() for b in bufs.values() if b.mover is mover)
+
+    def device_budgets(self) -> dict[str, int | None]:
+        """The budget of each device that holds paged state (keyed by the parameters' device)."""
+        return {str(d): m.budget for d, m in self.movers_by_device().items()}
+
+    def _plan_budget(self) -> int | None:
+        """The budget the stable resident set is planned against: the one device's budget
+        (the usual case), else the pager-wide one."""
+        movers = self._device_movers()
+        return movers[0].budget if len(movers) == 1 else self.budget
 
     @property
     def idle_staging_bytes(self) -> int:

@@ -37,7 +37,7 @@ class TransitionsMixin:
 
     def _room_problem(self, mover: Mover, need: int) -> str | None:
         """Why ``need`` more bytes cannot go on ``mover``'s device now (``None``: they can)."""
-        if self.budget is not None and mover.device_bytes + need > self.budget:
+        if mover.budget is not None and mover.device_bytes + need > mover.budget:
             return "budget"
         free = mover.free_bytes()
         if free is not None:
