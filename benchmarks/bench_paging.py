@@ -88,6 +88,16 @@ def build(name: str, cfg: dict | None, n_params: int, numel: int, device: torch.
     return getattr(pagedopt, name)(params, **kwargs), params
 
 
+def skip_math(opt) -> None:
+    """Replace the update math with no-ops, the same way for every candidate. The unpaged
+    optimizer would run its update as a prepared launch (``_run_launch``), which bypasses
+    ``_update_chunk``; with prepared launches off it takes the per-item passes like the paged
+    ones, so every candidate does the same non-paging work and differs only in paging."""
+    opt.prepared_launches = False
+    opt._update_chunk = lambda works: None
+    opt._prepare_chunk = lambda works: None
+
+
 def transfer_round_trip(opt, device: torch.device):
     """A step-like callable: copy every state1/state2 buffer of ``opt`` to the device and
     back with plain copies into preallocated buffers (pinned host memory on CUDA)."""
@@ -120,18 +130,19 @@ def run(args: argparse.Namespace) -> dict:
         for label, cfg in candidates(state_bytes, backend):
             opt, params = build(args.optimizer, cfg, args.params, args.numel, device)
             if not math:
-                # No update math for anyone, the unpaged baseline included: prepared launches
-                # (which only unpaged state gets) would bypass the per-item chunks stubbed here
-                # and run the kernels, making the baseline do work the candidates skip.
-                opt.prepared_launches = False
-                opt._update_chunk = lambda works: None
-                opt._prepare_chunk = lambda works: None
-            runs.append((label, opt))
+                skip_math(opt)
+            runs.append((label, opt, params))
         timer = Timer(device)
-        steps = {label: opt.step for label, opt in runs}
+        steps = {label: opt.step for label, opt, _params in runs}
+        initial = {label: [p.detach().clone() for p in params] for label, _opt, params in runs} if not math else {}
         for _ in range(args.warmup):
             for step in steps.values():
                 step()
+        for label, _opt, params in runs if not math else ():
+            if not all(torch.equal(a, b) for a, b in zip(initial[label], params)):
+                raise RuntimeError(f"paging-only mode: {label!r} changed its parameters, so its update math "
+                                   "ran; the overheads would be measured against different work")
+        runs = [(label, opt) for label, opt, _params in runs]
         moved_before = {label: opt.pager.stats()["page_in_bytes"] for label, opt in runs if label != "unpaged"}
         if not math:  # the transfer reference runs interleaved with the candidates
             steps["plain copy round trip"] = transfer_round_trip(runs[0][1], device)
