@@ -14,7 +14,7 @@ import torch
 import pagedopt
 from pagedopt.paging import MemoryConfig, MemoryController, PagingConfig
 
-from _paging_support import assert_identical, make_pair, set_grads
+from _paging_support import assert_identical, make_pair, make_params, set_grads
 
 SHAPES = [(60, 70), (4097,), (1,), (33, 64), (0,), (25, 70), (50, 50)]
 
@@ -137,6 +137,45 @@ def test_oom_in_forward_or_backward_retries_the_batch(phase, caplog):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("api", ["run_step", "attempts"])
+def test_retry_after_oom_replays_the_failed_attempts_random_draws(api):
+    """Dropout draws from torch's generator: the retry of a batch must draw what the failed
+    attempt drew, so a recovered run equals one that never ran out of memory."""
+    from pagedopt.paging.guard import attempts
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Dropout(0.5), torch.nn.Linear(32, 4)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [pagedopt.AdamW8bit(m.parameters(), min_8bit_size=16) for m in models]
+    ctrl = MemoryController(opts[1])
+    data = [torch.randn(8, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    failed = []
+
+    def step(model, opt, x, inject):
+        opt.zero_grad(set_to_none=True)
+        out = model(x)  # draws the dropout mask
+        if inject and not failed:
+            failed.append(1)
+            raise torch.OutOfMemoryError("injected after dropout drew its mask")
+        out.square().mean().backward()
+        opt.step()
+
+    torch.manual_seed(1)
+    for x in data:
+        step(models[0], opts[0], x, False)
+    torch.manual_seed(1)
+    for i, x in enumerate(data):
+        if api == "run_step":
+            ctrl.run_step(lambda x=x, i=i: step(models[1], opts[1], x, i == 1))
+        else:
+            for g in attempts(ctrl):
+                with g:
+                    step(models[1], opts[1], x, i == 1)
+    assert failed and ctrl.oom_recoveries_total == 1
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
+
+
 def test_second_oom_propagates_and_retry_off_raises():
     _ref, _rp, paged, pp = make_pair("AdamW8bit", sim(), shapes=SHAPES)
     ctrl = MemoryController(paged, MemoryConfig(retry_oom=False))
@@ -166,6 +205,20 @@ def test_recovery_evicts_everything_and_lowers_the_budget():
     assert paged.pager.device_bytes == 0 and paged.pager.idle_staging_bytes == 0
     assert paged.pager.budget == resident // 2
     paged.pager.verify_accounting()
+
+
+def test_recovery_with_nothing_resident_lowers_the_budget_in_force_not_to_zero():
+    """An OOM from activations while all state sits on the host: the budget drops by the
+    factor from the budget in force (dropping to 0 would page everything every step)."""
+    _ref, _rp, paged, pp = make_pair("AdamW8bit", sim(device_budget_bytes=40_000), shapes=SHAPES)
+    ctrl = MemoryController(paged, MemoryConfig(oom_budget_factor=0.5))
+    run(paged, pp, 2, ctrl)
+    paged.pager.evict()
+    assert paged.pager.device_bytes == 0
+    ctrl.recover("forward/backward")
+    assert paged.pager.budget == 20_000
+    ctrl.recover("forward/backward")
+    assert paged.pager.budget == 10_000
 
 
 def test_headroom_lowers_and_raises_the_budget():
@@ -261,3 +314,66 @@ def test_oom_after_the_step_is_applied_propagates_without_a_second_update():
         ctrl.run_step(body)
     assert ctrl.oom_recoveries_total == 1 and ctrl.recoveries[0]["phase"] == "after optimizer.step"
     assert_identical(ref, rp, paged, pp)  # exactly one update
+
+
+class LaunchOOMOnce:
+    """Make the ``at``-th prepared launch of a step (0-based) raise torch.OutOfMemoryError
+    before it runs: the prepared path bypasses ``_update_chunk``, so it needs its own hook."""
+
+    def __init__(self, opt, at: int) -> None:
+        self.at, self.calls, self.fired = at, 0, False
+        self.inner = opt._run_launch
+        opt._run_launch = self
+
+    def __call__(self, lg, grads):
+        call, self.calls = self.calls, self.calls + 1
+        if call == self.at and not self.fired:
+            self.fired = True
+            raise torch.OutOfMemoryError("injected: CUDA out of memory in a prepared launch")
+        return self.inner(lg, grads)
+
+
+@pytest.mark.parametrize("at", [0, 1, 2])
+def test_oom_between_prepared_launches_applies_each_update_once(at):
+    """An unpaged optimizer under a controller runs prepared multi-tensor launches (one per
+    param group here). An OOM after the first launch ran must retry only the launches that
+    did not: the result equals a run that never ran out of memory."""
+    ref_params, params = make_params(SHAPES), make_params(SHAPES)
+    groups = lambda ps: [{"params": ps[:2]}, {"params": ps[2:4], "lr": 2e-3}, {"params": ps[4:], "lr": 3e-3}]
+    ref = pagedopt.AdamW8bit(groups(ref_params), min_8bit_size=16)
+    opt = pagedopt.AdamW8bit(groups(params), min_8bit_size=16)
+    ctrl = MemoryController(opt, MemoryConfig())
+    run(ref, ref_params, 3)
+    run(opt, params, 1, ctrl)  # plans the launches
+    injector = LaunchOOMOnce(opt, at)
+    run(opt, params, 2, ctrl, start=1)
+    assert injector.fired and ctrl.oom_recoveries_total == 1
+    assert_identical(ref, ref_params, opt, params)
+    run(ref, ref_params, 2, start=3)  # the plan still works after the retry
+    run(opt, params, 2, ctrl, start=3)
+    assert_identical(ref, ref_params, opt, params)
+
+
+def test_oom_in_backward_after_update_in_backward_ran_propagates_without_a_retry():
+    """With update-in-backward, parameters are updated inside loss.backward(). An OOM later in
+    the same backward must not retry the body (those updates would run twice): memory is
+    recovered and the error propagates, with each parameter updated at most once."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    opt = pagedopt.AdamW8bit(model.parameters(), min_8bit_size=16)
+    opt.update_in_backward = True
+    ctrl = MemoryController(opt)
+    first = model[1].weight
+
+    def body():
+        x = torch.randn(4, 8)
+        y = model[0](x)
+        y.register_hook(lambda g: (_ for _ in ()).throw(torch.OutOfMemoryError("injected late in backward")))
+        model[1](y).sum().backward()
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(torch.OutOfMemoryError, match="late in backward"):
+        ctrl.run_step(body)
+    assert ctrl.oom_recoveries_total == 1 and ctrl.recoveries[0]["phase"] == "after an update in backward"
+    assert opt.state[first]["step"] == 1 and not torch.equal(first, before["1.weight"])
+    assert all(len(opt.state[p]) == 0 or opt.state[p]["step"] <= 1 for p in model.parameters())

@@ -20,7 +20,8 @@ Example:
 from __future__ import annotations
 
 from .config import MemoryConfig, PagingConfig, parse_bytes
-from .controller import MemoryController, MemorySample, StepGuard, guarded_step
+from .controller import MemoryController, MemorySample, guarded_step
+from .guard import StepGuard
 from .memory import AllocationError, HostMemory, SimulatedDevice, live_bytes
 from .pager import AccountingError, Pager, PagingFallbackWarning
 from .store import DeviceStateStore, StateStore

@@ -41,15 +41,15 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from .config import MemoryConfig
+from .guard import RngState, StepGuard
 from .pager import Pager
 
 log = logging.getLogger("pagedopt.memory")
@@ -231,7 +231,7 @@ class MemoryController:
                 pager.simulated_device.empty_cache()
                 pager.host_memory.empty_cache()
         for key, shares in by_device.items():
-            new = max(self.config.min_budget_bytes, int(resident[key] * self.config.oom_budget_factor))
+            new = max(self.config.min_budget_bytes, int(_recovery_base(shares, resident[key]) * self.config.oom_budget_factor))
             if self.config.max_budget_bytes is not None:
                 new = min(new, self.config.max_budget_bytes)
             _split_budget(shares, new)
@@ -246,7 +246,7 @@ class MemoryController:
         log.warning("out of memory in %s: evicted %d bytes of optimizer state to the host, budget now %s "
                     "(recovery %d)", phase, evicted, budgets, self.oom_recoveries_total)
 
-    def guard(self) -> "StepGuard":
+    def guard(self) -> StepGuard:
         """A context manager for one training step (see the module docstring).
 
         Example:
@@ -264,12 +264,14 @@ class MemoryController:
     def run_step(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` (forward, backward, ``optimizer.step()``) under a guard; after an OOM in
         forward/backward, run it once more (a second OOM propagates)."""
+        rng = RngState()
         with self.guard() as g:
             result = fn()
         if not g.retry:
             return result
         if not self.config.retry_oom:
             raise torch.OutOfMemoryError("out of memory in forward/backward (retry_oom is off; memory was recovered)")
+        rng.restore()  # the retry draws the same dropout masks as the failed attempt
         g2 = StepGuard(self, retries=0)
         with g2:
             return fn()
@@ -277,6 +279,18 @@ class MemoryController:
     def stats(self) -> dict[str, Any]:
         """``oom_recoveries_total`` and the last reading per device."""
         return {"oom_recoveries_total": self.oom_recoveries_total, "devices": dict(self.last)}
+
+
+def _recovery_base(shares: list[DeviceShare], resident: int) -> int:
+    """What an OOM recovery lowers one device's budget from: the state that was resident, or,
+    when none was (the OOM came from activations while the state sat on the host), the
+    budget in force - lowering from 0 would page every byte in and out on every later step."""
+    if resident > 0:
+        return resident
+    budgets = [s.mover.budget for s in shares]
+    if all(b is not None for b in budgets):
+        return sum(budgets)
+    return sum(s.pager.paged_bytes_on(s.mover) for s in shares)
 
 
 def _split_budget(shares: list[DeviceShare], budget: int) -> None:
@@ -291,145 +305,6 @@ def _split_budget(shares: list[DeviceShare], budget: int) -> None:
             share.pager.set_budget(part)
         else:
             share.pager.set_budget(part, device=share.param_device)
-
-
-class StepGuard:
-    """One guarded training step (made by :meth:`MemoryController.guard`).
-
-    While active, ``optimizer.step`` is wrapped: an OOM inside it is recovered and the step
-    retried once for the parameters not yet updated. An OOM in the body before the step
-    (forward, backward) is recovered, gradients are cleared, the exception suppressed and
-    ``retry`` set: the caller runs the body again, on the same batch. An OOM in the body after
-    the step has been applied (say, in a scheduler or a logging pass) is recovered but
-    propagates: running the body again would apply the update twice.
-
-    Example:
-        >>> import torch, pagedopt
-        >>> opt = pagedopt.AdamW8bit([torch.nn.Parameter(torch.ones(2))])
-        >>> with pagedopt.MemoryController(opt).guard() as g:
-        ...     pass
-        >>> g.retry, g.recovered
-        (False, 0)
-    """
-
-    def __init__(self, controller: MemoryController, retries: int = 1) -> None:
-        self.controller = controller
-        self.optimizer = controller.optimizer
-        self.retries = retries
-        self.retry = False
-        self.recovered = 0
-        self.stepped = False  # the guarded optimizer.step() has completed in this body
-        self._saved_step: Any = None
-
-    def __enter__(self) -> "StepGuard":
-        opt = self.optimizer
-        self._saved_step = opt.__dict__.get("step")
-        original = opt.step  # bound (or a previous instance wrapper)
-
-        @functools.wraps(original)  # keeps markers such as the LR scheduler's step wrapper's
-        def guarded_step(*args: Any, **kwargs: Any) -> Any:
-            return self._step(original, *args, **kwargs)
-
-        opt.step = guarded_step
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        opt = self.optimizer
-        if self._saved_step is None:
-            opt.__dict__.pop("step", None)
-        else:
-            opt.step = self._saved_step
-        if exc_type is None or not issubclass(exc_type, torch.OutOfMemoryError) or self.retries <= 0:
-            return False
-        if self.stepped:  # the update is applied: recover memory, but no retry (it would apply it twice)
-            del exc, tb
-            self.controller.recover("after optimizer.step")
-            self.recovered += 1
-            return False
-        del exc, tb
-        self.optimizer.zero_grad(set_to_none=True)  # partial gradients of the failed pass
-        self.controller.recover("forward/backward")
-        self.recovered += 1
-        self.retry = True
-        return True
-
-    # -- the guarded optimizer step ----------------------------------------------------------
-
-    def _step(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        opt = self.optimizer
-        done: set[int] = set()  # parameters whose update ran in this step (any attempt)
-        while True:
-            hidden = [(p, p.grad) for g in opt.param_groups for p in g["params"] if id(p) in done]
-            for p, _g in hidden:
-                p.grad = None  # updated already: this attempt skips it
-            snapshot = _snapshot(opt)
-            try:
-                result = self._journaled(original, done, *args, **kwargs)
-                self.stepped = True
-                return result
-            except torch.OutOfMemoryError:
-                _restore(opt, snapshot, done)
-                if self.retries <= 0 or not self.controller.config.retry_oom:
-                    raise
-            finally:
-                for p, g in hidden:
-                    p.grad = g
-            # outside the except block: the traceback's frames (and what they hold) are gone
-            self.controller.recover("optimizer.step")
-            self.recovered += 1
-            self.retries -= 1
-
-    def _journaled(self, original: Callable[..., Any], done: set[int], *args: Any, **kwargs: Any) -> Any:
-        """Run ``original`` recording each chunk whose update ran in ``done``."""
-        opt = self.optimizer
-        had_instance = "_update_chunk" in opt.__dict__
-        inner = opt._update_chunk
-
-        def journaled(works: list[Any]) -> None:
-            inner(works)
-            done.update(id(w.key) for w in works)  # the chunk's update ran: never again
-
-        opt._update_chunk = journaled
-        try:
-            return original(*args, **kwargs)
-        finally:
-            if had_instance:
-                opt._update_chunk = inner
-            else:
-                opt.__dict__.pop("_update_chunk", None)
-
-
-def _snapshot(opt: Any) -> dict[torch.Tensor, tuple[bool, Any, torch.Tensor | None]]:
-    """What a step changes before its update runs, per parameter with a gradient: whether it
-    had state, its step counter and its clipping history (100 floats)."""
-    out = {}
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = opt.state.get(p)
-            if not state:
-                out[p] = (False, None, None)
-                continue
-            gnorm = state.get("gnorm_vec")
-            out[p] = (True, state.get("step"), gnorm.clone() if isinstance(gnorm, torch.Tensor) else None)
-    return out
-
-
-def _restore(opt: Any, snapshot: dict, done: set[int]) -> None:
-    """Undo the step's bookkeeping for the parameters whose update did not run."""
-    for p, (had_state, step, gnorm) in snapshot.items():
-        if id(p) in done:
-            continue
-        if not had_state:
-            if p in opt.state:
-                opt.state_store.forget(p)
-                del opt.state[p]
-            continue
-        state = opt.state[p]
-        state["step"] = step
-        if gnorm is not None:
-            state["gnorm_vec"].copy_(gnorm)
 
 
 def guarded_step(optimizer: Any, fn: Callable[[], Any], config: MemoryConfig | dict | None = None) -> Any:
@@ -450,11 +325,3 @@ def guarded_step(optimizer: Any, fn: Callable[[], Any], config: MemoryConfig | d
     if controller is None:
         controller = MemoryController(optimizer, config)
     return controller.run_step(fn)
-
-
-def attempts(controller: MemoryController) -> Iterator[StepGuard]:
-    """``for g in attempts(ctrl): with g: ...`` - at most two guarded attempts of one batch."""
-    first = StepGuard(controller)
-    yield first
-    if first.retry:
-        yield StepGuard(controller, retries=0)
