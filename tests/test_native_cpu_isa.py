@@ -153,25 +153,28 @@ def _kernel_matches_reference(name, shape, dtype, steps, label):
     base.assert_slots_equal(ref, nat, label)
 
 
-SEARCH_MODES = {"table": 0, "arithmetic": 1, "lattice": 2}
+SEARCH_MODES = {"table": 0, "arithmetic": 1, "lattice": 2, "lattice_table": 3}
+NEEDS_VBMI = {"arithmetic", "lattice"}
 
 
 @pytest.mark.parametrize("search", list(SEARCH_MODES))
 @pytest.mark.parametrize("name", ["adamw", "lion", "ademamix", "rmsprop"])
 def test_avx512_code_searches_match_the_reference(search, name):
     """VBMI CPUs quantize without gathers - the lattice fast path (code_lattice.h) falling back
-    to the arithmetic search (code_arith.h) - others with the bucket table: each forced in turn,
-    over all floats' dense sample and through whole kernels (signed and unsigned states, odd
-    sizes). Exact tier."""
+    to the arithmetic search (code_arith.h) -, other AVX-512 CPUs with the lattice falling back
+    to the bucket table (simd_lattice.h), and the bucket table alone: each forced in turn, over
+    all floats' dense sample and through whole kernels (signed and unsigned states, odd sizes).
+    Exact tier."""
     if "avx512" not in SUPPORTED:
         pytest.skip("this CPU lacks the avx512 level")
     has_vbmi = "avx512vbmi" in (cpu._cpu_flags() or set())
-    if search != "table" and not has_vbmi:
+    if search in NEEDS_VBMI and not has_vbmi:
         pytest.skip("this CPU lacks avx512vbmi")
     before = LIB.isa
     LIB.select_isa("avx512")
-    LIB.check(LIB.po_set_code_search_vbmi(SEARCH_MODES[search]), "set_code_search_vbmi")
+    LIB.check(LIB.po_set_code_search(SEARCH_MODES[search]), "set_code_search")
     try:
+        assert cpu.native_info()["code_search"] == search
         for signed in (True, False):
             base.test_code_search_dense_sample_and_bad_range(signed)
         for shape in [(4097,), (1,), (3, 300)]:
@@ -185,28 +188,52 @@ def test_avx512_code_searches_match_the_reference(search, name):
 def test_code_search_switch_rejects_a_cpu_without_vbmi():
     if "avx512vbmi" in (cpu._cpu_flags() or set()):
         pytest.skip("this CPU has VBMI")
-    with pytest.raises(cpu.NativeError, match="avx512vbmi"):
-        LIB.check(LIB.po_set_code_search_vbmi(1), "set_code_search_vbmi")
+    for mode in (1, 2):
+        with pytest.raises(cpu.NativeError, match="avx512vbmi"):
+            LIB.check(LIB.po_set_code_search(mode), "set_code_search")
+
+
+def test_without_vbmi_the_avx512_level_defaults_to_the_lattice_with_the_table_fallback():
+    """What a Skylake-SP / Cascade Lake CPU gets (forced here by switching VBMI off): the
+    lattice search, its rare unsure groups through the bucket table; exact codes for a dense
+    sample of all floats."""
+    if "avx512" not in SUPPORTED:
+        pytest.skip("this CPU lacks the avx512 level")
+    has_vbmi = "avx512vbmi" in (cpu._cpu_flags() or set())
+    before = LIB.isa
+    LIB.select_isa("avx512")
+    LIB.check(LIB.po_set_dequantize_vbmi(0), "set_dequantize_vbmi")
+    try:
+        assert cpu.native_info()["code_search"] == "lattice_table"
+        for signed in (True, False):
+            base.test_code_search_dense_sample_and_bad_range(signed)
+    finally:
+        LIB.check(LIB.po_set_dequantize_vbmi(int(has_vbmi)), "set_dequantize_vbmi")
+        LIB.select_isa(before)
+    assert cpu.native_info()["code_search"] == ("lattice" if has_vbmi else "lattice_table") or before != "avx512"
 
 
 def test_env_reports_the_code_search_in_use():
-    """``pagedopt env`` names the code search the kernels run: the lattice on VBMI CPUs at the
-    avx512 level (the proven default), the table search otherwise."""
+    """``pagedopt env`` names the code search the kernels run: at the avx512 level the lattice
+    (the proven default; without VBMI with the table fallback), the table search otherwise."""
     before = LIB.isa
     try:
         for name in SUPPORTED:
             LIB.select_isa(name)
             info = cpu.native_info()
             has_vbmi = "avx512vbmi" in (cpu._cpu_flags() or set())
-            assert info["code_search"] == ("lattice" if name == "avx512" and has_vbmi else "table"), (name, info)
+            expected = ("lattice" if has_vbmi else "lattice_table") if name == "avx512" else "table"
+            assert info["code_search"] == expected, (name, info)
             assert info["prefetch_chunks"] == LIB.po_get_prefetch()
     finally:
         LIB.select_isa(before)
 
 
 def test_code_search_switch_rejects_an_unknown_mode():
-    with pytest.raises(cpu.NativeError, match="mode must be 0, 1 or 2, got 3"):
-        LIB.check(LIB.po_set_code_search_vbmi(3), "set_code_search_vbmi")
+    with pytest.raises(cpu.NativeError, match="mode must be 0, 1, 2 or 3, got 4"):
+        LIB.check(LIB.po_set_code_search(4), "set_code_search")
+    with pytest.raises(cpu.NativeError, match="got -1"):
+        LIB.check(LIB.po_set_code_search_vbmi(-1), "set_code_search_vbmi")  # (the earlier name)
 
 
 def test_prefetch_distance_is_validated_and_does_not_change_results():

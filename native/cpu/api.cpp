@@ -42,6 +42,16 @@ namespace {
 
 constexpr int64_t kUnitElements = 64 * kBlockSize;  // 16384: ~100 KB of traffic per unit
 
+// The code search a CPU gets (tables.h CodeSearch), from what `t` proved and whether VBMI
+// dequantization is on (the CPU has VBMI, unless a test switched it off). Without VBMI the
+// lattice falls back to the bucket table: its gather then serves only the rare unsure group
+// (a gather per 16 values is slow on Skylake-SP / Cascade Lake, more so with the microcode
+// mitigations for "Downfall", CVE-2022-40982, which make gathers several times slower).
+int32_t default_code_search(const Tables& t) {
+  if (t.dequant_vbmi && t.arith_ready) return t.lattice_ready ? kSearchLattice : kSearchArith;
+  return t.lattice_ready ? kSearchLatticeTable : kSearchTable;
+}
+
 
 struct Unit {
   int64_t item;
@@ -222,7 +232,7 @@ int po_init(const float* qmap_signed, const float* qmap_unsigned, const float* t
                                 build_arith_search<false>(fresh.thresholds_unsigned, fresh.arith[1]) == 0;
     fresh.lattice_ready = fresh.arith_ready && build_lattice_search(fresh.arith[0], true, fresh.lattice[0]) == 0 &&
                           build_lattice_search(fresh.arith[1], false, fresh.lattice[1]) == 0;
-    fresh.search_vbmi = fresh.dequant_vbmi && fresh.arith_ready ? (fresh.lattice_ready ? 2 : 1) : 0;
+    fresh.code_search = default_code_search(fresh);
     fresh.prefetch_chunks = cpu_is_amd() ? 0 : 2;
     fresh.ready = true;
     g_tables = fresh;
@@ -356,7 +366,7 @@ int po_set_dequantize_vbmi(int32_t enable) {
   if (!g_tables.ready) return fail(PO_ERR_NOT_READY, "po_init() has not succeeded");
   if (enable && !cpu_has_vbmi()) return fail(PO_ERR_ARGUMENT, "this CPU lacks avx512vbmi");
   g_tables.dequant_vbmi = enable ? 1 : 0;
-  g_tables.search_vbmi = enable && g_tables.arith_ready ? (g_tables.lattice_ready ? 2 : 1) : 0;
+  g_tables.code_search = default_code_search(g_tables);  // what a CPU with (without) VBMI gets
   return PO_OK;
 }
 
@@ -369,17 +379,23 @@ int po_set_prefetch(int32_t chunks) {
 
 int po_get_prefetch() { return g_tables.ready ? g_tables.prefetch_chunks : -1; }
 
-int po_code_search(void) { return g_tables.ready ? g_tables.search_vbmi : -1; }
+int po_code_search(void) { return g_tables.ready ? g_tables.code_search : -1; }
 
-int po_set_code_search_vbmi(int32_t mode) {
+int po_set_code_search(int32_t mode) {
   if (!g_tables.ready) return fail(PO_ERR_NOT_READY, "po_init() has not succeeded");
-  if (mode < 0 || mode > 2) return fail(PO_ERR_ARGUMENT, "code search mode must be 0, 1 or 2, got " + std::to_string(mode));
-  if (mode && !cpu_has_vbmi()) return fail(PO_ERR_ARGUMENT, "this CPU lacks avx512vbmi");
-  if (mode && !g_tables.arith_ready) return fail(PO_ERR_ARGUMENT, "the maps do not allow the arithmetic code search");
-  if (mode == 2 && !g_tables.lattice_ready) return fail(PO_ERR_ARGUMENT, "the maps do not allow the lattice code search");
-  g_tables.search_vbmi = mode;
+  if (mode < 0 || mode > 3) return fail(PO_ERR_ARGUMENT, "code search mode must be 0, 1, 2 or 3, got " + std::to_string(mode));
+  if (search_needs_vbmi(mode) && !cpu_has_vbmi()) return fail(PO_ERR_ARGUMENT, "this CPU lacks avx512vbmi");
+  if (mode == kSearchArith && !g_tables.arith_ready) {
+    return fail(PO_ERR_ARGUMENT, "the maps do not allow the arithmetic code search");
+  }
+  if ((mode == kSearchLattice || mode == kSearchLatticeTable) && !g_tables.lattice_ready) {
+    return fail(PO_ERR_ARGUMENT, "the maps do not allow the lattice code search");
+  }
+  g_tables.code_search = mode;
   return PO_OK;
 }
+
+int po_set_code_search_vbmi(int32_t mode) { return po_set_code_search(mode); }
 
 int po_convert_from_float(int32_t dtype, const float* x, uint16_t* out, int64_t n) {
   if (dtype != ELEM_F16 && dtype != ELEM_BF16) return fail(PO_ERR_ARGUMENT, "dtype must be 1 (f16) or 2 (bf16)");

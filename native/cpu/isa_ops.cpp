@@ -57,6 +57,22 @@ void vbmi_codes(int32_t is_signed, const float* x, uint32_t* out, uint32_t* out_
     out_bounded[k] = codes_bounded[k];
   }
 }
+
+// The same through the lattice with the table fallback (simd_lattice.h, no VBMI needed).
+void lattice_table_codes(int32_t is_signed, const float* x, uint32_t* out, uint32_t* out_bounded) {
+  uint8_t codes[16], codes_bounded[16];
+  if (is_signed) {
+    lattice512::quantize_lattice_table<true, false>(x, 16, codes);
+    lattice512::quantize_lattice_table<true, true>(x, 16, codes_bounded);
+  } else {
+    lattice512::quantize_lattice_table<false, false>(x, 16, codes);
+    lattice512::quantize_lattice_table<false, true>(x, 16, codes_bounded);
+  }
+  for (int k = 0; k < 16; ++k) {
+    out[k] = codes[k];
+    out_bounded[k] = codes_bounded[k];
+  }
+}
 #endif
 
 int64_t check_code_search(int32_t is_signed, uint32_t first_bits, uint32_t last_bits, uint32_t* first_mismatch,
@@ -77,7 +93,7 @@ int64_t check_code_search(int32_t is_signed, uint32_t first_bits, uint32_t last_
       const int64_t n = hi - group < 16 ? hi - group : 16;
       float x[16] = {0};
       uint32_t reference[16], fast[16], simd[16], simd_bounded[16], arith[16], arith_bounded[16], lattice[16],
-          lattice_bounded[16];
+          lattice_bounded[16], lattice_table[16], lattice_table_bounded[16];
       for (int64_t k = 0; k < n; ++k) {
         const int64_t b = group + k;
         x[k] = bits_float(static_cast<uint32_t>(b));
@@ -93,16 +109,18 @@ int64_t check_code_search(int32_t is_signed, uint32_t first_bits, uint32_t last_
         fast[k] = is_signed ? lut_quantize_value<true>(g_tables.lut_signed, x[k])
                             : lut_quantize_value<false>(g_tables.lut_unsigned, x[k]);
         simd[k] = simd_bounded[k] = arith[k] = arith_bounded[k] = lattice[k] = lattice_bounded[k] = fast[k];
+        lattice_table[k] = lattice_table_bounded[k] = fast[k];
       }
 #ifdef PO_HAVE_AVX512
       // The kernels' AVX-512 search, also in its bounded form for |x| <= 1.
       const __m512 v = _mm512_loadu_ps(x);
       _mm512_storeu_si512(simd, is_signed ? avx512::quantize16<true, false>(v) : avx512::quantize16<false, false>(v));
       _mm512_storeu_si512(simd_bounded, is_signed ? avx512::quantize16<true, true>(v) : avx512::quantize16<false, true>(v));
-      if (g_tables.search_vbmi) {  // and the gather-free searches of VBMI CPUs (both, whichever is in use)
+      if (search_needs_vbmi(g_tables.code_search)) {  // the gather-free searches of VBMI CPUs (both)
         vbmi_codes<false>(is_signed, x, arith, arith_bounded);
         if (g_tables.lattice_ready) vbmi_codes<true>(is_signed, x, lattice, lattice_bounded);
       }
+      if (g_tables.lattice_ready) lattice_table_codes(is_signed, x, lattice_table, lattice_table_bounded);  // any AVX-512 CPU
 #elif defined(PO_HAVE_AVX2)
       // The avx2 level's search (8 lanes at a time).
       for (int h = 0; h < 2; ++h) {
@@ -114,9 +132,9 @@ int64_t check_code_search(int32_t is_signed, uint32_t first_bits, uint32_t last_
       for (int64_t k = 0; k < n; ++k) {
         const bool bounded = (float_bits(x[k]) & 0x7fffffffu) <= 0x3f800000u;
         if (reference[k] != fast[k] || reference[k] != (simd[k] & 0xffu) || reference[k] != arith[k] ||
-            reference[k] != lattice[k] ||
+            reference[k] != lattice[k] || reference[k] != lattice_table[k] ||
             (bounded && (reference[k] != (simd_bounded[k] & 0xffu) || reference[k] != arith_bounded[k] ||
-                         reference[k] != lattice_bounded[k]))) {
+                         reference[k] != lattice_bounded[k] || reference[k] != lattice_table_bounded[k]))) {
           ++mismatches;
           const uint32_t b = static_cast<uint32_t>(group + k);
           earliest = b < earliest ? b : earliest;
@@ -142,13 +160,17 @@ void dequantize(int32_t is_signed, const uint8_t* codes, int64_t n, float absmax
 void quantize_normalized(int32_t is_signed, const float* x, uint8_t* codes, int64_t n) {
   int64_t i = 0;
 #ifdef PO_HAVE_AVX512
-  if (g_tables.search_vbmi) {  // the kernels' search on VBMI CPUs
-    const bool lattice = g_tables.search_vbmi == 2;
+  if (search_needs_vbmi(g_tables.code_search)) {  // the kernels' search on VBMI CPUs
+    const bool lattice = g_tables.code_search == kSearchLattice;
     if (is_signed) {
       (lattice ? vbmi::quantize<true, false, true> : vbmi::quantize<true, false, false>)(x, n, codes);
     } else {
       (lattice ? vbmi::quantize<false, false, true> : vbmi::quantize<false, false, false>)(x, n, codes);
     }
+    return;
+  }
+  if (g_tables.code_search == kSearchLatticeTable) {  // the kernels' search on other AVX-512 CPUs
+    (is_signed ? lattice512::quantize_lattice_table<true, false> : lattice512::quantize_lattice_table<false, false>)(x, n, codes);
     return;
   }
   for (; i + 16 <= n; i += 16) {  // the kernels' search

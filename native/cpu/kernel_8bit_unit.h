@@ -6,8 +6,9 @@
 // namespace: calls to requantize64() are qualified, else argument-dependent lookup through
 // the shared Requant type would find both copies.
 
-// Codes of x[0..n) (n <= 64) under r into codes[0..n): the table search (a gather per 16
-// values) or, in the VBMI copy of this file, the arithmetic search of simd_vbmi.h.
+// Codes of x[0..n) (n <= 64) under r into codes[0..n): the lattice with the table search
+// as its fallback, or the table search alone (a gather per 16 values); in the VBMI copy of
+// this file the searches of simd_vbmi.h.
 template <bool SIGNED>
 __attribute__((always_inline)) inline void requantize64(const float* x, int64_t n, const Requant& r, uint8_t* codes) {
   __m512i packed;
@@ -21,18 +22,23 @@ __attribute__((always_inline)) inline void requantize64(const float* x, int64_t 
                                         : _mm512_mul_ps(v, _mm512_set1_ps(r.inv_absmax));
     }
 #if PO_UNIT_VBMI
-    if (g_tables.search_vbmi == 2) {
+    if (g_tables.code_search == kSearchLattice) {
       packed = r.kind == Requant::kMultiplyBounded ? vbmi::search64_lattice<SIGNED, true>(q)
                                                    : vbmi::search64_lattice<SIGNED, false>(q);
     } else {
       packed = r.kind == Requant::kMultiplyBounded ? vbmi::search64<SIGNED, true>(q) : vbmi::search64<SIGNED, false>(q);
     }
 #else
-    __m512i c[4];
-    for (int k = 0; k < 4; ++k) {
-      c[k] = r.kind == Requant::kMultiplyBounded ? code_bits<SIGNED, true>(q[k]) : code_bits<SIGNED, false>(q[k]);
+    if (g_tables.code_search == kSearchLatticeTable) {
+      packed = r.kind == Requant::kMultiplyBounded ? lattice512::search64_lattice_table<SIGNED, true>(q)
+                                                   : lattice512::search64_lattice_table<SIGNED, false>(q);
+    } else {
+      __m512i c[4];
+      for (int k = 0; k < 4; ++k) {
+        c[k] = r.kind == Requant::kMultiplyBounded ? code_bits<SIGNED, true>(q[k]) : code_bits<SIGNED, false>(q[k]);
+      }
+      packed = pack_codes(c[0], c[1], c[2], c[3]);
     }
-    packed = pack_codes(c[0], c[1], c[2], c[3]);
 #endif
   }
   if (n >= 64) {

@@ -408,7 +408,7 @@ template <int ALGO, int Q, int PE, int GE, int MODE>
 void unit_kernel(const po_item& it, int64_t begin, int64_t len, UnitPartial& out) {
   if (Q) {
 #ifdef PO_HAVE_AVX512
-    if (MODE == MODE_UPDATE && g_tables.search_vbmi) {  // (prepare searches no codes)
+    if (MODE == MODE_UPDATE && search_needs_vbmi(g_tables.code_search)) {  // (prepare searches no codes)
       avx512_vbmi::unit_8bit<ALGO, PE, GE, MODE>(it, begin, len, out);
     } else {
       avx512::unit_8bit<ALGO, PE, GE, MODE>(it, begin, len, out);

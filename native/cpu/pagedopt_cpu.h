@@ -12,8 +12,9 @@
 extern "C" {
 #endif
 
-#define PO_ABI_VERSION 4  // 2: StepScalars carries reciprocal bias corrections; 3: ISA levels;
-                          // 4: po_update counts non-finite gradient elements
+#define PO_ABI_VERSION 5  // 2: StepScalars carries reciprocal bias corrections; 3: ISA levels;
+                          // 4: po_update counts non-finite gradient elements;
+                          // 5: po_set_code_search (mode 3: the lattice without VBMI)
 
 // The library is built with -fvisibility=hidden: only these entry points are exported.
 #define PO_API __attribute__((visibility("default")))
@@ -99,14 +100,16 @@ PO_API int po_grad_norm_sq(const void* const* grads, const int64_t* numels, cons
 PO_API int64_t po_check_code_search(int32_t is_signed, uint32_t first_bits, uint32_t last_bits,
                              uint32_t* first_mismatch, int32_t num_threads);
 // The avx512 level dequantizes with AVX-512 VBMI where the CPU has it (default), else with
-// F-only permutes, and with VBMI also searches codes without gathers (code_arith.h), else with
-// the bucket table; 0 forces the F-only paths for both (a test hook; an error to enable
-// without VBMI).
+// F-only permutes; 0 forces the F-only path and the code search a CPU without VBMI gets
+// (a test hook; an error to enable without VBMI).
 PO_API int po_set_dequantize_vbmi(int32_t enable);
-// Only the code search: 0 = the bucket table, 1 = the gather-free arithmetic search
-// (code_arith.h; needs VBMI), 2 = its lattice fast path (code_lattice.h; the default where
-// proven). A test and benchmark hook; po_set_dequantize_vbmi() sets both.
-PO_API int po_set_code_search_vbmi(int32_t mode);
+// Only the avx512 level's code search (native/cpu/tables.h CodeSearch): 0 = the bucket table
+// (a gather per 16 values), 1 = the gather-free arithmetic search (code_arith.h; needs VBMI),
+// 2 = its lattice fast path (code_lattice.h; needs VBMI; the default on VBMI CPUs), 3 = the
+// lattice with the bucket table as its fallback (simd_lattice.h; the default on other AVX-512
+// CPUs). A test and benchmark hook; po_set_dequantize_vbmi() resets it to the default.
+PO_API int po_set_code_search(int32_t mode);
+PO_API int po_set_code_search_vbmi(int32_t mode);  // the same (its earlier name)
 PO_API int po_code_search(void);  // the mode in use (-1 before po_init())
 // Software prefetch distance of the 8-bit kernels in 256-element chunks (0..16, 0 = none).
 // po_init() picks it per CPU vendor (tables.h); a benchmark hook, results do not depend on it.

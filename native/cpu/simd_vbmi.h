@@ -1,7 +1,7 @@
 // The code search without gathers (code_arith.h), 64 values at a time, for AVX-512 CPUs with
 // VBMI (Intel Ice Lake and later, AMD Zen 4). Compiled for VBMI with a target pragma (the
 // avx512 level's own flags stop at F/BW/VL/DQ/CD); called only where the CPU has it
-// (Tables::search_vbmi, see kernel_8bit_avx512.h).
+// (Tables::code_search, see kernel_8bit_avx512.h).
 //
 // Per 16 values: ~13 vector operations for the guess g (exponent -> octave lookups, one
 // compare, the decade's affine function, truncation), then, per 64 values, the thresholds
@@ -15,7 +15,7 @@
 // within rounding distance of a threshold (7-11% faster 8-bit kernels on Zen 4).
 #pragma once
 
-#include "simd_avx512.h"
+#include "simd_lattice.h"  // (before the target pragma: the shared pieces need no VBMI)
 
 #ifdef PO_HAVE_AVX512
 #pragma GCC diagnostic push
@@ -31,15 +31,7 @@
 
 PO_ISA_BEGIN
 namespace vbmi {
-
-// The segment (code_lattice.h table_segment()) of 16 non-negative float bit patterns.
-__attribute__((always_inline)) inline __m512i segment16(const int32_t* segment_low, const float* boundaries, __m512i bits) {
-  const __m512i octave = _mm512_max_epi32(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(kArithLowExponent));
-  const __m512i low = _mm512_permutex2var_epi32(_mm512_load_si512(segment_low), octave, _mm512_load_si512(segment_low + 16));
-  const __m512 boundary = _mm512_permutex2var_ps(_mm512_load_ps(boundaries), octave, _mm512_load_ps(boundaries + 16));
-  return _mm512_mask_add_epi32(low, _mm512_cmp_ps_mask(_mm512_castsi512_ps(bits), boundary, _CMP_GE_OQ), low,
-                               _mm512_set1_epi32(1));
-}
+using namespace lattice512;  // segment16(), prepare16(), finish16(), pack4(), pack_codes64(), codes16()
 
 // g (code_arith.h arith_guess()) of 16 non-negative float bit patterns.
 __attribute__((always_inline)) inline __m512i guess16(const ArithSearch& s, __m512i bits) {
@@ -47,43 +39,6 @@ __attribute__((always_inline)) inline __m512i guess16(const ArithSearch& s, __m5
   const __m512 w = _mm512_fmadd_ps(_mm512_castsi512_ps(bits), _mm512_permutexvar_ps(segment, _mm512_load_ps(s.scale)),
                                    _mm512_permutexvar_ps(segment, _mm512_load_ps(s.offset)));
   return _mm512_cvttps_epi32(w);
-}
-
-// 16 normalized values -> the bits to search (|x|, one ulp up for negative x), which lanes
-// are negative (signed maps) and which are live (not the zero code).
-template <bool SIGNED, bool BOUNDED>
-__attribute__((always_inline)) inline __m512i prepare16(__m512 v, __mmask16& negative, __mmask16& live) {
-  if (!BOUNDED) v = _mm512_max_ps(_mm512_min_ps(v, _mm512_set1_ps(1.0f)), _mm512_set1_ps(-1.0f));  // NaN -> 1
-  const __m512i bits = _mm512_castps_si512(v);
-  if (SIGNED) {
-    const __m512i magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
-    negative = _mm512_movepi32_mask(bits);
-    live = _mm512_test_epi32_mask(magnitude, magnitude);
-    return _mm512_mask_add_epi32(magnitude, negative, magnitude, _mm512_set1_epi32(1));  // "<=" as "<" one ulp up
-  }
-  negative = 0;
-  live = _mm512_cmpgt_epi32_mask(bits, _mm512_setzero_si512());
-  return bits;
-}
-
-// count (positive thresholds below the searched bits) -> the code of each lane (fix_code():
-// a live value never takes the zero code; sign mirrored on signed maps), as int32 lanes.
-template <bool SIGNED>
-__attribute__((always_inline)) inline __m512i finish16(__m512i count, __mmask16 negative, __mmask16 live) {
-  const __m512i one = _mm512_set1_epi32(1);
-  count = _mm512_maskz_max_epi32(live, count, one);
-  if (!SIGNED) return count;
-  const __m512i zero_code = _mm512_set1_epi32(kSignedZeroCode);
-  return _mm512_mask_sub_epi32(_mm512_add_epi32(zero_code, count), negative, zero_code, count);
-}
-
-// Four vectors of int32 codes (16 each, in order) -> 64 bytes in element order.
-__attribute__((always_inline)) inline __m512i pack_codes64(const __m512i codes[4]);
-
-// Four int32 vectors -> one byte vector (unsigned saturation). Byte 16L + 4m + r holds element
-// 4L + r of input m (packs work per 128-bit lane); unpack4() inverts exactly this order.
-__attribute__((always_inline)) inline __m512i pack4(const __m512i v[4]) {
-  return _mm512_packus_epi16(_mm512_packus_epi32(v[0], v[1]), _mm512_packus_epi32(v[2], v[3]));
 }
 
 // Four byte vectors (byte k of each 32-bit value, in pack4() order) -> four vectors of 32-bit
@@ -139,11 +94,6 @@ __attribute__((always_inline)) inline __m512i search64(const __m512 q[4]) {
   return pack_codes64(codes);
 }
 
-__attribute__((always_inline)) inline __m512i pack_codes64(const __m512i codes[4]) {
-  // pack4() order -> element order (the packs interleave the four vectors per 128-bit lane)
-  return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), pack4(codes));
-}
-
 // The codes of 64 normalized values through the lattice (code_lattice.h, the vector twin of
 // lattice_quantize_value()): no threshold fetch; a group with any unsure lane (rare) takes
 // search64() instead. Needs g_tables.lattice[...].ready.
@@ -153,20 +103,7 @@ __attribute__((always_inline)) inline __m512i search64_lattice(const __m512 q[4]
   const LatticeSearch& l = g_tables.lattice[SIGNED ? 0 : 1];
   __m512i codes[4];
   __mmask16 unsure = 0;
-  for (int k = 0; k < 4; ++k) {
-    __mmask16 negative, live;
-    const __m512i searched = prepare16<SIGNED, BOUNDED>(q[k], negative, live);
-    const __m512 x = _mm512_castsi512_ps(searched);
-    const __m512i segment = segment16(l.segment_low, l.boundary, searched);
-    const __m512 v = _mm512_fmadd_ps(x, _mm512_permutexvar_ps(segment, _mm512_load_ps(s.scale)),
-                                     _mm512_permutexvar_ps(segment, _mm512_load_ps(l.voffset)));
-    // V - nearest integer (vreduceps: exact here, see lattice_ambiguous())
-    const __m512 off = _mm512_reduce_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    unsure |= _mm512_cmp_ps_mask(_mm512_abs_ps(off), _mm512_set1_ps(l.band), _CMP_LT_OQ);
-    const __mmask16 below = _mm512_cmp_ps_mask(x, _mm512_permutexvar_ps(segment, _mm512_load_ps(l.inter)), _CMP_LE_OQ);
-    const __m512i floor_v = _mm512_cvttps_epi32(v);
-    codes[k] = finish16<SIGNED>(_mm512_mask_sub_epi32(floor_v, below, floor_v, _mm512_set1_epi32(1)), negative, live);
-  }
+  for (int k = 0; k < 4; ++k) codes[k] = codes16<SIGNED, BOUNDED>(s, l, q[k], unsure);
   if (__builtin_expect(unsure != 0, 0)) return search64<SIGNED, BOUNDED>(q);
   return pack_codes64(codes);
 }

@@ -24,6 +24,16 @@ constexpr SearchConstants search_constants() {
                          -1.0f};
 }
 
+// The avx512 level's code search (po_code_search()): the bucket table (a gather per 16
+// values); on VBMI CPUs the arithmetic search (code_arith.h) or its lattice fast path
+// (code_lattice.h) falling back to it; on any AVX-512 CPU the lattice falling back to the
+// bucket table (simd_lattice.h). Defaults: VBMI -> kSearchLattice, else kSearchLatticeTable
+// (when the maps' lattice is proven, else the best search that is).
+enum CodeSearch { kSearchTable = 0, kSearchArith = 1, kSearchLattice = 2, kSearchLatticeTable = 3 };
+
+// Whether a code search runs in the VBMI copy of the 8-bit kernel (kernel_8bit_avx512.h).
+inline bool search_needs_vbmi(int32_t search) { return search == kSearchArith || search == kSearchLattice; }
+
 struct Tables {
   alignas(64) float qmap_signed[256];
   alignas(64) float qmap_unsigned[256];
@@ -39,9 +49,7 @@ struct Tables {
   ArithSearch arith[2];       // [signed ? 0 : 1]: the gather-free search (code_arith.h)
   LatticeSearch lattice[2];   // [signed ? 0 : 1]: its fast path (code_lattice.h)
   int32_t dequant_vbmi;       // the avx512 level dequantizes with VBMI (the CPU has it)
-  // The avx512 level's code search on VBMI CPUs: 0 = the bucket table (gathers), 1 = the
-  // arithmetic search (code_arith.h), 2 = its lattice fast path (code_lattice.h)
-  int32_t search_vbmi;
+  int32_t code_search;        // the avx512 level's code search (CodeSearch)
   int32_t arith_ready;        // arith[] holds a proven search for both maps
   int32_t lattice_ready;      // lattice[] too
   // How far ahead (in 256-element chunks) the 8-bit kernels prefetch, 0 = not at all: 2 measured

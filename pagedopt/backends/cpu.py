@@ -49,7 +49,7 @@ from ..functional.quantization import num_blocks
 from ..functional.scalars import StepScalars
 from . import install_info
 
-ABI_VERSION = 4  # PO_ABI_VERSION in native/cpu/pagedopt_cpu.h
+ABI_VERSION = 5  # PO_ABI_VERSION in native/cpu/pagedopt_cpu.h
 LIBRARY_FILE = "libpagedopt_cpu.so"
 LIBRARY_ENV = "PAGEDOPT_CPU_LIBRARY"  # load this file instead of the packaged one
 ISA_ENV = "PAGEDOPT_CPU_ISA"  # run this instruction-set level instead of the best one
@@ -220,6 +220,7 @@ class NativeLibrary:
             "po_isa_missing_features": (ctypes.c_char_p, [ctypes.c_int32]),
             "po_select_isa": (c_int, [ctypes.c_int32]),
             "po_set_dequantize_vbmi": (c_int, [ctypes.c_int32]),
+            "po_set_code_search": (c_int, [ctypes.c_int32]),
             "po_set_code_search_vbmi": (c_int, [ctypes.c_int32]),
             "po_set_prefetch": (c_int, [ctypes.c_int32]),
             "po_get_prefetch": (c_int, []),
@@ -307,9 +308,11 @@ def native_info() -> dict:
     """What the CPU backend runs: the keys ``isa`` (``"avx512"``, ``"avx2"``, ``"baseline"``, or
     None without a library), ``native_library`` (path or None), ``available``, ``reason`` (why
     not, else None), ``threads`` (``torch.get_num_threads()``, the kernels' thread count), and
-    (None without a library) ``code_search`` (the 8-bit code search of the avx512 level: ``"lattice"``,
-    ``"arithmetic"`` - both gather-free, on VBMI CPUs - or ``"table"``) and ``prefetch_chunks``
-    (the kernels' software prefetch distance, chosen per CPU vendor).
+    (None without a library) ``code_search`` (the 8-bit code search of the avx512 level:
+    ``"lattice"`` or ``"arithmetic"`` on VBMI CPUs, ``"lattice_table"`` - the lattice with the
+    bucket table as the fallback for rare unsure groups - on other AVX-512 CPUs, ``"table"``
+    (a gather per 16 values) at the other levels or where the maps' lattice is not proven) and
+    ``prefetch_chunks`` (the kernels' software prefetch distance, chosen per CPU vendor).
 
     Example:
         >>> info = native_info()
@@ -332,7 +335,7 @@ def native_info() -> dict:
     return info
 
 
-CODE_SEARCHES = {0: "table", 1: "arithmetic", 2: "lattice"}  # po_code_search()
+CODE_SEARCHES = {0: "table", 1: "arithmetic", 2: "lattice", 3: "lattice_table"}  # po_code_search()
 
 
 def load() -> "CpuBackend | None":
