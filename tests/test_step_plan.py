@@ -128,6 +128,23 @@ def test_bad_gradient_raises_with_the_parameter_name():
         opt.step()
 
 
+@needs_native
+@pytest.mark.parametrize("new_shape", [(8, 9), (64,), (3, 0)], ids=["bigger", "other-rank", "empty"])
+def test_gradient_resized_in_place_is_refused_by_name(new_shape):
+    """torch checks a gradient's shape when it is assigned, not when it is resized in place:
+    the prepared launch's bulk check must catch it before the kernel reads or writes out of
+    bounds, and the per-item check then names the parameter."""
+    model = torch.nn.Linear(8, 8)
+    opt = pagedopt.AdamW8bit(list(model.named_parameters()), min_8bit_size=0)
+    model.weight.grad, model.bias.grad = torch.randn(8, 8), torch.randn(8)
+    opt.step()
+    before = model.weight.detach().clone()
+    model.weight.grad.resize_(new_shape)
+    with pytest.raises(RuntimeError, match=r"weight: gradient shape \(.*\) != parameter shape \(8, 8\)"):
+        opt.step()
+    assert torch.equal(model.weight, before)
+
+
 # -- re-planning triggers ----------------------------------------------------------------------
 
 
