@@ -113,21 +113,32 @@ __attribute__((always_inline)) inline __m512i search64_lattice_table(const __m51
   return pack_codes64(codes);
 }
 
+// The 64 values of x[i..) that exist (i < n; zeros past n) as four vectors, for the test
+// hooks' loops below and in simd_vbmi.h.
+__attribute__((always_inline)) inline void load64(const float* x, int64_t i, int64_t n, __m512 q[4]) {
+  for (int k = 0; k < 4; ++k) {
+    const int64_t left = n - i - 16 * k;
+    const __mmask16 lanes = left >= 16 ? static_cast<__mmask16>(0xffff)
+                                       : (left <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << left) - 1u));
+    q[k] = _mm512_maskz_loadu_ps(lanes, x + i + 16 * k);
+  }
+}
+
+// Stores the codes of positions i.. that exist (below n) from 64 packed bytes.
+__attribute__((always_inline)) inline void store64(uint8_t* codes, int64_t i, int64_t n, __m512i packed) {
+  const int64_t left = n - i;
+  const __mmask64 store = left >= 64 ? ~static_cast<__mmask64>(0) : ((static_cast<__mmask64>(1) << left) - 1);
+  _mm512_mask_storeu_epi8(codes + i, store, packed);
+}
+
 // Codes of x[0..n) through search64_lattice_table() (test hooks: po_quantize_normalized,
 // po_check_code_search).
 template <bool SIGNED, bool BOUNDED>
 __attribute__((noinline)) void quantize_lattice_table(const float* x, int64_t n, uint8_t* codes) {
   for (int64_t i = 0; i < n; i += 64) {
     __m512 q[4];
-    for (int k = 0; k < 4; ++k) {
-      const int64_t left = n - i - 16 * k;
-      const __mmask16 lanes = left >= 16 ? static_cast<__mmask16>(0xffff)
-                                         : (left <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << left) - 1u));
-      q[k] = _mm512_maskz_loadu_ps(lanes, x + i + 16 * k);
-    }
-    const int64_t left = n - i;
-    const __mmask64 store = left >= 64 ? ~static_cast<__mmask64>(0) : ((static_cast<__mmask64>(1) << left) - 1);
-    _mm512_mask_storeu_epi8(codes + i, store, search64_lattice_table<SIGNED, BOUNDED>(q));
+    load64(x, i, n, q);
+    store64(codes, i, n, search64_lattice_table<SIGNED, BOUNDED>(q));
   }
 }
 

@@ -31,7 +31,7 @@
 
 PO_ISA_BEGIN
 namespace vbmi {
-using namespace lattice512;  // segment16(), prepare16(), finish16(), pack4(), pack_codes64(), codes16()
+using namespace lattice512;  // segment16(), prepare16(), finish16(), pack4(), pack_codes64(), codes16(), load64()...
 
 // g (code_arith.h arith_guess()) of 16 non-negative float bit patterns.
 __attribute__((always_inline)) inline __m512i guess16(const ArithSearch& s, __m512i bits) {
@@ -114,15 +114,8 @@ template <bool SIGNED, bool BOUNDED, bool LATTICE = false>
 __attribute__((noinline)) void quantize(const float* x, int64_t n, uint8_t* codes) {
   for (int64_t i = 0; i < n; i += 64) {
     __m512 q[4];
-    for (int k = 0; k < 4; ++k) {
-      const int64_t left = n - i - 16 * k;
-      const __mmask16 lanes = left >= 16 ? static_cast<__mmask16>(0xffff)
-                                         : (left <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << left) - 1u));
-      q[k] = _mm512_maskz_loadu_ps(lanes, x + i + 16 * k);
-    }
-    const int64_t left = n - i;
-    const __mmask64 store = left >= 64 ? ~static_cast<__mmask64>(0) : ((static_cast<__mmask64>(1) << left) - 1);
-    _mm512_mask_storeu_epi8(codes + i, store, LATTICE ? search64_lattice<SIGNED, BOUNDED>(q) : search64<SIGNED, BOUNDED>(q));
+    load64(x, i, n, q);
+    store64(codes, i, n, LATTICE ? search64_lattice<SIGNED, BOUNDED>(q) : search64<SIGNED, BOUNDED>(q));
   }
 }
 
