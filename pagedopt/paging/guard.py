@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
-if TYPE_CHECKING:  # (the controller imports this module to build its guards)
-    from .controller import MemoryController
+# (``controller`` arguments are MemoryController instances; not imported here - the controller
+# imports this module to build its guards, and the dependency runs one way only.)
 
 class StepGuard:
     """One guarded training step (made by :meth:`MemoryController.guard`).
@@ -42,7 +42,7 @@ class StepGuard:
         (False, 0)
     """
 
-    def __init__(self, controller: MemoryController, retries: int = 1) -> None:
+    def __init__(self, controller: Any, retries: int = 1) -> None:
         self.controller = controller
         self.optimizer = controller.optimizer
         self.retries = retries
@@ -187,7 +187,7 @@ def _restore(opt: Any, snapshot: dict, done: set[int]) -> None:
             state["gnorm_vec"].copy_(gnorm)
 
 
-def attempts(controller: MemoryController) -> Iterator[StepGuard]:
+def attempts(controller: Any) -> Iterator[StepGuard]:
     """``for g in attempts(ctrl): with g: ...`` - at most two guarded attempts of one batch."""
     rng = RngState()
     first = StepGuard(controller)
