@@ -62,6 +62,9 @@ void unit_8bit(const po_item& it, int64_t begin, int64_t len, UnitPartial& out) 
   const float update_scale = it.update_scale ? *it.update_scale : 1.0f;
   const bool bounded = it.block_wise != 0;
   const int64_t prefetch_chunks = g_tables.prefetch_chunks;
+  // Block maxima: the update's new block scales; in prepare mode only the tensor-wise scale
+  // needs them (block-wise prepare computes just the trust ratio's norms).
+  const bool track_max = MODE == MODE_UPDATE || !it.block_wise;
 
   alignas(64) float old[3][kBlockSize];       // dequantized states of this chunk
   alignas(64) float fresh[2][3][kBlockSize];  // updated states: this chunk, previous chunk
@@ -116,15 +119,15 @@ void unit_8bit(const po_item& it, int64_t begin, int64_t len, UnitPartial& out) 
       const VecF v1 = NV > 1 ? (FULL ? VecF::load(old[1] + k) : VecF::load(old[1] + k, live)) : VecF::zero();
       const VecF v2 = NV > 2 ? (FULL ? VecF::load(old[2] + k) : VecF::load(old[2] + k, live)) : VecF::zero();
       const ElementOut<VecF> o = element_step<ALGO>(g, p, v0, v1, v2, gnorm_scale, update_scale, s);
-      _mm512_store_ps(fresh[cur][0] + k, o.v0.v);  // whole groups: the buffers have room
-      max0.template add<FULL>(o.v0, live);
-      if (NV > 1) {
-        _mm512_store_ps(fresh[cur][1] + k, o.v1.v);
-        max1.template add<FULL>(o.v1, live);
+      if (MODE == MODE_UPDATE) {  // (prepare requantizes nothing: no new states to keep)
+        _mm512_store_ps(fresh[cur][0] + k, o.v0.v);  // whole groups: the buffers have room
+        if (NV > 1) _mm512_store_ps(fresh[cur][1] + k, o.v1.v);
+        if (NV > 2) _mm512_store_ps(fresh[cur][2] + k, o.v2.v);
       }
-      if (NV > 2) {
-        _mm512_store_ps(fresh[cur][2] + k, o.v2.v);
-        max2.template add<FULL>(o.v2, live);
+      if (track_max) {
+        max0.template add<FULL>(o.v0, live);
+        if (NV > 1) max1.template add<FULL>(o.v1, live);
+        if (NV > 2) max2.template add<FULL>(o.v2, live);
       }
       if (MODE == MODE_UPDATE) {
         // NaN/Inf gradient elements (fpclass: QNaN, SNaN, +Inf, -Inf) for the non-finite watch

@@ -1,11 +1,11 @@
 """Telemetry: the sink protocol the optimizer core writes to, and the Prometheus exporter.
 
 The core (optimizers, pager, functional) only knows :mod:`pagedopt.telemetry.sink`; nothing
-there imports prometheus-client. The exporter lives in :mod:`pagedopt.telemetry.prometheus`
+there imports prometheus-client. The exporter lives in :mod:`pagedopt.telemetry.exporter`
 and is loaded on first use of :func:`start_exporter` / :class:`PrometheusSink`.
 
 Modules: :mod:`~pagedopt.telemetry.sink` (protocol, ``attach``), :mod:`~pagedopt.telemetry.metrics`
-(the metric catalogue), :mod:`~pagedopt.telemetry.prometheus` (exporter and HTTP endpoint),
+(the metric catalogue), :mod:`~pagedopt.telemetry.prometheus` (the Prometheus sink), :mod:`~pagedopt.telemetry.exporter` (HTTP endpoint),
 :mod:`~pagedopt.telemetry.aggregate` (per-step device reductions),
 :mod:`~pagedopt.telemetry.host_copy` (device values to the host without a sync),
 :mod:`~pagedopt.telemetry.layout` (labels, top-k), :mod:`~pagedopt.telemetry.quant_error`
@@ -34,8 +34,8 @@ from .sink import (
 )
 
 _LAZY = {
-    "start_exporter": "prometheus",
-    "Exporter": "prometheus",
+    "start_exporter": "exporter",
+    "Exporter": "exporter",
     "PrometheusSink": "prometheus",
     "QuantErrorSampler": "quant_error",
     "METRICS": "metrics",

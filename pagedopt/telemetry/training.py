@@ -105,7 +105,7 @@ class MetricsCallback:
         self.exporter: Any = None
 
     def start(self, optimizer: Any, model: torch.nn.Module | None = None) -> Any:
-        from .prometheus import start_exporter
+        from .exporter import start_exporter
 
         if not hasattr(optimizer, "sink"):
             log.warning("pagedopt telemetry: %s is not a pagedopt optimizer; metrics are off", type(optimizer).__name__)
