@@ -37,7 +37,6 @@ import torch
 
 from ..functional.dispatch import backend_for
 from ..functional.scalars import step_scalars
-from ..paging.store import DeviceStateStore
 from ..telemetry.sink import NULL_SINK, StatsSink
 from . import validation
 from .passes import Work
@@ -178,11 +177,12 @@ class StepMixin:
 
     def _group_launches(self, plan: StepPlan, grads: list[Any]) -> None:
         """Split the entries into prepared launch groups and per-item entries."""
-        if type(self.state_store) is not DeviceStateStore:  # paged state moves: per-item visits
-            plan.per_item = list(plan.entries)
-            return
         buckets: dict[tuple, tuple[Any, list[tuple[PlanEntry, Any]]]] = {}
+        moves = self.state_store.moves
         for e in plan.entries:
+            if moves(e.key):  # paged state: the pager moves it between chunks of its visits
+                plan.per_item.append(e)
+                continue
             group = self.param_groups[e.gindex]
             cfg = self._settings(group, e.key)
             make = None if _is_sharded(e.key) else _planner(e.param.device)

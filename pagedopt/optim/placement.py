@@ -126,6 +126,9 @@ class RoutingStateStore:
     def residency(self, param: torch.Tensor, state: dict[str, Any]) -> str:
         return self._route(param).residency(param, state)
 
+    def moves(self, param: torch.Tensor) -> bool:
+        return self._route(param).moves(param)
+
     def forget(self, param: torch.Tensor) -> None:
         self._route(param).forget(param)
         self._placed.pop(id(param), None)

@@ -225,6 +225,11 @@ class Pager(AllocationMixin, TransitionsMixin, BudgetMixin):
             return next(iter(where.values()))
         return ",".join(f"{key}={where[key]}" for key in sorted(where))
 
+    def moves(self, param: torch.Tensor) -> bool:
+        """Whether ``param`` has paged state (state below ``min_paged_numel``, or whose paged
+        allocation failed, stays where it was created: the step plan may launch it directly)."""
+        return param in self._buffers
+
     def forget(self, param: torch.Tensor) -> None:
         """Stop managing ``param``'s state (its tensors are freed when the optimizer drops them)."""
         for buf in list(self._buffers.get(param, {}).values()):

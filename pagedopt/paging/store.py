@@ -40,6 +40,12 @@ class StateStore(Protocol):
 
     def forget(self, param: torch.Tensor) -> None: ...
 
+    def moves(self, param: torch.Tensor) -> bool:
+        """Whether the store may move or replace ``param``'s state tensors between steps.
+        State that never moves can join the step plan's prepared launches (and CUDA graphs),
+        which hold pointers to it; state that moves is updated in the store's visits."""
+        ...
+
 
 class DeviceStateStore:
     """Unpaged: every state tensor lives on its parameter's device for its whole life."""
@@ -59,3 +65,6 @@ class DeviceStateStore:
 
     def forget(self, param: torch.Tensor) -> None:
         return None
+
+    def moves(self, param: torch.Tensor) -> bool:
+        return False
