@@ -247,3 +247,46 @@ def test_per_parameter_override_values_apply_without_replanning():
         p.grad = torch.ones(4096)
     opt.step()
     assert float(ps[0].detach()[0]) == pytest.approx(-0.5) and float(ps[1].detach()[0]) == pytest.approx(-0.1)  # Lion: -lr * sign
+
+
+@needs_native
+def test_a_telemetry_sink_keeps_the_launches_except_on_sampling_steps(monkeypatch):
+    """With a sink attached the launches still run; the report has a row per updated
+    parameter, the same rows (in the same order) as the per-item path's; on the steps where
+    the sink samples the quantization error every parameter takes the per-item passes."""
+    from pagedopt.telemetry.quant_error import QuantErrorSampler
+    from pagedopt.telemetry.sink import RecordingSink, attach
+
+    def go(prepared: bool, percentile_clipping: int):
+        params = make_params()
+        opt = pagedopt.AdamW8bit(params, min_8bit_size=0, percentile_clipping=100)
+        if percentile_clipping < 100:  # one parameter clipped: it stays per item
+            pagedopt.GlobalOptimManager.get_instance().override_config(params[0], "percentile_clipping", 90)
+        opt.prepared_launches = prepared
+        sink = attach(opt, RecordingSink(QuantErrorSampler(every=3, params_per_sample=2, blocks_per_param=1)))
+        per_item_updates = []
+        original = opt._update_chunk
+        monkeypatch.setattr(opt, "_update_chunk", lambda works: (per_item_updates.append(len(works)), original(works)))
+        try:
+            for t in range(6):
+                for p, g in zip(params, grads_for(params, t)):
+                    p.grad = g
+                opt.step()
+        finally:
+            pagedopt.GlobalOptimManager.get_instance().clear()
+        return params, opt, sink, per_item_updates
+
+    for clipping in (100, 90):
+        planned = go(True, clipping)
+        per_item = go(False, clipping)
+        assert_same(*planned[:2], *per_item[:2])
+        sink, updates = planned[2], planned[3]
+        clipped = 1 if clipping < 100 else 0
+        # steps 3 and 6 sample: 6 parameters per item; the others: only the clipped one (if any)
+        assert updates == [clipped] * 2 + [6] + [clipped] * 2 + [6] if clipped else updates == [6, 6]
+        for a, b in zip(sink.reports, per_item[2].reports):
+            rows_a = [(r.name, r.group, r.numel, r.precision, r.param is not None) for r in a.params]
+            rows_b = [(r.name, r.group, r.numel, r.precision, r.param is not None) for r in b.params]
+            assert rows_a == rows_b and len(rows_a) == 6
+            assert [r.clip_threshold is not None for r in a.params] == [r.clip_threshold is not None for r in b.params]
+            assert bool(a.quant_errors) == (a.step % 3 == 0) == bool(b.quant_errors)

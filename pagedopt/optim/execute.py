@@ -9,8 +9,11 @@
    scalars once from the live param group, run its prepared launch;
 3. the remaining parameters: the batched per-item passes (:mod:`pagedopt.optim.passes`).
 
-With a telemetry sink attached every parameter takes the per-item passes (the sink reports
-per-parameter values). A subclass that overrides ``update_step`` or ``init_state`` takes
+With a telemetry sink attached the launches still run: the sink's per-parameter rows for
+launched parameters carry what they have (name, group, size, precision; their gradient norms
+the sink measures itself, in one batched pass), and only on the steps where the sink samples
+the quantization error does every parameter take the per-item passes (the probe watches the
+update of each sampled parameter). A subclass that overrides ``update_step`` or ``init_state`` takes
 bitsandbytes' per-parameter loop instead (:mod:`pagedopt.optim.hooks`).
 
 The step runs outside TorchDynamo (``torch._dynamo.disable``): it calls native code through
@@ -39,6 +42,7 @@ from ..functional.dispatch import backend_for
 from ..functional.scalars import step_scalars
 from ..telemetry.sink import NULL_SINK, StatsSink
 from . import validation
+from .memory import precision_of
 from .passes import Work
 from .plan import LaunchGroup, PlanEntry, StepPlan, flat_params, group_signatures, overrides_key
 from .state_io import QUANT_STATE_KEY, local_tensor
@@ -106,13 +110,15 @@ class StepMixin:
         sink = self.sink
         self._quant_probe = self._telemetry_begin(sink) if sink is not NULL_SINK else None
         with self.nonfinite.tallied(self):  # the update kernels count NaN/Inf gradient elements
+            launched: list[LaunchGroup] = []
             if self._uses_hook_path():
                 works = self._hook_step()
             else:
-                works = self._planned_step(per_item_only=sink is not NULL_SINK or not self.prepared_launches)
+                per_item_only = not self.prepared_launches or self._quant_probe is not None
+                works = self._planned_step(per_item_only, launched)
         self.steps_taken += 1
         if sink is not NULL_SINK:
-            sink.on_step(self, self._step_report(works, started))
+            sink.on_step(self, self._step_report(works, started, launched))
         self._quant_probe = None
 
     def _telemetry_begin(self, sink: StatsSink) -> Any:
@@ -199,15 +205,17 @@ class StepMixin:
             group_entries = [e for e, _ in pairs]
             items = [item for _, item in pairs]
             launch = make(self.kind, items, use_graph=True) if self.cuda_graph and make.graphs else make(self.kind, items)
-            plan.launch_groups.append(
-                LaunchGroup(gindex, self._overrides_for(group_entries[0].key), skip_zeros, group_entries, launch)
-            )
+            lg = LaunchGroup(gindex, self._overrides_for(group_entries[0].key), skip_zeros, group_entries, launch)
+            lg.precisions = [precision_of(e.state, item.block_wise) for e, item in pairs]  # telemetry rows
+            plan.launch_groups.append(lg)
         for lg in plan.launch_groups:
             lg.freeze()
 
     # -- execution ---------------------------------------------------------------------------
 
-    def _planned_step(self, per_item_only: bool = False) -> list[Work]:
+    def _planned_step(self, per_item_only: bool = False, launched: list[LaunchGroup] | None = None) -> list[Work]:
+        """Run the step; returns the per-item works and appends the launch groups that ran
+        to ``launched``."""
         params = flat_params(self.param_groups)
         grads = [p.grad for p in params]
         plan = self._current_plan(params, grads)
@@ -215,6 +223,8 @@ class StepMixin:
         for lg in plan.launch_groups:
             if per_item_only or not self._run_launch(lg, grads):
                 fallback.extend(lg.entries)
+            elif launched is not None:
+                launched.append(lg)
         entries = plan.per_item + fallback if fallback else plan.per_item
         works = [self._work_for(e, grads[e.position], None, advance=True) for e in entries]
         self._run_per_item(works)

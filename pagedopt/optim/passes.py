@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -169,11 +169,24 @@ class PerItemPassesMixin:
         if probe is not None:
             probe.after()
 
-    def _step_report(self, works: list[Work], started: float) -> StepReport:
+    def _step_report(self, works: list[Work], started: float, launched: Sequence[Any] = ()) -> StepReport:
+        """The sink's report: a row per parameter updated this step - the per-item ``works``,
+        then the entries of the ``launched`` groups (no clipping or trust ratio there: their
+        rows carry no norms or scales)."""
         report = StepReport(step=self.steps_taken, duration_seconds=time.perf_counter() - started)
         probe = getattr(self, "_quant_probe", None)
         if probe is not None:
             report.quant_errors = list(probe.samples)
+        self._report_works(report, works)
+        for lg in launched:
+            report.params.extend(
+                ParamStepReport(name=e.name, group=e.gindex, numel=e.key.numel(), precision=precision, param=e.key)
+                for e, precision in zip(lg.entries, lg.precisions)
+            )
+        return report
+
+    @staticmethod
+    def _report_works(report: StepReport, works: list[Work]) -> None:
         for w in works:
             report.params.append(
                 ParamStepReport(
@@ -188,4 +201,3 @@ class PerItemPassesMixin:
                     param=w.key,
                 )
             )
-        return report

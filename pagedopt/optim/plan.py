@@ -77,6 +77,7 @@ class LaunchGroup:
     devices: list[torch.device] = field(default_factory=list)
     state_list: list[dict[str, Any]] = field(default_factory=list)
     last_ptrs: list[int] | None = None  # gradient pointers of the last run
+    precisions: list[str] = field(default_factory=list)  # each entry's state precision (telemetry)
 
     def freeze(self) -> None:
         """Record what the per-step checks compare against (after the entries are final)."""

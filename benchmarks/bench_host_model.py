@@ -1,19 +1,20 @@
-"""Host time of a paged optimizer's step on a real model's parameter list (issue 13/14).
+"""Host time of one step on a real model's parameter list, as users configure it (issue 13/14).
 
-A paged optimizer pages only parameters with at least ``min_paged_numel`` elements (100,000
-by default); the others keep unpaged state and join the step plan's prepared launches, like
-an unpaged optimizer's. This times ``opt.step()`` on the GPT-2-small list (148 tensors, 50
-of them paged by default) with the native update replaced by a no-op, so the numbers are
-pagedopt's host work alone, side by side in one run:
+Times ``opt.step()`` on the GPT-2-small list (148 tensors) with the native update replaced by
+a no-op, so the numbers are pagedopt's host work alone, side by side in one run:
 
 * ``AdamW8bit``: unpaged, every tensor in one prepared launch;
-* ``PagedAdamW8bit``: the default paging (``pipelined``, state stays resident);
-* ``PagedAdamW8bit, per-item``: the same with ``prepared_launches = False`` - every tensor
-  through the pager's visits, as every paged optimizer stepped before the plan launched
-  unpaged state.
+* ``AdamW8bit + Prometheus sink``: with the exporter's sink attached (gradient norms off, so
+  the row is host work; with them on, the sink reads every gradient once more per step);
+* ``AdamW8bit, per-item``: ``prepared_launches = False`` - every tensor through the per-item
+  passes, as every step with a telemetry sink ran before the launches kept running;
+* ``PagedAdamW8bit``: the default paging (``pipelined``; parameters below
+  ``min_paged_numel``, 98 of the 148, keep unpaged state and are launched);
+* ``PagedAdamW8bit, per-item``: every tensor through the pager's visits, as every paged
+  optimizer stepped before the plan launched unpaged state.
 
 Example:
-    python benchmarks/bench_paged_host.py --steps 20 --json results.json
+    python benchmarks/bench_host_model.py --steps 20 --json results.json
 """
 
 from __future__ import annotations
@@ -36,20 +37,33 @@ from pagedopt.bench import gpt2_small_shapes  # noqa: E402
 from pagedopt.fileio import atomic_write_text  # noqa: E402
 
 
-def candidates() -> dict[str, tuple[str, bool]]:
-    """label -> (optimizer class name, prepared launches on)."""
+def _sink(opt) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from pagedopt.telemetry import attach
+    from pagedopt.telemetry.prometheus import PrometheusSink
+
+    attach(opt, PrometheusSink(opt, registry=CollectorRegistry(), compute_grad_norms=False))
+
+
+def candidates() -> dict[str, tuple[str, bool, bool]]:
+    """label -> (optimizer class name, prepared launches on, Prometheus sink attached)."""
     return {
-        "AdamW8bit": ("AdamW8bit", True),
-        "PagedAdamW8bit": ("PagedAdamW8bit", True),
-        "PagedAdamW8bit, per-item": ("PagedAdamW8bit", False),
+        "AdamW8bit": ("AdamW8bit", True, False),
+        "AdamW8bit + Prometheus sink": ("AdamW8bit", True, True),
+        "AdamW8bit, per-item": ("AdamW8bit", False, False),
+        "PagedAdamW8bit": ("PagedAdamW8bit", True, False),
+        "PagedAdamW8bit, per-item": ("PagedAdamW8bit", False, False),
     }
 
 
-def build(name: str, prepared: bool, shapes: list[tuple]) -> tuple:
+def build(name: str, prepared: bool, sink: bool, shapes: list[tuple]) -> tuple:
     params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
     grads = [torch.zeros(s) for s in shapes]
     opt = getattr(pagedopt, name)(params)
     opt.prepared_launches = prepared
+    if sink:
+        _sink(opt)
     return opt, params, grads
 
 
@@ -72,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     null_kernels()
     shapes = gpt2_small_shapes(layers=args.layers)
-    runs = {label: build(name, prepared, shapes) for label, (name, prepared) in candidates().items()}
+    runs = {label: build(*spec, shapes) for label, spec in candidates().items()}
     for opt, params, grads in runs.values():
         for _ in range(3):  # warm-up: state creation, plan building
             step_seconds(opt, params, grads)
@@ -93,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             "launched_tensors": launched,
         }
         r = rows[label]
-        print(f"  {label:26s} {r['min_ms']:7.3f} ms  {r['min_ms'] / (base * 1e3):5.2f}x  "
+        print(f"  {label:30s} {r['min_ms']:7.3f} ms  {r['min_ms'] / (base * 1e3):5.2f}x  "
               f"({r['launched_tensors']} launched, {r['per_item_tensors']} per item)")
     if args.json:
-        result = {"benchmark": "paged_host", "tensors": len(shapes), "torch": torch.__version__, "rows": rows}
+        result = {"benchmark": "host_model", "tensors": len(shapes), "torch": torch.__version__, "rows": rows}
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 
