@@ -6,7 +6,8 @@ so machine noise hits both alike; the result is the ratio of median step times (
 large parameters (the per-step cost is the update) and many small ones (per-parameter
 bookkeeping dominates).
 
-    python benchmarks/telemetry_overhead.py --steps 40
+    python benchmarks/telemetry_overhead.py --steps 40                          # no clipping
+    python benchmarks/telemetry_overhead.py --steps 40 --percentile-clipping 95  # clipping
     python benchmarks/telemetry_overhead.py --device cuda --steps 200
 """
 
@@ -48,10 +49,10 @@ def timed_step(opt, params, device: str) -> float:
     return time.perf_counter() - start
 
 
-def run(shape: str, steps: int, device: str, scrape_every: int) -> tuple[float, float]:
+def run(shape: str, steps: int, device: str, scrape_every: int, clipping: int) -> tuple[float, float]:
     on_params, off_params = make(shape, device), make(shape, device)
-    on = pagedopt.AdamW8bit(on_params, percentile_clipping=95)
-    off = pagedopt.AdamW8bit(off_params, percentile_clipping=95)
+    on = pagedopt.AdamW8bit(on_params, percentile_clipping=clipping)
+    off = pagedopt.AdamW8bit(off_params, percentile_clipping=clipping)
     exporter = start_exporter(on, port=0, quant_error_every=50)
     times_on, times_off = [], []
     try:
@@ -70,11 +71,13 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--scrape-every", type=int, default=10)
+    parser.add_argument("--percentile-clipping", type=int, default=100, help="both optimizers (100: off)")
     args = parser.parse_args()
-    print(f"device {args.device}, {args.steps} steps per variant, median step time")
+    print(f"device {args.device}, {args.steps} steps per variant, median step time, "
+          f"percentile_clipping={args.percentile_clipping}, a scrape every {args.scrape_every} steps")
     print(f"{'shape':<8} {'telemetry on':>14} {'off':>10} {'on / off':>9}")
     for shape in ("large", "many"):
-        t_on, t_off = run(shape, args.steps, args.device, args.scrape_every)
+        t_on, t_off = run(shape, args.steps, args.device, args.scrape_every, args.percentile_clipping)
         print(f"{shape:<8} {t_on * 1e3:>11.2f} ms {t_off * 1e3:>7.2f} ms {t_on / t_off:>9.3f}")
     return 0
 

@@ -123,7 +123,8 @@ def trained():
               {"params": [model[0].bias, model[2].bias], "name": "biases", "percentile_clipping": 100}]
     opt = pagedopt.AdamW8bit(groups, percentile_clipping=80)
     opt.state_store = FakePager()
-    exporter = start_exporter(opt, model=model, port=0, run="unit", top_k=3, quant_error_every=2)
+    exporter = start_exporter(opt, model=model, port=0, run="unit", top_k=3, quant_error_every=2,
+                              grad_norm_refresh_seconds=0)  # every step: the values below are exact
     recorder = attach(opt, RecordingSink())
     for i in range(6):
         opt.pager.work()
@@ -270,6 +271,54 @@ def test_values_follow_changes_in_the_parameters_with_gradients():
         assert single(families, "pagedopt_grad_norm") == pytest.approx(expected, rel=1e-5)
     assert single(families, "pagedopt_clip_evaluations_total", group="0") == 4
     assert sink.errors == 0
+
+
+def test_unclipped_norms_are_measured_when_they_will_be_seen(monkeypatch):
+    """Unclipped parameters' norms (one more read of their gradients) are measured at the
+    first step and at the first step after each scrape; between scrapes only clipping's own
+    values update, and a group mixing clipped and unclipped parameters reports no partial
+    norm. Clipping statistics and counters stay exact at every step."""
+    from pagedopt.functional import dispatch
+
+    a, c, b = (torch.nn.Parameter(torch.zeros(n)) for n in (5000, 400, 300))
+    mng = pagedopt.GlobalOptimManager.get_instance()
+    mng.override_config(c, "percentile_clipping", 100)  # group 0 mixes clipped a and unclipped c
+    try:
+        opt = pagedopt.AdamW8bit([{"params": [a, c], "percentile_clipping": 90}, {"params": [b]}])
+        sink = attach(opt, PrometheusSink(opt, run="refresh", grad_norm_refresh_seconds=3600))
+        measured = []
+        original = dispatch.grad_norm_sq
+        monkeypatch.setattr(dispatch, "grad_norm_sq", lambda grads: (
+            measured.append(any(g is b.grad for g in grads)), original(grads))[1])
+
+        def step(norms):
+            for p, n in zip((a, c, b), norms):
+                p.grad = torch.full_like(p, n / math.sqrt(p.numel()))
+            opt.step()
+
+        step((3.0, 4.0, 12.0))  # first step: measured
+        step((6.0, 8.0, 24.0))  # no scrape since: clipping only
+        sink._apply_device_values(wait=True)
+        families = scrape(sink)  # (a scrape: the next step measures)
+        assert measured.count(True) == 1
+        assert single(families, "pagedopt_grad_norm") == pytest.approx(13.0, rel=1e-5)  # step 1's
+        assert single(families, "pagedopt_group_grad_norm", group="0") == pytest.approx(5.0, rel=1e-5)
+        assert single(families, "pagedopt_group_grad_norm", group="1") == pytest.approx(12.0, rel=1e-5)
+        assert single(families, "pagedopt_clip_evaluations_total", group="0") == 2  # a, both steps
+        step((0.3, 0.4, 1.2))
+        sink._apply_device_values(wait=True)
+        families = scrape(sink)
+        assert measured.count(True) == 2
+        assert single(families, "pagedopt_grad_norm") == pytest.approx(1.3, rel=1e-5)
+        assert single(families, "pagedopt_group_grad_norm", group="0") == pytest.approx(0.5, rel=1e-5)
+        assert single(families, "pagedopt_group_grad_norm", group="1") == pytest.approx(1.2, rel=1e-5)
+        # clipping's values are every step's: the threshold reflects all three norms of a
+        assert single(families, "pagedopt_clip_threshold", group="0") > 0
+        assert sink.errors == 0
+        with pytest.raises(ValueError, match="grad_norm_refresh_seconds"):
+            PrometheusSink(opt, grad_norm_refresh_seconds=-1)
+    finally:
+        mng.clear()
 
 
 def test_pager_stats_formats():

@@ -184,7 +184,8 @@ class StepMixin:
     def _group_launches(self, plan: StepPlan, grads: list[Any]) -> None:
         """Split the entries into prepared launch groups and per-item entries."""
         buckets: dict[tuple, tuple[Any, list[tuple[PlanEntry, Any]]]] = {}
-        moves = self.state_store.moves
+        # (a state store without moves(), e.g. one written before it existed: assume it moves)
+        moves = getattr(self.state_store, "moves", _always_moves)
         for e in plan.entries:
             if moves(e.key):  # paged state: the pager moves it between chunks of its visits
                 plan.per_item.append(e)
@@ -277,6 +278,10 @@ class StepMixin:
         for e, g in zip(lg.entries, gl):
             validation.check_grad(e.key, g, e.name)
         return False
+
+
+def _always_moves(param: torch.Tensor) -> bool:
+    return True
 
 
 def _is_sharded(p: torch.Tensor) -> bool:

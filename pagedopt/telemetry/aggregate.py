@@ -85,6 +85,7 @@ class _Meta:
     groups: int
     top: int
     devices: int
+    has_total: bool = True  # the vector's last value is the global norm's square
     norm_groups: set[int] = field(default_factory=set)
     clip_groups: set[int] = field(default_factory=set)
     norm_tops: set[int] = field(default_factory=set)
@@ -100,8 +101,9 @@ class StepAggregator:
         table: the parameters' labels and top-k slots.
         copies: the device-to-host channel (one is created if not given).
         compute_grad_norms: also measure gradient norms of parameters without percentile
-            clipping (one extra read of their gradients per step, through the backend's
-            batched ``grad_norm_sq``); clipped parameters' norms come free from clipping.
+            clipping (one extra read of their gradients, through the backend's batched
+            ``grad_norm_sq``, on the steps submitted with ``measure=True``); clipped
+            parameters' norms come free from clipping, every step.
     """
 
     def __init__(self, table: ParamTable, copies: HostCopies | None = None, compute_grad_norms: bool = True):
@@ -111,7 +113,7 @@ class StepAggregator:
         self._meta: dict[tuple[str, int], _Meta] = {}
         self._indices: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._clipped: dict[torch.device, torch.Tensor] = {}  # running clipped counts per group
-        self._plan: _Plan | None = None
+        self._plans: dict[bool, _Plan] = {}  # by "unclipped norms measured this step"
 
     # -- device side ---------------------------------------------------------------------------
 
@@ -140,27 +142,30 @@ class StepAggregator:
             acc = self._clipped[device] = grown
         return acc
 
-    def submit(self, report: StepReport) -> dict[str, int]:
+    def submit(self, report: StepReport, measure: bool = True) -> dict[str, int]:
         """Reduce ``report`` on the device(s) and start copying the results to the host.
-        Returns how many parameters of each group went through percentile clipping."""
-        plan = self._plan_for(report)
+        ``measure``: measure the gradient norms of unclipped parameters this step (else the
+        step reports only what clipping measured: no group, total or per-parameter norms
+        when some of them would be missing). Returns how many parameters of each group went
+        through percentile clipping."""
+        plan = self._plan_for(report, measure and self.compute_grad_norms)
         self._submit_step(report, plan)
         if report.quant_errors:
             self._submit_quant(report)
         return plan.clip_evaluations
 
-    def _plan_for(self, report: StepReport) -> "_Plan":
+    def _plan_for(self, report: StepReport, measure: bool) -> "_Plan":
         """The step's layout (which rows go where), reused while the parameters with
         gradients and their clipping stay the same - the usual case, step after step."""
         params = [r.param for r in report.params]
         clipped = [r.clip_threshold is not None for r in report.params]
-        plan = self._plan
+        plan = self._plans.get(measure)
         if (plan is None or plan.clipped != clipped or len(plan.params) != len(params)
                 or not all(a is b for a, b in zip(plan.params, params))):
-            plan = self._plan = self._build_plan(report, params, clipped)
+            plan = self._plans[measure] = self._build_plan(report, params, clipped, measure)
         return plan
 
-    def _build_plan(self, report: StepReport, params: list, clipped: list[bool]) -> "_Plan":
+    def _build_plan(self, report: StepReport, params: list, clipped: list[bool], measure: bool) -> "_Plan":
         plan = _Plan(params, clipped)
         by_device: dict[torch.device, _DevicePlan] = {}
         for i, r in enumerate(report.params):
@@ -172,14 +177,18 @@ class StepAggregator:
                 target.clipped_entries.append(entry)
                 plan.clip_evaluations[entry.group_label] = plan.clip_evaluations.get(entry.group_label, 0) + 1
             elif self.compute_grad_norms and r.param is not None and r.param.grad is not None:
+                if not measure:
+                    plan.partial = True  # this parameter's norm is missing this step
+                    continue
                 device = _local(r.param.grad).device
                 target = by_device.setdefault(device, _DevicePlan(device))
                 target.measured.append(i)
                 target.measured_entries.append(entry)
         for dp in by_device.values():
             entries = dp.clipped_entries + dp.measured_entries
-            dp.norm_groups = {e.group_index for e in entries}
-            dp.norm_tops = {e.top_slot for e in entries}
+            if not plan.partial:  # (partial sums would read as norms: report none)
+                dp.norm_groups = {e.group_index for e in entries}
+                dp.norm_tops = {e.top_slot for e in entries}
             dp.clip_groups = {e.group_index for e in dp.clipped_entries}
             dp.clip_tops = {e.top_slot for e in dp.clipped_entries}
             dp.group_index = self._index(dp.device, [e.group_index for e in entries])
@@ -194,7 +203,7 @@ class StepAggregator:
         if not plan.devices:
             return
         groups, top = len(self.table.group_labels), len(self.table.top_names)
-        meta = _Meta("step", report.step, groups, top, len(plan.devices))
+        meta = _Meta("step", report.step, groups, top, len(plan.devices), has_total=not plan.partial)
         for dp in plan.devices:
             meta.norm_groups |= dp.norm_groups
             meta.norm_tops |= dp.norm_tops
@@ -282,7 +291,7 @@ class StepAggregator:
         clipped = total[4 * g:5 * g]
         top_nsq, top_thr_sq = total[5 * g:5 * g + k], total[5 * g + k:5 * g + 2 * k]
         labels, names = self.table.group_labels, self.table.top_names
-        v = StepValues("step", meta.step, grad_norm=math.sqrt(total[-1]) if total[-1] >= 0 else float("nan"))
+        v = StepValues("step", meta.step, grad_norm=_sqrt(total[-1]) if meta.has_total else None)
         for i in meta.norm_groups:
             v.group_grad_norm[labels[i]] = _sqrt(group_nsq[i])
         for i in meta.clip_groups:
@@ -332,6 +341,7 @@ class _Plan:
     clipped: list[bool]
     devices: list[_DevicePlan] = field(default_factory=list)
     clip_evaluations: dict[str, int] = field(default_factory=dict)
+    partial: bool = False  # unclipped parameters' norms not measured this step
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

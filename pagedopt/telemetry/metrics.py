@@ -100,7 +100,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("pagedopt_last_step_timestamp_seconds", "gauge", "Unix time of the last optimizer step"),
     MetricSpec("pagedopt_training_active", "gauge", "1 while training runs, 0 once it has finished"),
     # gradients and clipping
-    MetricSpec("pagedopt_grad_norm", "gauge", "L2 norm of all gradients (finite elements) at the last step"),
+    MetricSpec("pagedopt_grad_norm", "gauge", "L2 norm of all gradients (finite elements) at the last measured step"),
     MetricSpec("pagedopt_group_grad_norm", "gauge", "L2 norm of a parameter group's gradients", ("group",)),
     MetricSpec("pagedopt_clip_threshold", "gauge",
                "Percentile-clipping threshold of a group (L2 norm of its parameters' thresholds)", ("group",)),

@@ -150,7 +150,12 @@ class PrometheusSink(BaseSink):
         run, rank, local_rank, world_size: identity labels (default: environment).
         quant_error_every: sample ``pagedopt_quant_error_ratio`` every this many steps (0: off).
         quant_error_params, quant_error_blocks: how much one sample measures.
-        compute_grad_norms: measure gradient norms of parameters without percentile clipping.
+        compute_grad_norms: measure gradient norms of parameters without percentile clipping
+            (clipped parameters' norms come with clipping, every step).
+        grad_norm_refresh_seconds: the unclipped parameters' norms cost one more read of
+            their gradients, so they are measured only when they will be seen: at the first
+            step, at the first step after each scrape, and at least this often (0: every
+            step). In between, the norm gauges keep their last values.
         state_refresh_seconds: longest interval between state-bytes measurements while training.
         multiprocess: write values for a node-wide endpoint (prometheus-client multiprocess).
 
@@ -181,6 +186,7 @@ class PrometheusSink(BaseSink):
         quant_error_params: int = 16,
         quant_error_blocks: int = 8,
         compute_grad_norms: bool = True,
+        grad_norm_refresh_seconds: float = 5.0,
         state_refresh_seconds: float = 10.0,
         multiprocess: bool = False,
     ):
@@ -203,6 +209,11 @@ class PrometheusSink(BaseSink):
         self.timer = StepTimer()
         self.latencies = EventLatencies()
         self.state_refresh_seconds = state_refresh_seconds
+        if not grad_norm_refresh_seconds >= 0:
+            raise ValueError(f"grad_norm_refresh_seconds={grad_norm_refresh_seconds!r}: must be >= 0")
+        self.grad_norm_refresh_seconds = float(grad_norm_refresh_seconds)
+        self._norms_at = -math.inf
+        self._norms_wanted = False
         self.errors = 0
         self.m = _Metrics(self.registry, self.run, str(self.rank))
         self._lock = threading.RLock()
@@ -288,15 +299,24 @@ class PrometheusSink(BaseSink):
             self.timer.end(self.device, report.duration_seconds)
             m("pagedopt_steps_total").inc()
             m("pagedopt_last_step_timestamp_seconds").set(time.time())
-            for label, count in self.aggregator.submit(report).items():
+            now = time.monotonic()
+            for label, count in self.aggregator.submit(report, self._measure_norms(now)).items():
                 m("pagedopt_clip_evaluations_total", group=label).inc(count)
             self._apply_device_values()
-            now = time.monotonic()
             if self._steps == 1 or now - self._state_at >= self.state_refresh_seconds or (
                     self._state_wanted and now - self._state_at >= 1.0):
                 self._refresh_state()
             if self.multiprocess and now - self._sources_at >= 1.0:
                 self._refresh_sources()
+
+    def _measure_norms(self, now: float) -> bool:
+        """Whether this step measures the unclipped parameters' gradient norms (see
+        ``grad_norm_refresh_seconds``)."""
+        if (self._steps == 1 or self._norms_wanted or self.grad_norm_refresh_seconds == 0
+                or now - self._norms_at >= self.grad_norm_refresh_seconds):
+            self._norms_at, self._norms_wanted = now, False
+            return True
+        return False
 
     # -- applying values ------------------------------------------------------------------------
 
@@ -434,6 +454,7 @@ class PrometheusSink(BaseSink):
         values that have arrived, and a request for a state measurement at the next step end."""
         with self._lock:
             self._state_wanted = True
+            self._norms_wanted = True
             self._guard(self._apply_device_values)
             self._guard(self._refresh_sources)
 
