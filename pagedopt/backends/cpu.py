@@ -32,12 +32,11 @@ Example:
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import os
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -45,19 +44,16 @@ from ..functional import dispatch, nonfinite_tally, reference
 from ..functional.items import PrepareResult, UpdateItem
 from ..functional.kinds import UpdateKind
 from ..functional.qmap import decision_thresholds, dynamic_map
-from ..functional.quantization import num_blocks
-from ..functional.scalars import StepScalars
 from . import install_info
+from .cpu_items import (  # noqa: F401  (_CItem, _c_scalars: tests reach them here too)
+    DTYPE_CODES, _c_item, _c_scalars, _CItem, _CPrepareOut, _ptr, _Staging, _supported,
+)
 
 ABI_VERSION = 5  # PO_ABI_VERSION in native/cpu/pagedopt_cpu.h
 LIBRARY_FILE = "libpagedopt_cpu.so"
 LIBRARY_ENV = "PAGEDOPT_CPU_LIBRARY"  # load this file instead of the packaged one
 ISA_ENV = "PAGEDOPT_CPU_ISA"  # run this instruction-set level instead of the best one
 ISA_LEVELS = ("baseline", "avx2", "avx512")  # index = level id of native/cpu/isa.h
-
-# torch dtype -> ElemType of native/include/pagedopt/common.h
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
 
 class NativeUnavailable(RuntimeError):
     """The native library cannot be used (the message says why)."""
@@ -69,57 +65,6 @@ class NativeError(RuntimeError):
 
 class CpuIsaError(ValueError):
     """``PAGEDOPT_CPU_ISA`` names an unknown level, or one this CPU or library lacks."""
-
-
-# ---- C structs (mirror native/cpu/pagedopt_cpu.h) ------------------------------------------
-
-
-def _scalar_fields() -> list[tuple[str, Any]]:
-    kinds = {"float": ctypes.c_float, "int": ctypes.c_int32}
-    return [(f.name, kinds[f.type if isinstance(f.type, str) else f.type.__name__]) for f in dataclasses.fields(StepScalars)]
-
-
-class _CStepScalars(ctypes.Structure):
-    _fields_ = _scalar_fields()
-
-
-_SCALAR_NAMES = tuple(name for name, _ in _CStepScalars._fields_)
-
-
-def _c_scalars(s: StepScalars) -> _CStepScalars:
-    # (not dataclasses.astuple: it deep-copies, and this runs for every parameter every step)
-    return _CStepScalars(*[getattr(s, name) for name in _SCALAR_NAMES])
-
-
-class _CItem(ctypes.Structure):
-    _fields_ = [
-        ("param", ctypes.c_void_p),
-        ("grad", ctypes.c_void_p),
-        ("state1", ctypes.c_void_p),
-        ("state2", ctypes.c_void_p),
-        ("absmax1", ctypes.c_void_p),
-        ("absmax2", ctypes.c_void_p),
-        ("new_absmax1", ctypes.c_void_p),
-        ("new_absmax2", ctypes.c_void_p),
-        ("gnorm_scale", ctypes.c_void_p),
-        ("update_scale", ctypes.c_void_p),
-        ("numel", ctypes.c_int64),
-        ("param_dtype", ctypes.c_int32),
-        ("grad_dtype", ctypes.c_int32),
-        ("quantized", ctypes.c_int32),
-        ("block_wise", ctypes.c_int32),
-        ("scalars", _CStepScalars),
-    ]
-
-
-class _CPrepareOut(ctypes.Structure):
-    _fields_ = [
-        ("max1", ctypes.c_float * 2),
-        ("max2", ctypes.c_float),
-        ("reserved", ctypes.c_int32),
-        ("unorm_sq", ctypes.c_double),
-        ("pnorm_sq", ctypes.c_double),
-    ]
 
 
 # ---- the library ---------------------------------------------------------------------------
@@ -345,119 +290,6 @@ def load() -> "CpuBackend | None":
         _warn_unavailable(_failure or "unknown reason")
         return None
     return CpuBackend(lib)
-
-
-# ---- marshalling ---------------------------------------------------------------------------
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return t.data_ptr() if t is not None and t.numel() > 0 else None
-
-
-class _Staging:
-    """Contiguous stand-ins for strided tensors, copied back after the call."""
-
-    def __init__(self) -> None:
-        self.keep: list[torch.Tensor] = []
-        self.write_back: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def read(self, t: torch.Tensor) -> torch.Tensor:
-        if not t.is_contiguous():
-            t = t.detach().contiguous()
-            self.keep.append(t)
-        return t
-
-    def read_float32(self, t: torch.Tensor) -> torch.Tensor:
-        if t.dtype != torch.float32 or not t.is_contiguous():
-            t = t.detach().to(torch.float32).contiguous()
-            self.keep.append(t)
-        return t
-
-    def read_write(self, t: torch.Tensor) -> torch.Tensor:
-        if t.is_contiguous():
-            return t
-        t = t.detach()
-        work = t.contiguous()
-        self.write_back.append((t, work))
-        return work
-
-    def scalar(self, t: torch.Tensor | None, name: str) -> int | None:
-        if t is None:
-            return None
-        if t.numel() != 1:
-            raise ValueError(f"{name} must be a 0-d float32 tensor, got shape {tuple(t.shape)}")
-        if t.dtype != torch.float32 or not t.is_cpu:
-            t = t.detach().to(device="cpu", dtype=torch.float32)
-            self.keep.append(t)
-        return t.data_ptr()
-
-    def finish(self) -> None:
-        for original, work in self.write_back:
-            original.copy_(work)
-
-
-def _supported(item: UpdateItem) -> bool:
-    return item.param.dtype in DTYPE_CODES and item.grad.dtype in DTYPE_CODES
-
-
-def _expect_numel(t: torch.Tensor | None, numel: int, name: str, dtype: torch.dtype) -> None:
-    if t is None:
-        raise ValueError(f"UpdateItem.{name} is None but the update needs it")
-    if t.numel() != numel:
-        raise ValueError(f"UpdateItem.{name} has {t.numel()} elements, expected {numel}")
-    if t.dtype != dtype:
-        raise ValueError(f"UpdateItem.{name} has dtype {t.dtype}, expected {dtype}")
-    if not t.is_cpu:
-        raise ValueError(f"UpdateItem.{name} is on {t.device}, expected cpu")
-
-
-def _check_item(kind: UpdateKind, item: UpdateItem, updating: bool) -> None:
-    """Shape/dtype checks: the C side trusts every pointer and length."""
-    numel = item.param.numel()
-    if item.grad.numel() != numel:
-        raise ValueError(f"UpdateItem.grad has {item.grad.numel()} elements, the parameter {numel}")
-    state_dtype = torch.uint8 if item.quantized else torch.float32
-    moments = kind.state1_moments
-    _expect_numel(item.state1, numel * moments, "state1", state_dtype)
-    if kind.num_states == 2:
-        _expect_numel(item.state2, numel, "state2", state_dtype)
-    if not item.quantized:
-        return
-    blocks = num_blocks(numel, item.block_wise)
-    _expect_numel(item.absmax1, blocks * moments, "absmax1", torch.float32)
-    if kind.num_states == 2:
-        _expect_numel(item.absmax2, blocks, "absmax2", torch.float32)
-    if updating and not item.block_wise:
-        for name, count in (("new_absmax1", moments), ("new_absmax2", 1))[: kind.num_states]:
-            given = getattr(item, name)
-            # any float dtype, like the reference (a sharded run may hand in reduced maxima)
-            _expect_numel(given, count, name, given.dtype if given is not None and given.is_floating_point() else torch.float32)
-
-
-def _c_item(kind: UpdateKind, item: UpdateItem, staging: _Staging, updating: bool) -> _CItem:
-    _check_item(kind, item, updating)
-    rw = staging.read_write if updating else staging.read
-    c = _CItem()
-    c.param = _ptr(rw(item.param))
-    c.grad = _ptr(staging.read(item.grad))
-    c.state1 = _ptr(rw(item.state1))
-    c.state2 = _ptr(rw(item.state2)) if item.state2 is not None else None
-    if item.quantized:
-        c.absmax1 = _ptr(rw(item.absmax1))
-        c.absmax2 = _ptr(rw(item.absmax2)) if item.absmax2 is not None else None
-        if updating and not item.block_wise:
-            c.new_absmax1 = _ptr(staging.read_float32(item.new_absmax1))
-            if item.new_absmax2 is not None:
-                c.new_absmax2 = _ptr(staging.read_float32(item.new_absmax2))
-    c.gnorm_scale = staging.scalar(item.gnorm_scale, "gnorm_scale")
-    c.update_scale = staging.scalar(item.update_scale, "update_scale")
-    c.numel = item.param.numel()
-    c.param_dtype = DTYPE_CODES[item.param.dtype]
-    c.grad_dtype = DTYPE_CODES[item.grad.dtype]
-    c.quantized = int(item.quantized)
-    c.block_wise = int(item.block_wise)
-    c.scalars = _c_scalars(item.scalars)
-    return c
 
 
 class CpuBackend:

@@ -39,7 +39,8 @@ from ..functional import nonfinite_tally
 from ..functional.items import UpdateItem
 from ..functional.kinds import UpdateKind
 from ..functional.scalars import StepScalars
-from .cpu import _SCALAR_NAMES, DTYPE_CODES, NativeLibrary, _c_item, _CItem, _Staging
+from .cpu import NativeLibrary
+from .cpu_items import _SCALAR_NAMES, DTYPE_CODES, _c_item, _CItem, _Staging
 
 
 def plannable(item: UpdateItem) -> bool:
