@@ -13,6 +13,9 @@ a no-op, so the numbers are pagedopt's host work alone, side by side in one run:
 * ``PagedAdamW8bit, per-item``: every tensor through the pager's visits, as every paged
   optimizer stepped before the plan launched unpaged state.
 
+``--fsdp`` wraps the parameters with FSDP2's ``fully_shard`` on a one-rank gloo group (a file
+store in a temporary directory), so every parameter and gradient is a DTensor.
+
 Example:
     python benchmarks/bench_host_model.py --steps 20 --json results.json
 """
@@ -23,6 +26,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,9 +61,20 @@ def candidates() -> dict[str, tuple[str, bool, bool]]:
     }
 
 
-def build(name: str, prepared: bool, sink: bool, shapes: list[tuple]) -> tuple:
+def _fully_shard(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    from torch.distributed.fsdp import fully_shard
+
+    holder = torch.nn.Module()
+    holder.ps = torch.nn.ParameterList(params)
+    fully_shard(holder)
+    return list(holder.parameters())
+
+
+def build(name: str, prepared: bool, sink: bool, shapes: list[tuple], fsdp: bool = False) -> tuple:
     params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
-    grads = [torch.zeros(s) for s in shapes]
+    if fsdp:
+        params = _fully_shard(params)
+    grads = [p.detach().clone() for p in params]  # (DTensors under --fsdp, like the parameters)
     opt = getattr(pagedopt, name)(params)
     opt.prepared_launches = prepared
     if sink:
@@ -82,11 +97,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per candidate (interleaved)")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--fsdp", action="store_true", help="parameters wrapped by fully_shard (DTensors)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     null_kernels()
+    with tempfile.TemporaryDirectory() as store:
+        if args.fsdp:
+            import torch.distributed as dist
+
+            dist.init_process_group("gloo", init_method=f"file://{store}/pg", rank=0, world_size=1)
+        try:
+            return _run(args)
+        finally:
+            if args.fsdp:
+                dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace) -> int:
     shapes = gpt2_small_shapes(layers=args.layers)
-    runs = {label: build(*spec, shapes) for label, spec in candidates().items()}
+    runs = {label: build(*spec, shapes, fsdp=args.fsdp) for label, spec in candidates().items()}
     for opt, params, grads in runs.values():
         for _ in range(3):  # warm-up: state creation, plan building
             step_seconds(opt, params, grads)
@@ -110,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {label:30s} {r['min_ms']:7.3f} ms  {r['min_ms'] / (base * 1e3):5.2f}x  "
               f"({r['launched_tensors']} launched, {r['per_item_tensors']} per item)")
     if args.json:
-        result = {"benchmark": "host_model", "tensors": len(shapes), "torch": torch.__version__, "rows": rows}
+        result = {"benchmark": "host_model", "tensors": len(shapes), "fsdp": args.fsdp, "torch": torch.__version__,
+                  "rows": rows}
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 

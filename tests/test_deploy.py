@@ -122,13 +122,23 @@ def test_launch_rejects_unknown_mode(tmp_path):
 @pytest.mark.distributed
 def test_launch_runs_a_real_torchrun_job():
     """launch.sh itself, with 2 CPU workers running the main job (`pagedopt train`, FSDP2)."""
-    proc = subprocess.run(
-        ["bash", str(LAUNCH), "--device", "cpu", "--steps", "3", "--log-every", "1", "--model-size", "tiny",
-         "--seq-len", "64", "--batch-size", "8", "--max-corpus-bytes", "400000", "--eval-batches", "2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
-        env=_clean_env(NPROC_PER_NODE="2", METRICS_PORT="", PYTHON=sys.executable, PYTHONPATH=str(ROOT)),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    def launch() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", str(LAUNCH), "--device", "cpu", "--steps", "3", "--log-every", "1", "--model-size", "tiny",
+             "--seq-len", "64", "--batch-size", "8", "--max-corpus-bytes", "400000", "--eval-batches", "2"],
+            cwd=ROOT, capture_output=True, text=True, timeout=240,
+            env=_clean_env(NPROC_PER_NODE="2", METRICS_PORT="", PYTHON=sys.executable, PYTHONPATH=str(ROOT)),
+        )
+
+    proc = launch()
+    if (proc.returncode != 0 and re.search(r"^done: 3/3 steps", proc.stdout, re.M)
+            and "terminate called without an active exception" in proc.stderr):
+        # gloo aborting a rank in process teardown *after* the job finished (seen in CI twice in
+        # one session under load, not reproduced in 20 runs; the same as
+        # tests/test_distributed_launch.py handles): torch/gloo shutdown, not the job. Run it
+        # once more; a second abort, or a job that did not finish, still fails.
+        proc = launch()
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[:2000]}\n...\n{proc.stderr[-3000:]}"
     assert "pagedopt train: 3 steps on cpu x 2 ranks (fsdp, gloo)" in proc.stdout, proc.stdout
     assert len(re.findall(r"^done: 3/3 steps", proc.stdout, re.M)) == 1, proc.stdout
 

@@ -22,6 +22,8 @@ EXACT = {
     # Block-wise 8-bit only for l1.weight (rows of 256: every shard's blocks are global
     # blocks), percentile clipping on the global gradient norms.
     "adamw8bit_rows": ("AdamW8bit", dict(lr=1e-2, min_8bit_size=8448, percentile_clipping=90)),
+    # The same without clipping: the shards join the step plan's prepared launches.
+    "adamw8bit_rows_launched": ("AdamW8bit", dict(lr=1e-2, min_8bit_size=8448)),
     # Tensor-wise 8-bit: one absmax per tensor, the max over all shards (both states).
     "adamw8bit_tensorwise": ("AdamW8bit", dict(lr=1e-2, block_wise=False, percentile_clipping=90)),
     # 1-state, tensor-wise 8-bit, trust ratio from the global update and parameter norms.
@@ -57,6 +59,7 @@ def _run(name: str, kwargs: dict, model: torch.nn.Module) -> dict:
         state_dtypes={n: opt.state[p]["state1"].dtype for n, p in model.named_parameters()},
         state_shapes={n: tuple(opt.state[p]["state1"].shape) for n, p in model.named_parameters()},
         memory=opt.memory_report(),
+        launched=sum(len(lg.entries) for lg in opt._plan.launch_groups),
     )
 
 
@@ -115,6 +118,18 @@ def test_exact_tier(fsdp_results, run):
         assert got["losses"] == ref["losses"], f"rank {rank}"
         for key, value in ref["params"].items():
             assert torch.equal(got["params"][key], value), f"{run} rank {rank}: {key} differs"
+
+
+def test_shards_without_clipping_are_launched(fsdp_results):
+    """DTensor parameters whose update is shard-local (block-wise or 32-bit state, no
+    clipping, no trust ratio) join the prepared launches - every one of the model's 6 - and
+    still match one process exactly (test_exact_tier[adamw8bit_rows_launched]); with
+    clipping or tensor-wise state they take the per-item passes."""
+    for result in fsdp_results:
+        assert result["adamw8bit_rows_launched"]["launched"] == 6
+        assert result["adamw8bit"]["launched"] == 6
+        assert result["adamw8bit_rows"]["launched"] == 0  # percentile clipping: per item
+        assert result["adamw8bit_tensorwise"]["launched"] == 0
 
 
 def test_clipping_uses_global_norms(fsdp_results):

@@ -192,7 +192,7 @@ class StepMixin:
                 continue
             group = self.param_groups[e.gindex]
             cfg = self._settings(group, e.key)
-            make = None if _is_sharded(e.key) else _planner(e.param.device)
+            make = _planner(e.param.device)  # (DTensors: their local shards, e.param)
             work = self._work_for(e, grads[e.position], cfg, advance=False)
             item = work.item(self.kind, step=e.state["step"] + 1) if make is not None else None
             if (make is None or cfg["percentile_clipping"] < 100 or cfg["max_unorm"] > 0.0
@@ -248,6 +248,8 @@ class StepMixin:
         fit it (non-contiguous), so the caller runs those parameters per item."""
         positions = lg.positions
         gl = [grads[i] for i in positions]
+        if lg.sharded:  # the launch reads this rank's shard of DTensor gradients
+            gl = list(map(local_tensor, gl))
         if not self._grads_fit(lg, gl):
             return False
         ptrs = list(map(_data_ptr, gl))
@@ -282,7 +284,3 @@ class StepMixin:
 
 def _always_moves(param: torch.Tensor) -> bool:
     return True
-
-
-def _is_sharded(p: torch.Tensor) -> bool:
-    return callable(getattr(p, "to_local", None))

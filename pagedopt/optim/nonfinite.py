@@ -60,6 +60,7 @@ from typing import Any, Iterator
 import torch
 
 from ..functional import dispatch, nonfinite_tally
+from ..shards import local_tensor as _local
 
 MODES = ("skip", "raise", "off")
 ENV_VAR = "PAGEDOPT_NONFINITE"
@@ -102,11 +103,6 @@ def _kernels_count_on(device: torch.device) -> bool:
     every CPU path does (native kernels, the reference), and the CUDA kernels do; the
     reference on a CUDA device does not (no CUDA backend loaded), so the watch looks there."""
     return device.type == "cpu" or dispatch.backend_for(device).name == "cuda"
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    to_local = getattr(t, "to_local", None)  # DTensor (FSDP2): this rank's shard
-    return to_local() if callable(to_local) else t
 
 
 class NonfiniteGradWatch:

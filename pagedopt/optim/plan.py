@@ -42,6 +42,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ..shards import local_tensor
 from . import validation
 
 # Group settings whose change re-plans (they decide state shape and which path a parameter takes).
@@ -76,16 +77,18 @@ class LaunchGroup:
     dtypes: list[torch.dtype] = field(default_factory=list)
     devices: list[torch.device] = field(default_factory=list)
     state_list: list[dict[str, Any]] = field(default_factory=list)
+    sharded: bool = False  # DTensor (FSDP2) entries: gradients are read through their local shard
     last_ptrs: list[int] | None = None  # gradient pointers of the last run
     precisions: list[str] = field(default_factory=list)  # each entry's state precision (telemetry)
 
     def freeze(self) -> None:
         """Record what the per-step checks compare against (after the entries are final)."""
         self.positions = [e.position for e in self.entries]
-        self.shapes = [e.key.shape for e in self.entries]
+        self.shapes = [e.param.shape for e in self.entries]  # (local shards for DTensors)
         self.dtypes = [e.key.dtype for e in self.entries]
         self.devices = [e.param.device for e in self.entries]
         self.state_list = [e.state for e in self.entries]
+        self.sharded = any(e.param is not e.key for e in self.entries)
 
 
 @dataclass(eq=False, repr=False)
@@ -119,6 +122,10 @@ class StepPlan:
             return False
         if not all(map(is_, map(state.get, keys), self.state_dicts)):
             return False
+        # Launched DTensor parameters: their wrapper has no storage (data_ptr() is 0), so the
+        # local shards' storage is checked (the launches hold pointers to it).
+        if self._sharded_keys and [local_tensor(k).data_ptr() for k in self._sharded_keys] != self._sharded_ptrs:
+            return False
         # Prepared launches hold pointers to the state tensors: they must not have been replaced.
         # (Paged state is replaced by the pager as it moves; it never joins a launch.)
         return all(map(is_, map(_get_state1, self._launched_states), self.state_tensors))
@@ -128,6 +135,8 @@ class StepPlan:
         self._keys = [e.key for e in self.entries]
         self._launched_states = [e.state for lg in self.launch_groups for e in lg.entries]
         self.state_tensors = list(map(_get_state1, self._launched_states))
+        self._sharded_keys = [e.key for lg in self.launch_groups for e in lg.entries if e.param is not e.key]
+        self._sharded_ptrs = [local_tensor(k).data_ptr() for k in self._sharded_keys]
 
 
 _data_ptr = methodcaller("data_ptr")

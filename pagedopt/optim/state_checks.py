@@ -52,6 +52,7 @@ import torch
 
 from ..functional.qmap import is_canonical_map
 from ..functional.quantization import num_blocks
+from ..shards import local_tensor as _local
 from . import validation
 
 QUANT_STATE_KEY = "__bnb_optimizer_quant_state__"  # the nested bitsandbytes >= 0.49 layout
@@ -212,11 +213,6 @@ def validate_state_dict(optimizer: Any, state_dict: Mapping[str, Any]) -> None:
             gindex, pindex, p, name, merged = located[saved_id]
             settings = {**merged, **optimizer._overrides_for(p)}
             _check_param_state(optimizer, value, p, settings, gindex, pindex, name)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    to_local = getattr(t, "to_local", None)  # DTensor (an FSDP2 checkpoint): check this rank's part
-    return to_local() if callable(to_local) else t
 
 
 def _check_param_state(optimizer: Any, value: Any, p: torch.Tensor, settings: Mapping[str, Any],

@@ -26,6 +26,7 @@ import torch
 from ..distributed import sharding
 from ..functional.qmap import dynamic_map, is_canonical_map
 from ..functional.quantization import dequantize, num_blocks, quantize
+from ..shards import local_tensor  # noqa: F401  (re-exported: optimizer code imports it from here)
 from . import validation
 from .manager import STATE_SHAPING_SETTINGS
 
@@ -36,12 +37,6 @@ NON_CASTABLE_KEYS = frozenset(
      "gnorm_vec", "absmax1", "absmax2", "unorm_vec"}
 )
 STATE_TENSOR_KEYS = ("state1", "state2", "absmax1", "absmax2", "gnorm_vec", "unorm_vec")
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The shard-local tensor of a DTensor; the tensor itself otherwise."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
 
 
 class StateImportMixin:

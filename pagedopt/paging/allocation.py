@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
+from ..shards import local_tensor as _local
 from . import managed
-from .buffers import _UNPAGED, _local, _PagedBuffer
+from .buffers import _UNPAGED, _PagedBuffer
 from .memory import AllocationError, nbytes_of
 from .movers import HostMover, ManagedMover, Mover, SimulatedMover
 from .staged import PinnedStagedMover, SimulatedStagedMover

@@ -38,11 +38,6 @@ class AccountingError(AssertionError):
     """
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
-
-
 @dataclass(eq=False)
 class _PagedBuffer:
     """One paged state tensor (``state1`` or ``state2`` of one parameter): internal."""

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from ..functional import dispatch
+from ..shards import local_tensor as _local
 from .host_copy import HostCopies
 from .layout import ParamEntry, ParamTable
 from .sink import StepReport
@@ -342,11 +343,6 @@ class _Plan:
     devices: list[_DevicePlan] = field(default_factory=list)
     clip_evaluations: dict[str, int] = field(default_factory=dict)
     partial: bool = False  # unclipped parameters' norms not measured this step
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
 
 
 def _sqrt(x: float) -> float:

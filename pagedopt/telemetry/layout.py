@@ -33,17 +33,13 @@ import torch
 
 from ..functional.quantization import num_blocks
 from ..optim.memory import precision_of
+from ..shards import local_tensor as _local
 
 OTHER = "__other__"
 # Per-parameter state tensors whose bytes are reported (qmaps are shared and reported once).
 STATE_KEYS = ("state1", "state2", "absmax1", "absmax2", "gnorm_vec", "unorm_vec")
 # Only these can be paged; the rest always live with the parameter.
 PAGEABLE_KEYS = ("state1", "state2")
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
 
 
 def group_label(group: Mapping[str, Any], index: int) -> str:

@@ -44,6 +44,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from ..shards import local_tensor
 from .sink import pager_of
 
 log = logging.getLogger("pagedopt.telemetry")
@@ -228,8 +229,7 @@ def optimizer_device(optimizer: Any) -> torch.device:
     """The device of the optimizer's first parameter (CPU if it has none)."""
     for group in optimizer.param_groups:
         for p in group["params"]:
-            to_local = getattr(p, "to_local", None)
-            return (to_local() if callable(to_local) else p).device
+            return local_tensor(p).device
     return torch.device("cpu")
 
 
