@@ -278,7 +278,7 @@ class StepMixin:
             if all(map(_is_contiguous, gl)):
                 return True
         for e, g in zip(lg.entries, gl):
-            validation.check_grad(e.key, g, e.name)
+            validation.check_grad(e.param, g, e.name)  # (local shards for DTensors: gl is local)
         return False
 
 
