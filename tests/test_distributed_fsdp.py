@@ -121,15 +121,17 @@ def test_exact_tier(fsdp_results, run):
 
 
 def test_shards_without_clipping_are_launched(fsdp_results):
-    """DTensor parameters whose update is shard-local (block-wise or 32-bit state, no
-    clipping, no trust ratio) join the prepared launches - every one of the model's 6 - and
-    still match one process exactly (test_exact_tier[adamw8bit_rows_launched]); with
-    clipping or tensor-wise state they take the per-item passes."""
+    """DTensor parameters whose update is shard-local (block-wise or 32-bit state, no trust
+    ratio; percentile clipping on the global norms) join the prepared launches - every one
+    of the model's 6 - and still match one process exactly (test_exact_tier: the
+    ``adamw8bit_rows`` runs, with and without clipping); tensor-wise state and trust ratios
+    (sums and maxima over the shards) take the per-item passes."""
     for result in fsdp_results:
         assert result["adamw8bit_rows_launched"]["launched"] == 6
         assert result["adamw8bit"]["launched"] == 6
-        assert result["adamw8bit_rows"]["launched"] == 0  # percentile clipping: per item
-        assert result["adamw8bit_tensorwise"]["launched"] == 0
+        assert result["adamw8bit_rows"]["launched"] == 6  # clipped in the launches
+        assert result["adamw8bit_tensorwise"]["launched"] == 4  # the two tensor-wise 8-bit weights: per item
+        assert result["lars8bit"]["launched"] == 0
 
 
 def test_clipping_uses_global_norms(fsdp_results):

@@ -92,8 +92,8 @@ def test_gradients_kept_between_steps_and_weight_decay_groups():
 
 @needs_native
 def test_features_outside_launches_still_match():
-    # percentile clipping, trust ratio and tensor-wise state take the per-item passes
-    for extra in (dict(percentile_clipping=90), dict(block_wise=False)):
+    # trust ratio and tensor-wise state take the per-item passes
+    for extra in (dict(block_wise=False),):
         planned = run("AdamW", 8, prepared=True, **extra)
         per_item = run("AdamW", 8, prepared=False, **extra)
         assert_same(*planned, *per_item)
@@ -260,7 +260,7 @@ def test_a_telemetry_sink_keeps_the_launches_except_on_sampling_steps(monkeypatc
     def go(prepared: bool, percentile_clipping: int):
         params = make_params()
         opt = pagedopt.AdamW8bit(params, min_8bit_size=0, percentile_clipping=100)
-        if percentile_clipping < 100:  # one parameter clipped: it stays per item
+        if percentile_clipping < 100:  # one parameter clipped (its own launch group)
             pagedopt.GlobalOptimManager.get_instance().override_config(params[0], "percentile_clipping", 90)
         opt.prepared_launches = prepared
         sink = attach(opt, RecordingSink(QuantErrorSampler(every=3, params_per_sample=2, blocks_per_param=1)))
@@ -281,12 +281,41 @@ def test_a_telemetry_sink_keeps_the_launches_except_on_sampling_steps(monkeypatc
         per_item = go(False, clipping)
         assert_same(*planned[:2], *per_item[:2])
         sink, updates = planned[2], planned[3]
-        clipped = 1 if clipping < 100 else 0
-        # steps 3 and 6 sample: 6 parameters per item; the others: only the clipped one (if any)
-        assert updates == [clipped] * 2 + [6] + [clipped] * 2 + [6] if clipped else updates == [6, 6]
+        # steps 3 and 6 sample: 6 parameters per item; the others are launched (clipped or not)
+        assert updates == [6, 6]
         for a, b in zip(sink.reports, per_item[2].reports):
             rows_a = [(r.name, r.group, r.numel, r.precision, r.param is not None) for r in a.params]
             rows_b = [(r.name, r.group, r.numel, r.precision, r.param is not None) for r in b.params]
             assert rows_a == rows_b and len(rows_a) == 6
             assert [r.clip_threshold is not None for r in a.params] == [r.clip_threshold is not None for r in b.params]
             assert bool(a.quant_errors) == (a.step % 3 == 0) == bool(b.quant_errors)
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["AdamW", "Lion", "AdEMAMix"])
+def test_percentile_clipping_runs_in_the_launches(name):
+    """Clipped parameters join the launches: each clipped group's scales are computed before
+    its launch into a buffer the launch points at. Bit-identical to the per-item path over
+    steps whose gradient norms spike (so clipping engages), histories included."""
+    def go(prepared):
+        params = make_params()
+        cls = pagedopt.optim.get_optimizer_class(f"{name}8bit")
+        opt = cls(params, min_8bit_size=0, percentile_clipping=50, **HP.get(name, {}))
+        opt.prepared_launches = prepared
+        scales = []
+        for t in range(8):
+            for p, g in zip(params, grads_for(params, t)):
+                p.grad = g * (30.0 if t in (4, 6) else 1.0)  # spikes above the median of the history
+            opt.step()
+            if prepared:
+                scales.append(torch.cat([lg.clip_scales for lg in opt._plan.launch_groups]).clone())
+        return params, opt, scales
+
+    planned, per_item = go(True), go(False)
+    assert_same(*planned[:2], *per_item[:2])
+    for pa, pb in zip(planned[0], per_item[0]):
+        assert torch.equal(planned[1].state[pa]["gnorm_vec"], per_item[1].state[pb]["gnorm_vec"])
+    plan = planned[1]._plan
+    assert not plan.per_item and sum(len(lg.entries) for lg in plan.launch_groups) == len(planned[0])
+    assert planned[1].plan_builds == 1
+    assert any(bool((s < 1).any()) for s in planned[2]), "clipping never engaged"

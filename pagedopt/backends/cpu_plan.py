@@ -9,8 +9,9 @@ numpy assignments (no Python loop over parameters): the step scalars (lr, bias c
 - the gradient pointers. The kernels and their results are exactly the backend's.
 
 Only items the native call takes directly are planned: CPU float32/float16/bfloat16
-tensors, contiguous, block-wise (or 32-bit) state, no clipping or trust-ratio scale
-(:func:`plannable`). Everything else keeps the per-item backend path.
+tensors, contiguous, block-wise (or 32-bit) state, no trust-ratio scale, and a gradient scale
+(percentile clipping) only as a float32 scalar whose storage the plan keeps and rewrites
+(:func:`plannable`, :mod:`pagedopt.optim.launch_clipping`). Everything else keeps the per-item backend path.
 
 Example:
     >>> import torch
@@ -49,7 +50,7 @@ def plannable(item: UpdateItem) -> bool:
     return (
         item.param.dtype in DTYPE_CODES
         and item.grad.dtype in DTYPE_CODES
-        and item.gnorm_scale is None
+        and item.fixed_gnorm_scale
         and item.update_scale is None
         and (item.block_wise or not item.quantized)
         and all(t is None or (t.is_cpu and t.is_contiguous()) for t in tensors)

@@ -58,7 +58,7 @@ def plannable(item: UpdateItem) -> bool:
     tensors = [item.param, item.grad, item.state1, item.state2, item.absmax1, item.absmax2]
     return (
         cuda_plan.kernel_handles(item)
-        and item.gnorm_scale is None
+        and item.fixed_gnorm_scale
         and item.update_scale is None
         and (item.block_wise or not item.quantized)
         and all(t is None or t.is_contiguous() for t in tensors)

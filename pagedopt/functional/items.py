@@ -68,6 +68,13 @@ class UpdateItem:
     def device(self) -> torch.device:
         return self.param.device
 
+    @property
+    def fixed_gnorm_scale(self) -> bool:
+        """No gradient scale, or a one-element float32 tensor on the parameter's device (what
+        a prepared launch can point at: :mod:`pagedopt.optim.launch_clipping`)."""
+        s = self.gnorm_scale
+        return s is None or (s.dtype == torch.float32 and s.numel() == 1 and s.device == self.param.device)
+
 
 @dataclass
 class PrepareResult:

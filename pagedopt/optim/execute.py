@@ -42,6 +42,7 @@ from ..functional.dispatch import backend_for
 from ..functional.scalars import step_scalars
 from ..telemetry.sink import NULL_SINK, StatsSink
 from . import validation
+from .launch_clipping import clip_before_launch, with_scale_buffer
 from .memory import precision_of
 from .passes import Work
 from .plan import LaunchGroup, PlanEntry, StepPlan, flat_params, group_signatures, overrides_key
@@ -194,19 +195,26 @@ class StepMixin:
             cfg = self._settings(group, e.key)
             make = _planner(e.param.device)  # (DTensors: their local shards, e.param)
             work = self._work_for(e, grads[e.position], cfg, advance=False)
+            percentile = int(cfg["percentile_clipping"])
+            if percentile < 100:  # (a stand-in for the scale the launch will point at)
+                work.gnorm_scale = torch.ones((), dtype=torch.float32, device=e.param.device)
             item = work.item(self.kind, step=e.state["step"] + 1) if make is not None else None
-            if (make is None or cfg["percentile_clipping"] < 100 or cfg["max_unorm"] > 0.0
-                    or not make.plannable(item)):
+            if make is None or cfg["max_unorm"] > 0.0 or not make.plannable(item):
                 plan.per_item.append(e)
                 continue
             overrides = self._overrides_for(e.key)
-            key = (e.gindex, overrides_key(overrides), e.state["step"], e.param.device, bool(cfg["skip_zeros"]))
+            key = (e.gindex, overrides_key(overrides), e.state["step"], e.param.device, bool(cfg["skip_zeros"]),
+                   percentile)
             buckets.setdefault(key, (make, []))[1].append((e, item))
-        for (gindex, _, _, _, skip_zeros), (make, pairs) in buckets.items():
+        for (gindex, _, _, device, skip_zeros, percentile), (make, pairs) in buckets.items():
             group_entries = [e for e, _ in pairs]
             items = [item for _, item in pairs]
+            scales = None
+            if percentile < 100:  # the launch reads each scale from a buffer written every step
+                scales, items = with_scale_buffer(items, device)
             launch = make(self.kind, items, use_graph=True) if self.cuda_graph and make.graphs else make(self.kind, items)
             lg = LaunchGroup(gindex, self._overrides_for(group_entries[0].key), skip_zeros, group_entries, launch)
+            lg.clip_percentile, lg.clip_scales = percentile, scales
             lg.precisions = [precision_of(e.state, item.block_wise) for e, item in pairs]  # telemetry rows
             plan.launch_groups.append(lg)
         for lg in plan.launch_groups:
@@ -261,6 +269,7 @@ class StepMixin:
         step = states[0]["step"] + 1
         for s in states:
             s["step"] = step
+        lg.last_clip = clip_before_launch(lg, gl, step) if lg.clip_scales is not None else None
         group = self.param_groups[lg.gindex]
         hp = {**group, **lg.overrides} if lg.overrides else group
         lg.launch.run(ptrs_arg, step_scalars(self.kind, hp, step, skip_zeros=lg.skip_zeros))

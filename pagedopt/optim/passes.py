@@ -171,17 +171,26 @@ class PerItemPassesMixin:
 
     def _step_report(self, works: list[Work], started: float, launched: Sequence[Any] = ()) -> StepReport:
         """The sink's report: a row per parameter updated this step - the per-item ``works``,
-        then the entries of the ``launched`` groups (no clipping or trust ratio there: their
-        rows carry no norms or scales)."""
+        then the entries of the ``launched`` groups (no trust ratio there; clipped groups' rows
+        carry their norms, thresholds and scales)."""
         report = StepReport(step=self.steps_taken, duration_seconds=time.perf_counter() - started)
         probe = getattr(self, "_quant_probe", None)
         if probe is not None:
             report.quant_errors = list(probe.samples)
         self._report_works(report, works)
         for lg in launched:
+            clip = lg.last_clip
+            if clip is None:
+                report.params.extend(
+                    ParamStepReport(name=e.name, group=e.gindex, numel=e.key.numel(), precision=precision, param=e.key)
+                    for e, precision in zip(lg.entries, lg.precisions)
+                )
+                continue
             report.params.extend(
-                ParamStepReport(name=e.name, group=e.gindex, numel=e.key.numel(), precision=precision, param=e.key)
-                for e, precision in zip(lg.entries, lg.precisions)
+                ParamStepReport(name=e.name, group=e.gindex, numel=e.key.numel(), precision=precision,
+                                grad_norm=norm, clip_threshold=threshold, clip_scale=scale, param=e.key)
+                for e, precision, norm, threshold, scale in zip(lg.entries, lg.precisions, clip.norms,
+                                                               clip.thresholds, clip.scales)
             )
         return report
 

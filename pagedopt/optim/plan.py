@@ -5,12 +5,16 @@ settings and names (:class:`PlanEntry`), and splits them into
 
 * **launch groups** (:class:`LaunchGroup`): parameters of one param group with the same
   overrides, step count and device whose update the backend can run as one prepared launch
-  (today: the native CPU kernels, :mod:`pagedopt.backends.cpu_plan`). Per step the group
+  (the native CPU kernels, :mod:`pagedopt.backends.cpu_plan`; CUDA,
+  :mod:`pagedopt.backends.cuda_prepared`). Per step the group
   reads its hyperparameters from the live param group (so a learning-rate schedule, new
   betas or the step count never rebuild anything) and computes the step scalars once;
-* **per-item entries**: everything else (paged state, percentile clipping, trust ratios,
-  tensor-wise 8-bit state, DTensor shards, other devices), which runs through the batched
-  per-item passes of :mod:`pagedopt.optim.execute` every step.
+  A group with percentile clipping computes its scales before the launch
+  (:mod:`pagedopt.optim.launch_clipping`); DTensor (FSDP2) parameters launch on their local
+  shards;
+* **per-item entries**: everything else (paged state, trust ratios, tensor-wise 8-bit
+  state, other devices), which runs through the batched per-item passes of
+  :mod:`pagedopt.optim.passes` every step.
 
 The plan is rebuilt only when something that shapes it changes (:meth:`StepPlan.still_valid`):
 ``add_param_group``/``load_state_dict`` (the optimizer's plan generation), a
@@ -80,6 +84,9 @@ class LaunchGroup:
     sharded: bool = False  # DTensor (FSDP2) entries: gradients are read through their local shard
     last_ptrs: list[int] | None = None  # gradient pointers of the last run
     precisions: list[str] = field(default_factory=list)  # each entry's state precision (telemetry)
+    clip_percentile: int = 100  # percentile clipping of the group (100: none)
+    clip_scales: torch.Tensor | None = None  # the scales the launch reads (pagedopt.optim.launch_clipping)
+    last_clip: Any = None  # this step's ClipResult (telemetry rows)
 
     def freeze(self) -> None:
         """Record what the per-step checks compare against (after the entries are final)."""
