@@ -35,6 +35,15 @@ SUPPORTED = LIB.supported_isas()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True)
+def _restore_code_search():
+    """Tests that switch the VBMI dequantization off and on leave the library at its native
+    default search; put back what this process chose (cpu_tuning) for the tests after them."""
+    before = LIB.code_search
+    yield
+    LIB.select_code_search(before)
+
+
 def _level_param(name):
     reason = None
     if name not in LIB.compiled_isas():
@@ -170,7 +179,7 @@ def test_avx512_code_searches_match_the_reference(search, name):
     has_vbmi = "avx512vbmi" in (cpu._cpu_flags() or set())
     if search in NEEDS_VBMI and not has_vbmi:
         pytest.skip("this CPU lacks avx512vbmi")
-    before = LIB.isa
+    before, before_search = LIB.isa, LIB.code_search
     LIB.select_isa("avx512")
     LIB.check(LIB.po_set_code_search(SEARCH_MODES[search]), "set_code_search")
     try:
@@ -182,6 +191,7 @@ def test_avx512_code_searches_match_the_reference(search, name):
         _kernel_matches_reference(name, (777,), torch.bfloat16, 3, f"{search} search, bf16")
     finally:
         LIB.check(LIB.po_set_dequantize_vbmi(int(has_vbmi)), "set_dequantize_vbmi")
+        LIB.select_code_search(before_search)  # (the line above reset it to the native default)
         LIB.select_isa(before)
 
 
@@ -200,7 +210,7 @@ def test_without_vbmi_the_avx512_level_defaults_to_the_lattice_with_the_table_fa
     if "avx512" not in SUPPORTED:
         pytest.skip("this CPU lacks the avx512 level")
     has_vbmi = "avx512vbmi" in (cpu._cpu_flags() or set())
-    before = LIB.isa
+    before, before_search = LIB.isa, LIB.code_search
     LIB.select_isa("avx512")
     LIB.check(LIB.po_set_dequantize_vbmi(0), "set_dequantize_vbmi")
     try:
@@ -209,20 +219,29 @@ def test_without_vbmi_the_avx512_level_defaults_to_the_lattice_with_the_table_fa
             base.test_code_search_dense_sample_and_bad_range(signed)
     finally:
         LIB.check(LIB.po_set_dequantize_vbmi(int(has_vbmi)), "set_dequantize_vbmi")
+        # The native default again (the gather-free search); then what this process chose.
+        assert LIB.code_search == ("lattice" if has_vbmi else "lattice_table")
+        LIB.select_code_search(before_search)
         LIB.select_isa(before)
-    assert cpu.native_info()["code_search"] == ("lattice" if has_vbmi else "lattice_table") or before != "avx512"
 
 
 def test_env_reports_the_code_search_in_use():
-    """``pagedopt env`` names the code search the kernels run: at the avx512 level the lattice
-    (the proven default; without VBMI with the table fallback), the table search otherwise."""
+    """``pagedopt env`` names the code search the kernels run: at the avx512 level the one
+    chosen for this CPU (cpu_tuning: the gather table where gathers are fast, else the proven
+    lattice - without VBMI with the table fallback), the table search at the other levels."""
+    from pagedopt.backends import cpu_tuning
+
+    has_vbmi = "avx512vbmi" in (cpu._cpu_flags() or set())
+    chosen = cpu_tuning.preferred_code_search(cpu_tuning.cpu_vendor(), cpu_tuning.gather_sampling_status(),
+                                              native_default="lattice" if has_vbmi else "lattice_table")
+    if cpu_tuning.requested_code_search():
+        pytest.skip("PAGEDOPT_CPU_CODE_SEARCH is set")
     before = LIB.isa
     try:
         for name in SUPPORTED:
             LIB.select_isa(name)
             info = cpu.native_info()
-            has_vbmi = "avx512vbmi" in (cpu._cpu_flags() or set())
-            expected = ("lattice" if has_vbmi else "lattice_table") if name == "avx512" else "table"
+            expected = chosen if name == "avx512" else "table"
             assert info["code_search"] == expected, (name, info)
             assert info["prefetch_chunks"] == LIB.po_get_prefetch()
     finally:

@@ -44,7 +44,7 @@ from ..functional import dispatch, nonfinite_tally, reference
 from ..functional.items import PrepareResult, UpdateItem
 from ..functional.kinds import UpdateKind
 from ..functional.qmap import decision_thresholds, dynamic_map
-from . import install_info
+from . import cpu_tuning, install_info
 from .cpu_items import (  # noqa: F401  (_CItem, _c_scalars: tests reach them here too)
     DTYPE_CODES, _c_item, _c_scalars, _CItem, _CPrepareOut, _ptr, _Staging, _supported,
 )
@@ -114,6 +114,7 @@ class NativeLibrary:
         requested = os.environ.get(ISA_ENV, "").strip().lower()
         if requested:
             self.select_isa(requested, source=ISA_ENV)
+        self._choose_code_search()
 
     # ---- instruction-set levels -----------------------------------------------------------
 
@@ -151,6 +152,32 @@ class NativeLibrary:
             raise CpuIsaError(f"{source}={level}: this CPU lacks the {level} level (missing CPU features: "
                               f"{', '.join(missing)}); levels this CPU supports: {', '.join(self.supported_isas())}")
         self.check(self._lib.po_select_isa(ISA_LEVELS.index(level)), "select_isa")
+
+    # ---- the 8-bit code search (speed only: every search gives the same codes) ------------
+
+    @property
+    def code_search(self) -> str:
+        """The avx512 level's code search (:mod:`pagedopt.backends.cpu_tuning`)."""
+        return cpu_tuning.CODE_SEARCHES.get(int(self._lib.po_code_search()), "unknown")
+
+    def select_code_search(self, name: str, source: str = "select_code_search") -> None:
+        """Quantize with code search ``name`` from now on (process-wide). Raises
+        :class:`~pagedopt.backends.cpu_tuning.CpuTuningError` naming ``source`` for an unknown
+        search or one this CPU (VBMI) or the maps cannot run."""
+        status = self._lib.po_set_code_search(cpu_tuning.code_search_id(name, source))
+        if status != 0:
+            raise cpu_tuning.CpuTuningError(f"{source}={name}: {self.last_error()}")
+
+    def _choose_code_search(self) -> None:
+        """``PAGEDOPT_CPU_CODE_SEARCH`` if set, else the fastest search for this CPU."""
+        requested = cpu_tuning.requested_code_search()
+        if requested is not None:
+            self.select_code_search(requested, source=cpu_tuning.CODE_SEARCH_ENV)
+            return
+        preferred = cpu_tuning.preferred_code_search(
+            cpu_tuning.cpu_vendor(), cpu_tuning.gather_sampling_status(), native_default=self.code_search)
+        if preferred != self.code_search:
+            self.select_code_search(preferred)
 
     def _declare(self) -> None:
         lib = self._lib
@@ -253,10 +280,11 @@ def native_info() -> dict:
     """What the CPU backend runs: the keys ``isa`` (``"avx512"``, ``"avx2"``, ``"baseline"``, or
     None without a library), ``native_library`` (path or None), ``available``, ``reason`` (why
     not, else None), ``threads`` (``torch.get_num_threads()``, the kernels' thread count), and
-    (None without a library) ``code_search`` (the 8-bit code search of the avx512 level:
-    ``"lattice"`` or ``"arithmetic"`` on VBMI CPUs, ``"lattice_table"`` - the lattice with the
-    bucket table as the fallback for rare unsure groups - on other AVX-512 CPUs, ``"table"``
-    (a gather per 16 values) at the other levels or where the maps' lattice is not proven) and
+    (None without a library) ``code_search`` (the 8-bit code search of the avx512 level, chosen
+    per CPU by :mod:`~pagedopt.backends.cpu_tuning`: ``"table"`` (a gather per 16 values) where
+    gathers are fast, at the other levels, or where the maps' lattice is not proven, else
+    ``"lattice"`` (or ``"arithmetic"``) on VBMI CPUs and ``"lattice_table"`` - the lattice with
+    the bucket table as the fallback for rare unsure groups - on other AVX-512 CPUs) and
     ``prefetch_chunks`` (the kernels' software prefetch distance, chosen per CPU vendor).
 
     Example:
@@ -268,19 +296,19 @@ def native_info() -> dict:
                   "threads": torch.get_num_threads(), "code_search": None, "prefetch_chunks": None}
     try:
         lib = library()
-    except CpuIsaError as e:
+    except (CpuIsaError, cpu_tuning.CpuTuningError) as e:
         info["reason"] = str(e)
         return info
     if lib is None:
         info["reason"] = unavailable_reason() or "unknown reason"
         return info
     info.update(isa=lib.isa, native_library=str(lib.path), available=True,
-                code_search=CODE_SEARCHES.get(int(lib.po_code_search()), "unknown") if lib.isa == "avx512" else "table",
+                code_search=lib.code_search if lib.isa == "avx512" else "table",
                 prefetch_chunks=int(lib.po_get_prefetch()))
     return info
 
 
-CODE_SEARCHES = {0: "table", 1: "arithmetic", 2: "lattice", 3: "lattice_table"}  # po_code_search()
+CODE_SEARCHES = cpu_tuning.CODE_SEARCHES  # po_code_search() ids -> names
 
 
 def load() -> "CpuBackend | None":
