@@ -61,6 +61,11 @@ def test_cpu_section_matches_the_loaded_library(cache, capsys):
     else:
         assert info["native_library"] == str(lib.path) and info["available"] is True
         assert info["isa"] in ("avx512", "avx2", "baseline")
+        # which binary: its hash (the build is byte-reproducible, BENCHMARKS.md) and build flags
+        import hashlib
+
+        assert info["native_library_sha256"] == hashlib.sha256(lib.path.read_bytes()).hexdigest()
+        assert info["native_build"] == lib.build_info and "levels=" in info["native_build"]
         if "avx512f" in lib.required_cpu_flags:
             assert info["isa"] == "avx512"
 

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata
 import json
 import platform
@@ -102,7 +103,21 @@ def _cpu_info() -> dict[str, Any]:
     info = dict(cpu.native_info())
     info.setdefault("threads", torch.get_num_threads())
     info["backend"] = dispatch.backend_for(torch.device("cpu")).name
+    if info.get("native_library"):
+        # Which binary runs, for bug reports and for checking that one build (a wheel, CI's)
+        # is the same file on another machine: the build is byte-reproducible (BENCHMARKS.md).
+        info["native_library_sha256"] = _sha256(info["native_library"])
+        lib = cpu.library()
+        info["native_build"] = lib.build_info if lib is not None else None
     return info
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # --- CUDA -------------------------------------------------------------------------------------
@@ -240,6 +255,9 @@ def format_text(info: dict[str, Any]) -> str:
     if cpu.get("code_search"):
         row("code search", f"{cpu['code_search']} (prefetch {cpu.get('prefetch_chunks')} chunks)")
     row("native library", cpu.get("native_library"))
+    if cpu.get("native_library_sha256"):
+        row("library sha256", cpu["native_library_sha256"])
+        row("library build", cpu.get("native_build"))
     row("threads", cpu.get("threads"))
     if not cpu.get("available"):
         row("why not native", cpu.get("reason") or cpu.get("error"))
