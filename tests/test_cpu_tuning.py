@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
 from pagedopt.backends import cpu, cpu_tuning
+from test_native_cpu_isa import fresh_python
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIB = cpu.library()
 needs_avx512 = pytest.mark.skipif(LIB is None or "avx512" not in LIB.supported_isas(),
                                   reason="needs the native library at the avx512 level")
@@ -69,11 +68,6 @@ def test_select_code_search_refuses_what_the_cpu_cannot_run():
 
 
 def _fresh_process(search: str | None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop(cpu.ISA_ENV, None)
-    env.pop(cpu_tuning.CODE_SEARCH_ENV, None)
-    if search is not None:
-        env[cpu_tuning.CODE_SEARCH_ENV] = search
     code = ("import json, torch, pagedopt\n"
             "from pagedopt.backends import cpu, cpu_tuning\n"
             "info = cpu.native_info()\n"
@@ -85,7 +79,7 @@ def _fresh_process(search: str | None) -> subprocess.CompletedProcess:
             "opt = pagedopt.AdamW8bit([p])\n"
             "for _ in range(3): opt.step()\n"
             "print(json.dumps(p.detach()[::97].tolist()))\n")
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    return fresh_python(code, cpu_tuning.CODE_SEARCH_ENV, search)
 
 
 @needs_avx512

@@ -424,11 +424,20 @@ def test_the_library_itself_refuses_a_level_the_cpu_lacks():
         LIB.check(status, "select_isa")
 
 
-def _subprocess_info(env_value):
+def fresh_python(code: str, variable: str, value: str | None) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter importing this checkout, with the environment
+    ``variable`` set to ``value`` (None: unset) and the native tuning variables otherwise unset."""
+    from pagedopt.backends import cpu_tuning
+
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop(cpu.ISA_ENV, None)
-    if env_value is not None:
-        env[cpu.ISA_ENV] = env_value
+    for name in (cpu.ISA_ENV, cpu_tuning.CODE_SEARCH_ENV):
+        env.pop(name, None)
+    if value is not None:
+        env[variable] = value
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def _subprocess_info(env_value):
     code = ("import json, torch, pagedopt\n"
             "from pagedopt.backends import cpu\n"
             "print(json.dumps(cpu.native_info()))\n"
@@ -436,7 +445,7 @@ def _subprocess_info(env_value):
             "p = torch.nn.Parameter(torch.randn(5000)); p.grad = torch.randn(5000)\n"
             "pagedopt.AdamW8bit([p]).step()\n"
             "print(json.dumps(p.detach()[:4].tolist()))\n")
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    return fresh_python(code, cpu.ISA_ENV, env_value)
 
 
 def test_environment_variable_selects_each_level_with_the_same_result():
