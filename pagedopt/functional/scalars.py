@@ -98,15 +98,16 @@ def step_scalars(
     not plain hashable scalars (a tensor ``lr`` that a scheduler changes in place) bypass
     the cache.
     """
-    values = tuple(hp.get(k) for k in _HP_KEYS)
-    if any(isinstance(v, (torch.Tensor, list, dict)) for v in values):
-        return _compute_step_scalars(kind, hp, step, skip_zeros)
+    values = tuple(map(hp.get, _HP_KEYS))
     key = (kind, int(step), bool(skip_zeros), values)
     try:
-        return _cache[key]
-    except KeyError:
-        pass
+        hit = _cache.get(key)
     except TypeError:  # an unhashable value type in hp
+        return _compute_step_scalars(kind, hp, step, skip_zeros)
+    if hit is not None:
+        return hit
+    # (Checked on a miss only: keys holding such values are never stored, so never hit.)
+    if any(isinstance(v, (torch.Tensor, list, dict)) for v in values):
         return _compute_step_scalars(kind, hp, step, skip_zeros)
     if len(_cache) >= _CACHE_LIMIT:
         _cache.clear()

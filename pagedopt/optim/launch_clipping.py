@@ -32,7 +32,7 @@ import torch
 
 from ..distributed import sharding
 from ..functional import dispatch
-from ..functional.clipping import ClipResult, percentile_clip
+from ..functional.clipping import StackedClip, clip_group
 from ..functional.items import UpdateItem
 
 
@@ -42,14 +42,13 @@ def with_scale_buffer(items: Sequence[UpdateItem], device: torch.device) -> tupl
     return scales, [dataclasses.replace(item, gnorm_scale=scales[j]) for j, item in enumerate(items)]
 
 
-def clip_before_launch(lg: Any, local_grads: list[torch.Tensor], step: int) -> ClipResult:
+def clip_before_launch(lg: Any, local_grads: list[torch.Tensor], step: int) -> StackedClip:
     """Record this step's gradient norms of ``lg``'s parameters and write their scales into
-    ``lg.clip_scales`` (see the module docstring). ``step`` is the step the launch runs."""
-    keys = [e.key for e in lg.entries]
+    ``lg.clip_scales`` (see the module docstring). ``step`` is the step the launch runs; the
+    group shares one device, step and percentile, so one batched pass serves it."""
     norms_sq = dispatch.grad_norm_sq(local_grads)
-    norms_sq = sharding.all_reduce_over_shards(keys, norms_sq, "sum")  # DTensors: global norms
-    n = len(keys)
-    result = percentile_clip(norms_sq, [s["gnorm_vec"] for s in lg.state_list], [step] * n,
-                             [lg.clip_percentile] * n)
-    lg.clip_scales.copy_(torch.stack(result.scales))
+    if lg.sharded:  # DTensors: global norms
+        norms_sq = sharding.all_reduce_over_shards([e.key for e in lg.entries], norms_sq, "sum")
+    result = clip_group(torch.stack(norms_sq), [s["gnorm_vec"] for s in lg.state_list], step, lg.clip_percentile)
+    lg.clip_scales.copy_(result.scale)
     return result
