@@ -439,6 +439,45 @@ def test_prepare_norms_and_maxima_match_reference(mode):
     assert_slots_equal(ref, nat, mode)
 
 
+def test_prepare_of_many_items_returns_each_items_own_results():
+    """One prepare call over items of every state layout (the outputs are read as tables and
+    handed out as per-item views): each item's norms and maxima are its own, as from a call
+    of its own (exact tier for the maxima, float64 order for the norms)."""
+    kind = kind_for("adamw")
+    slots = [Slot(kind, shape, torch.float32, mode, 5 + i)
+             for i, (shape, mode) in enumerate([((4097,), "8bit-tensorwise"), ((300,), "8bit-blockwise"),
+                                                 ((1,), "8bit-tensorwise"), ((77, 3), "32bit"),
+                                                 ((513,), "8bit-tensorwise")])]
+    s = step_scalars(kind, HYPER["adamw"], 3)
+    grads = [gradient(slot.param.shape, torch.float32, 3, 5 + i) for i, slot in enumerate(slots)]
+    together = BACKEND.prepare(kind, [slot.item(g, s) for slot, g in zip(slots, grads)], want_norms=True)
+    for slot, g, r in zip(slots, grads, together):
+        alone = BACKEND.prepare(kind, [slot.item(g, s)], want_norms=True)[0]
+        assert r.unorm_sq.dim() == 0 and r.unorm_sq.dtype == torch.float64
+        assert torch.equal(r.unorm_sq, alone.unorm_sq) and torch.equal(r.pnorm_sq, alone.pnorm_sq)
+        if slot.mode == "8bit-tensorwise":
+            assert r.max1.shape == (1,) and r.max2.shape == (1,)
+            assert_bitwise_equal(alone.max1, r.max1, "max1")
+            assert_bitwise_equal(alone.max2, r.max2, "max2")
+        else:
+            assert r.max1 is None and r.max2 is None
+
+
+def test_prepare_columns_read_the_struct_layout():
+    from pagedopt.backends.cpu_items import _CPrepareOut, prepare_columns
+
+    outs = (_CPrepareOut * 2)()
+    for i, o in enumerate(outs):
+        o.max1[0], o.max1[1], o.max2 = 1.5 + i, 2.5 + i, 3.5 + i
+        o.reserved, o.unorm_sq, o.pnorm_sq = 7, 0.1 + i, 0.2 + i
+    maxima, norms = prepare_columns(outs, 2)
+    assert maxima.tolist() == [[1.5, 2.5, 3.5], [2.5, 3.5, 4.5]]
+    assert norms.tolist() == [[0.1, 0.2], [1.1, 1.2]]
+    outs[0].unorm_sq = 9.0
+    assert norms[0, 0].item() == 0.1  # a copy: the ctypes buffer may go away
+    assert prepare_columns(outs, 0)[0].shape == (0, 3)
+
+
 # ---- marshalling, errors ---------------------------------------------------------------------
 
 

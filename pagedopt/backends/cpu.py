@@ -46,7 +46,7 @@ from ..functional.kinds import UpdateKind
 from ..functional.qmap import decision_thresholds, dynamic_map
 from . import cpu_tuning, install_info
 from .cpu_items import (  # noqa: F401  (_CItem, _c_scalars: tests reach them here too)
-    DTYPE_CODES, _c_item, _c_scalars, _CItem, _CPrepareOut, _ptr, _Staging, _supported,
+    DTYPE_CODES, _c_item, _c_scalars, _CItem, _CPrepareOut, _ptr, _Staging, _supported, prepare_columns,
 )
 
 ABI_VERSION = 5  # PO_ABI_VERSION in native/cpu/pagedopt_cpu.h
@@ -363,24 +363,31 @@ class CpuBackend:
                 int(kind.algorithm), c_items, len(native), int(want_norms), outs, torch.get_num_threads()
             )
             self.lib.check(status, "prepare")
-            for i, o in zip(native, outs):
-                results[i] = self._prepare_result(kind, items[i], o, want_norms)
+            for i, r in zip(native, self._prepare_results(kind, [items[i] for i in native], outs, want_norms)):
+                results[i] = r
         rest = [i for i in range(len(items)) if results[i] is None]
         for i, r in zip(rest, reference.prepare(kind, [items[i] for i in rest], want_norms)):
             results[i] = r
         return results  # type: ignore[return-value]
 
     @staticmethod
-    def _prepare_result(kind: UpdateKind, item: UpdateItem, o: _CPrepareOut, want_norms: bool) -> PrepareResult:
-        result = PrepareResult()
-        if item.quantized and not item.block_wise:
-            result.max1 = torch.tensor(list(o.max1)[: kind.state1_moments], dtype=torch.float32)
-            if kind.num_states == 2:
-                result.max2 = torch.tensor([o.max2], dtype=torch.float32)
+    def _prepare_results(kind: UpdateKind, items: Sequence[UpdateItem], outs: ctypes.Array,
+                         want_norms: bool) -> list[PrepareResult]:
+        """One PrepareResult per item, as views of two tables copied out of ``outs`` at once."""
+        maxima, norms = prepare_columns(outs, len(items))
+        results = [PrepareResult() for _ in items]
+        tensor_wise = [r for r, item in zip(results, items) if item.quantized and not item.block_wise]
+        if tensor_wise:
+            max1 = maxima[:, : kind.state1_moments].unbind(0)
+            max2 = maxima[:, 2:3].unbind(0)
+            for i, (r, item) in enumerate(zip(results, items)):
+                if item.quantized and not item.block_wise:
+                    r.max1 = max1[i]
+                    r.max2 = max2[i] if kind.num_states == 2 else None
         if want_norms:
-            result.unorm_sq = torch.tensor(o.unorm_sq, dtype=torch.float64)
-            result.pnorm_sq = torch.tensor(o.pnorm_sq, dtype=torch.float64)
-        return result
+            for r, unorm_sq, pnorm_sq in zip(results, norms[:, 0].unbind(0), norms[:, 1].unbind(0)):
+                r.unorm_sq, r.pnorm_sq = unorm_sq, pnorm_sq
+        return results
 
     @torch.no_grad()
     def update(self, kind: UpdateKind, items: Sequence[UpdateItem]) -> None:

@@ -93,6 +93,25 @@ class _CPrepareOut(ctypes.Structure):
     ]
 
 
+def prepare_columns(outs: ctypes.Array, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """po_prepare's ``n`` outputs as two tables read in one copy each (not a tensor per field
+    per item): float32 ``[n, 3]`` (max1[0], max1[1], max2) and float64 ``[n, 2]`` (unorm_sq,
+    pnorm_sq), laid out as _CPrepareOut says (checked, so a layout change cannot go unseen)."""
+    if n == 0:
+        return torch.zeros(0, 3), torch.zeros(0, 2, dtype=torch.float64)
+    raw = torch.frombuffer(outs, dtype=torch.uint8)
+    f32 = raw.view(torch.float32).view(n, _PREPARE_OUT_SIZE // 4)[:, _MAX_COLUMNS].clone()
+    f64 = raw.view(torch.float64).view(n, _PREPARE_OUT_SIZE // 8)[:, _NORM_COLUMNS].clone()
+    return f32, f64
+
+
+_PREPARE_OUT_SIZE = ctypes.sizeof(_CPrepareOut)
+assert _PREPARE_OUT_SIZE == 32 and _CPrepareOut.max2.offset == 8 and _CPrepareOut.unorm_sq.offset == 16
+assert _CPrepareOut.pnorm_sq.offset == 24
+_MAX_COLUMNS = slice(0, 3)  # float32 words 0-2: max1[0], max1[1], max2
+_NORM_COLUMNS = slice(2, 4)  # float64 words 2-3: unorm_sq, pnorm_sq
+
+
 # ---- marshalling ---------------------------------------------------------------------------
 
 
