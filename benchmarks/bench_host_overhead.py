@@ -9,8 +9,12 @@ every step (``zero_grad(set_to_none=True)`` users) unless ``--keep-grads``.
 On CPU the time is host work plus the (small) kernels; "per tensor" divides by N.
 On a shared machine, compare ratios within one run, not absolute times.
 
+``--variants clipped,lamb,lars,paged,tensorwise`` adds pagedopt configurations that take other
+paths (percentile clipping, trust ratios, tensor-wise state, paged state).
+
 Example:
     python benchmarks/bench_host_overhead.py --tensors 10,100,1000 --steps 20
+    python benchmarks/bench_host_overhead.py --tensors 1000 --threads 1 --host-only --variants clipped,lamb,paged
     python benchmarks/bench_host_overhead.py --json results.json
 """
 
@@ -62,7 +66,23 @@ def time_case(opt, params, grads, steps: int, keep_grads: bool, device: str) -> 
     return times
 
 
-def optimizers(device: str) -> dict[str, Callable]:
+def _all_paged(ps):
+    from pagedopt.paging import PagingConfig
+
+    return pagedopt.PagedAdamW8bit(ps, paging=PagingConfig(min_paged_numel=1))
+
+
+# --variants: pagedopt configurations whose step takes other paths than plain AdamW8bit
+VARIANTS: dict[str, tuple[str, Callable]] = {
+    "clipped": ("pagedopt AdamW8bit percentile_clipping=95", lambda ps: pagedopt.AdamW8bit(ps, percentile_clipping=95)),
+    "tensorwise": ("pagedopt AdamW8bit block_wise=False", lambda ps: pagedopt.AdamW8bit(ps, block_wise=False)),
+    "lamb": ("pagedopt LAMB8bit", lambda ps: pagedopt.LAMB8bit(ps)),
+    "lars": ("pagedopt LARS8bit", lambda ps: pagedopt.LARS8bit(ps, lr=0.1, momentum=0.9)),
+    "paged": ("pagedopt PagedAdamW8bit (all paged)", _all_paged),
+}
+
+
+def optimizers(device: str, variants: list[str] | None = None) -> dict[str, Callable]:
     def planned(ps):
         return pagedopt.AdamW8bit(ps)
 
@@ -71,8 +91,11 @@ def optimizers(device: str) -> dict[str, Callable]:
         opt.prepared_launches = False
         return opt
 
-    out = {"pagedopt AdamW8bit (planned)": planned, "pagedopt AdamW8bit (per-item)": per_item,
-           "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, foreach=True)}
+    out = {"pagedopt AdamW8bit (planned)": planned, "pagedopt AdamW8bit (per-item)": per_item}
+    for key in variants or []:
+        label, build = VARIANTS[key]
+        out[label] = build
+    out["torch AdamW foreach"] = lambda ps: torch.optim.AdamW(ps, foreach=True)
     try:
         p = torch.nn.Parameter(torch.zeros(4, device=device))
         p.grad = torch.zeros(4, device=device)
@@ -109,20 +132,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads (0: leave as is)")
     ap.add_argument("--host-only", action="store_true",
-                    help="pagedopt rows skip the native update call (host work only; torch rows unchanged)")
+                    help="pagedopt rows skip the native update call (host work only; torch rows unchanged; "
+                         "the prepare pass and gradient norms of the variants still run)")
+    ap.add_argument("--variants", default="", help=f"extra pagedopt rows, comma list of {', '.join(VARIANTS)}")
     args = ap.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.host_only:
         null_kernels()
     counts = [int(x) for x in args.tensors.split(",")]
     rows = []
-    names = list(optimizers(args.device))
+    names = list(optimizers(args.device, variants))
     print(f"{'tensors':>8} " + " ".join(f"{n:>32}" for n in names) + "   (min ms/step; us/tensor)")
     for n in counts:
         steps = max(5, min(args.steps, args.steps * 100 // n))
         row = {"tensors": n, "numel": args.numel, "steps": steps, "ms_per_step": {}, "median_ms_per_step": {}}
-        for name, build in optimizers(args.device).items():
+        for name, build in optimizers(args.device, variants).items():
             opt, params, grads = make_case(n, args.numel, args.device, build)
             times = time_case(opt, params, grads, steps, args.keep_grads, args.device)
             # the minimum: on a shared machine the median mostly measures other processes
@@ -141,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "keep_grads": args.keep_grads,
         "host_only": args.host_only,
+        "variants": variants,
         "rows": rows,
     }
     if args.json:
