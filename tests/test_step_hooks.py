@@ -125,8 +125,8 @@ def test_numerics_reaches_every_update_item(monkeypatch):
 
     monkeypatch.setattr(dispatch, "update", spy)
     p = torch.nn.Parameter(torch.randn(4096))
-    opt = pagedopt.optim.Optimizer2State("adamw", [p], optim_bits=8, min_8bit_size=0, numerics="strict",
-                                         block_wise=False)  # tensor-wise 8-bit state: the per-item passes
+    opt = pagedopt.optim.Optimizer2State("adamw", [p], optim_bits=8, min_8bit_size=0, numerics="strict")
+    opt.prepared_launches = False  # the per-item passes (what dispatch.update serves)
     p.grad = torch.randn(4096)
     opt.step()
     assert seen == ["strict"]

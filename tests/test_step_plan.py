@@ -73,14 +73,13 @@ def test_prepared_launches_are_bit_identical_to_per_item(name, bits):
     per_item = run(name, bits, prepared=False)
     assert_same(*planned, *per_item)
     assert planned[1].plan_builds == 1
-    # every parameter went through a prepared launch, except with a trust ratio (LAMB/LARS
-    # default max_unorm > 0), which needs the per-item prepare pass
+    # every parameter went through a prepared launch, trust ratios (LAMB/LARS) and tensor-wise
+    # state (LAMB's default) included: those with their prepare pass launched before the update
     plan = planned[1]._plan
     launched = sum(len(lg.entries) for lg in plan.launch_groups)
-    if planned[1].defaults["max_unorm"] > 0:
-        assert launched == 0 and len(plan.per_item) == len(planned[0])
-    else:
-        assert not plan.per_item and launched == len(planned[0])
+    assert not plan.per_item and launched == len(planned[0])
+    assert any(lg.prepare_launch is not None for lg in plan.launch_groups) == (
+        planned[1].defaults["max_unorm"] > 0 or (bits == 8 and not planned[1].defaults["block_wise"]))
 
 
 @needs_native
@@ -91,16 +90,81 @@ def test_gradients_kept_between_steps_and_weight_decay_groups():
 
 
 @needs_native
-def test_features_outside_launches_still_match():
-    # trust ratio and tensor-wise state take the per-item passes
-    for extra in (dict(block_wise=False),):
-        planned = run("AdamW", 8, prepared=True, **extra)
-        per_item = run("AdamW", 8, prepared=False, **extra)
-        assert_same(*planned, *per_item)
-        assert len(planned[1]._plan.per_item) == len(planned[0])
-    planned = run("LAMB", 8, prepared=True, max_unorm=1.0)
-    per_item = run("LAMB", 8, prepared=False, max_unorm=1.0)
-    assert_same(*planned, *per_item)
+@pytest.mark.parametrize("name,bits,extra", [
+    ("AdamW", 8, dict(block_wise=False)),  # tensor-wise state alone (no trust ratio)
+    ("AdEMAMix", 8, dict(block_wise=False)),  # two state1 moments: two new scales per item
+    ("Lion", 8, dict(block_wise=False)),  # one state
+    ("LAMB", 8, dict(max_unorm=1.0)),  # tensor-wise (LAMB's default) and a trust ratio that engages
+    ("LAMB", 8, dict(max_unorm=1.0, block_wise=True)),
+    ("LAMB", 32, dict(max_unorm=1.0)),
+    ("LARS", 8, dict(max_unorm=0.05, percentile_clipping=50)),  # clipping and trust ratio together
+    ("AdamW", 8, dict(max_unorm=0.3, weight_decay=0.1)),
+])
+def test_prepare_pass_runs_in_the_launches(name, bits, extra):
+    """Trust ratios and tensor-wise state launch their prepare pass as a prepared launch and
+    the update reads its results from buffers (pagedopt/optim/launch_prepare.py): parameters,
+    states, scales and the trust-ratio norm history bit-identical to the per-item passes, over
+    steps with gradient spikes; no per-item entries and one plan build."""
+    def go(prepared):
+        params = make_params()
+        cls = pagedopt.optim.get_optimizer_class(f"{name}{bits}bit")
+        kwargs = {**HP.get(name, {}), **extra}
+        opt = cls(params, min_8bit_size=0, **kwargs) if bits == 8 else cls(params, **kwargs)
+        opt.prepared_launches = prepared
+        trust = []
+        for t in range(6):
+            for p, g in zip(params, grads_for(params, t)):
+                p.grad = g * (40.0 if t == 3 else 1.0)
+            opt.param_groups[0]["lr"] = 1e-2 * (0.9 ** t)
+            opt.step()
+            if prepared:
+                trust.extend(lg.last_trust.clone() for lg in opt._plan.launch_groups if lg.last_trust is not None)
+        return params, opt, trust
+
+    planned, per_item = go(True), go(False)
+    assert_same(*planned[:2], *per_item[:2])
+    for pa, pb in zip(planned[0], per_item[0]):
+        for key in ("unorm_vec", "gnorm_vec"):
+            if key in planned[1].state[pa]:
+                assert torch.equal(planned[1].state[pa][key], per_item[1].state[pb][key]), key
+    plan = planned[1]._plan
+    assert not plan.per_item and planned[1].plan_builds == 1
+    assert any(lg.prepare_launch is not None for lg in plan.launch_groups)
+    if extra.get("max_unorm", 0) > 0:
+        assert any(bool((s < 1).any()) for s in planned[2]), "the trust ratio never engaged"
+
+
+@needs_native
+def test_prepared_prepare_pass_reports_trust_ratios_to_sinks():
+    """Launched trust-ratio groups give telemetry rows their update scales, as the per-item
+    passes do."""
+    from pagedopt.telemetry.sink import StatsSink
+
+    class Rows(StatsSink):
+        def __init__(self):
+            self.rows = []
+
+        def on_step(self, optimizer, report):
+            self.rows.append({r.name: r.update_scale for r in report.params})
+
+    def go(prepared):
+        params = make_params()
+        opt = pagedopt.LAMB8bit(params, min_8bit_size=0, max_unorm=0.5)
+        opt.prepared_launches = prepared
+        sink = Rows()
+        pagedopt.telemetry.attach(opt, sink)
+        for t in range(3):
+            for p, g in zip(params, grads_for(params, t)):
+                p.grad = g
+            opt.step()
+        return opt, sink.rows
+
+    (opt_a, rows_a), (_, rows_b) = go(True), go(False)
+    assert opt_a._plan.launch_groups and not opt_a._plan.per_item
+    for a, b in zip(rows_a, rows_b):
+        assert a.keys() == b.keys()
+        for name in a:
+            assert a[name] is not None and torch.equal(a[name], b[name]), name
 
 
 @needs_native

@@ -9,9 +9,11 @@ numpy assignments (no Python loop over parameters): the step scalars (lr, bias c
 - the gradient pointers. The kernels and their results are exactly the backend's.
 
 Only items the native call takes directly are planned: CPU float32/float16/bfloat16
-tensors, contiguous, block-wise (or 32-bit) state, no trust-ratio scale, and a gradient scale
-(percentile clipping) only as a float32 scalar whose storage the plan keeps and rewrites
-(:func:`plannable`, :mod:`pagedopt.optim.launch_clipping`). Everything else keeps the per-item backend path.
+tensors, contiguous, and a gradient scale (percentile clipping) or update scale (trust
+ratio) only as a float32 scalar whose storage the plan keeps and rewrites, tensor-wise 8-bit
+state only with its new scales in such buffers (:func:`plannable`,
+:mod:`pagedopt.optim.launch_clipping`, :mod:`pagedopt.optim.launch_prepare`, which runs a
+:class:`CpuPrepareLaunch` before the update). Everything else keeps the per-item backend path.
 
 Example:
     >>> import torch
@@ -41,7 +43,7 @@ from ..functional.items import UpdateItem
 from ..functional.kinds import UpdateKind
 from ..functional.scalars import StepScalars
 from .cpu import NativeLibrary
-from .cpu_items import _SCALAR_NAMES, DTYPE_CODES, _c_item, _CItem, _Staging
+from .cpu_items import _SCALAR_NAMES, DTYPE_CODES, _c_item, _CItem, _CPrepareOut, _Staging, prepare_columns
 
 
 def plannable(item: UpdateItem) -> bool:
@@ -51,10 +53,22 @@ def plannable(item: UpdateItem) -> bool:
         item.param.dtype in DTYPE_CODES
         and item.grad.dtype in DTYPE_CODES
         and item.fixed_gnorm_scale
-        and item.update_scale is None
-        and (item.block_wise or not item.quantized)
+        and _fixed_scalar(item.update_scale, item)
+        and (item.block_wise or not item.quantized or _fixed_new_absmax(item))
         and all(t is None or (t.is_cpu and t.is_contiguous()) for t in tensors)
     )
+
+
+def _fixed_scalar(t: torch.Tensor | None, item: UpdateItem) -> bool:
+    """None, or a one-element float32 tensor on the item's device (a launch keeps its pointer)."""
+    return t is None or (t.dtype == torch.float32 and t.numel() == 1 and t.device == item.param.device)
+
+
+def _fixed_new_absmax(item: UpdateItem) -> bool:
+    """Tensor-wise 8-bit state whose new scales come from buffers the launch points at
+    (:mod:`pagedopt.optim.launch_prepare` writes them before each update)."""
+    given = [item.new_absmax1, item.new_absmax2] if item.state2 is not None else [item.new_absmax1]
+    return all(t is not None and t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() for t in given)
 
 
 _NUMPY_TYPES = {
@@ -78,7 +92,33 @@ def _numpy_dtype(struct: type) -> np.dtype:
     return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": ctypes.sizeof(struct)})
 
 
-class CpuLaunch:
+class _PlannedItems:
+    """The C item array of a fixed list of items, built once; :meth:`_refresh` rewrites the
+    gradient pointers (``grad_ptrs``: None when the gradient tensors are the ones of the
+    previous run or of construction, else one ``data_ptr()`` per item) and the step scalars."""
+
+    def __init__(self, lib: NativeLibrary, kind: UpdateKind, items: Sequence[UpdateItem], updating: bool):
+        staging = _Staging()
+        self.lib = lib
+        self.algorithm = int(kind.algorithm)
+        self.count = len(items)
+        self.c_items = (_CItem * self.count)(*[_c_item(kind, item, staging, updating=updating) for item in items])
+        if staging.keep or staging.write_back:
+            raise ValueError(f"{type(self).__name__} takes only contiguous items (check plannable() first)")
+        self._view = np.frombuffer(self.c_items, dtype=_numpy_dtype(_CItem))
+        self._scalar_dtype = self._view.dtype["scalars"]
+        self._last_scalars: StepScalars | None = None
+
+    def _refresh(self, grad_ptrs: Sequence[int] | None, scalars: StepScalars) -> None:
+        if grad_ptrs is not None:
+            self._view["grad"] = np.asarray(grad_ptrs, dtype=np.uint64)
+        if scalars is not self._last_scalars:
+            record = np.array(tuple(getattr(scalars, n) for n in _SCALAR_NAMES), dtype=self._scalar_dtype)
+            self._view["scalars"] = record
+            self._last_scalars = scalars
+
+
+class CpuLaunch(_PlannedItems):
     """One ``po_update`` call over a fixed list of items, rebuilt by the plan when it changes.
 
     ``run(grad_ptrs, scalars)``: ``grad_ptrs`` is ``None`` when the gradient tensors are the
@@ -86,29 +126,36 @@ class CpuLaunch:
     """
 
     def __init__(self, lib: NativeLibrary, kind: UpdateKind, items: Sequence[UpdateItem]):
-        staging = _Staging()
-        self.lib = lib
-        self.algorithm = int(kind.algorithm)
-        self.count = len(items)
-        self.c_items = (_CItem * self.count)(*[_c_item(kind, item, staging, updating=True) for item in items])
-        if staging.keep or staging.write_back:
-            raise ValueError("CpuLaunch takes only contiguous items (check plannable() first)")
-        self._view = np.frombuffer(self.c_items, dtype=_numpy_dtype(_CItem))
-        self._scalar_dtype = self._view.dtype["scalars"]
-        self._last_scalars: StepScalars | None = None
+        super().__init__(lib, kind, items, updating=True)
         self._skipped = ctypes.c_int64(0)  # po_update's count of NaN/Inf gradient elements
         self._skipped_address = ctypes.addressof(self._skipped)
 
     def run(self, grad_ptrs: Sequence[int] | None, scalars: StepScalars) -> None:
         if not self.count:
             return
-        if grad_ptrs is not None:
-            self._view["grad"] = np.asarray(grad_ptrs, dtype=np.uint64)
-        if scalars is not self._last_scalars:
-            record = np.array(tuple(getattr(scalars, n) for n in _SCALAR_NAMES), dtype=self._scalar_dtype)
-            self._view["scalars"] = record
-            self._last_scalars = scalars
+        self._refresh(grad_ptrs, scalars)
         status = self.lib.po_update(self.algorithm, self.c_items, self.count, torch.get_num_threads(),
                                     self._skipped_address)
         self.lib.check(status, "update")
         nonfinite_tally.report(self._skipped.value)
+
+
+class CpuPrepareLaunch(_PlannedItems):
+    """One ``po_prepare`` call (the pass before the update that trust ratios and tensor-wise
+    8-bit state need) over a fixed list of items. ``run(grad_ptrs, scalars)`` returns the
+    float32 ``[n, 3]`` maxima (state1's moments, state2) and float64 ``[n, 2]`` squared norms
+    (update, parameter) of :func:`~pagedopt.backends.cpu_items.prepare_columns`; the norms
+    only when built with ``want_norms``."""
+
+    def __init__(self, lib: NativeLibrary, kind: UpdateKind, items: Sequence[UpdateItem], want_norms: bool):
+        super().__init__(lib, kind, items, updating=False)
+        self.want_norms = int(want_norms)
+        self._outs = (_CPrepareOut * self.count)()
+
+    def run(self, grad_ptrs: Sequence[int] | None, scalars: StepScalars) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.count:
+            self._refresh(grad_ptrs, scalars)
+            status = self.lib.po_prepare(self.algorithm, self.c_items, self.count, self.want_norms, self._outs,
+                                         torch.get_num_threads())
+            self.lib.check(status, "prepare")
+        return prepare_columns(self._outs, self.count)

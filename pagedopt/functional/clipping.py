@@ -117,10 +117,17 @@ def trust_ratios(
     for i, u in enumerate(unorm_sq):
         groups[(u.device, float(max_unorms[i]))].append(i)
     for (_, max_unorm), idx in groups.items():
-        u = torch.sqrt(torch.stack([unorm_sq[i] for i in idx]))
-        pn = torch.sqrt(torch.stack([pnorm_sq[i] for i in idx]))
-        limit = max_unorm * pn
-        scale = torch.where((u > limit) & (pn > 0), limit / u, torch.ones_like(u)).float()
-        for j, i in enumerate(idx):
-            out[i] = scale[j]
+        scale = trust_scale(torch.stack([unorm_sq[i] for i in idx]), torch.stack([pnorm_sq[i] for i in idx]),
+                            max_unorm)
+        for i, s in zip(idx, scale.unbind(0)):
+            out[i] = s
     return out  # type: ignore[return-value]
+
+
+def trust_scale(unorm_sq: Tensor, pnorm_sq: Tensor, max_unorm: float) -> Tensor:
+    """The batched core of :func:`trust_ratios`: float64 vectors of squared norms in, the
+    float32 vector of update scales out."""
+    u = torch.sqrt(unorm_sq)
+    pn = torch.sqrt(pnorm_sq)
+    limit = max_unorm * pn
+    return torch.where((u > limit) & (pn > 0), limit / u, torch.ones_like(u)).float()

@@ -43,6 +43,7 @@ from ..functional.scalars import step_scalars
 from ..telemetry.sink import NULL_SINK, StatsSink
 from . import validation
 from .launch_clipping import clip_before_launch, with_scale_buffer
+from .launch_prepare import needs_prepare, prepare_before_launch, with_prepare_buffers
 from .memory import precision_of
 from .passes import Work
 from .plan import LaunchGroup, PlanEntry, StepPlan, flat_params, group_signatures, overrides_key
@@ -66,7 +67,11 @@ def _planner(device: torch.device):
         def make(kind, items):
             return cpu_plan.CpuLaunch(backend.lib, kind, items)
 
+        def make_prepare(kind, items, want_norms):
+            return cpu_plan.CpuPrepareLaunch(backend.lib, kind, items, want_norms)
+
         make.plannable = cpu_plan.plannable
+        make.prepare = make_prepare  # (trust ratios, tensor-wise state: pagedopt.optim.launch_prepare)
         make.graphs = False
         return make
     if backend.name == "cuda":
@@ -195,30 +200,50 @@ class StepMixin:
             cfg = self._settings(group, e.key)
             make = _planner(e.param.device)  # (DTensors: their local shards, e.param)
             work = self._work_for(e, grads[e.position], cfg, advance=False)
-            percentile = int(cfg["percentile_clipping"])
+            percentile, max_unorm = int(cfg["percentile_clipping"]), float(cfg["max_unorm"])
             if percentile < 100:  # (a stand-in for the scale the launch will point at)
                 work.gnorm_scale = torch.ones((), dtype=torch.float32, device=e.param.device)
             item = work.item(self.kind, step=e.state["step"] + 1) if make is not None else None
-            if make is None or cfg["max_unorm"] > 0.0 or not make.plannable(item):
+            prepare = item is not None and needs_prepare(item, max_unorm)
+            if prepare and (getattr(make, "prepare", None) is None or e.param is not e.key):
+                plan.per_item.append(e)  # (no prepared prepare pass here, or norms/maxima across ranks)
+                continue
+            if prepare:  # (stand-ins for the buffers the launch will point at)
+                item = with_prepare_buffers(self.kind, [item], e.param.device, max_unorm)[1][0]
+            if make is None or not make.plannable(item):
                 plan.per_item.append(e)
                 continue
             overrides = self._overrides_for(e.key)
             key = (e.gindex, overrides_key(overrides), e.state["step"], e.param.device, bool(cfg["skip_zeros"]),
-                   percentile)
+                   percentile, max_unorm if prepare else None)
             buckets.setdefault(key, (make, []))[1].append((e, item))
-        for (gindex, _, _, device, skip_zeros, percentile), (make, pairs) in buckets.items():
-            group_entries = [e for e, _ in pairs]
-            items = [item for _, item in pairs]
-            scales = None
-            if percentile < 100:  # the launch reads each scale from a buffer written every step
-                scales, items = with_scale_buffer(items, device)
-            launch = make(self.kind, items, use_graph=True) if self.cuda_graph and make.graphs else make(self.kind, items)
-            lg = LaunchGroup(gindex, self._overrides_for(group_entries[0].key), skip_zeros, group_entries, launch)
-            lg.clip_percentile, lg.clip_scales = percentile, scales
-            lg.precisions = [precision_of(e.state, item.block_wise) for e, item in pairs]  # telemetry rows
-            plan.launch_groups.append(lg)
+        for (gindex, _, _, device, skip_zeros, percentile, max_unorm), (make, pairs) in buckets.items():
+            plan.launch_groups.append(self._launch_group(make, gindex, skip_zeros, percentile, max_unorm, device, pairs))
         for lg in plan.launch_groups:
             lg.freeze()
+
+    def _launch_group(self, make: Any, gindex: int, skip_zeros: bool, percentile: int, max_unorm: float | None,
+                      device: torch.device, pairs: list[tuple[PlanEntry, Any]]) -> LaunchGroup:
+        """One launch group: its update launch, and the buffers and prepare launch it reads
+        from when it clips (``percentile < 100``) or needs the prepare pass (``max_unorm`` not
+        None: trust ratios when > 0, tensor-wise state)."""
+        group_entries = [e for e, _ in pairs]
+        items = [item for _, item in pairs]
+        scales = bufs = None
+        if percentile < 100:  # the launch reads each scale from a buffer written every step
+            scales, items = with_scale_buffer(items, device)
+        if max_unorm is not None:  # ... and each trust ratio / new tensor-wise scale from another
+            bufs, items = with_prepare_buffers(self.kind, items, device, max_unorm)
+            if bufs.trust_scales is not None:
+                bufs.unorm_vecs = [e.state["unorm_vec"] for e in group_entries]
+        launch = make(self.kind, items, use_graph=True) if self.cuda_graph and make.graphs else make(self.kind, items)
+        lg = LaunchGroup(gindex, self._overrides_for(group_entries[0].key), skip_zeros, group_entries, launch)
+        lg.clip_percentile, lg.clip_scales = percentile, scales
+        if bufs is not None:
+            lg.prepare_buffers = bufs
+            lg.prepare_launch = make.prepare(self.kind, items, bufs.trust_scales is not None)
+        lg.precisions = [precision_of(e.state, item.block_wise) for e, item in pairs]  # telemetry rows
+        return lg
 
     # -- execution ---------------------------------------------------------------------------
 
@@ -272,7 +297,9 @@ class StepMixin:
         lg.last_clip = clip_before_launch(lg, gl, step) if lg.clip_scales is not None else None
         group = self.param_groups[lg.gindex]
         hp = {**group, **lg.overrides} if lg.overrides else group
-        lg.launch.run(ptrs_arg, step_scalars(self.kind, hp, step, skip_zeros=lg.skip_zeros))
+        scalars = step_scalars(self.kind, hp, step, skip_zeros=lg.skip_zeros)
+        lg.last_trust = prepare_before_launch(lg, ptrs_arg, scalars) if lg.prepare_launch is not None else None
+        lg.launch.run(ptrs_arg, scalars)
         return True
 
     @staticmethod

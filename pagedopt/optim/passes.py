@@ -171,26 +171,24 @@ class PerItemPassesMixin:
 
     def _step_report(self, works: list[Work], started: float, launched: Sequence[Any] = ()) -> StepReport:
         """The sink's report: a row per parameter updated this step - the per-item ``works``,
-        then the entries of the ``launched`` groups (no trust ratio there; clipped groups' rows
-        carry their norms, thresholds and scales)."""
+        then the entries of the ``launched`` groups (clipped groups' rows carry their norms,
+        thresholds and scales, trust-ratio groups' their update scales)."""
         report = StepReport(step=self.steps_taken, duration_seconds=time.perf_counter() - started)
         probe = getattr(self, "_quant_probe", None)
         if probe is not None:
             report.quant_errors = list(probe.samples)
         self._report_works(report, works)
         for lg in launched:
-            clip = lg.last_clip
-            if clip is None:
-                report.params.extend(
-                    ParamStepReport(name=e.name, group=e.gindex, numel=e.key.numel(), precision=precision, param=e.key)
-                    for e, precision in zip(lg.entries, lg.precisions)
-                )
-                continue
+            n = len(lg.entries)
+            clip, trust = lg.last_clip, lg.last_trust
+            norms, thresholds, scales = (clip.norms, clip.thresholds, clip.scales) if clip is not None else ([None] * n,) * 3
+            update_scales = list(trust.unbind(0)) if trust is not None else [None] * n
             report.params.extend(
                 ParamStepReport(name=e.name, group=e.gindex, numel=e.key.numel(), precision=precision,
-                                grad_norm=norm, clip_threshold=threshold, clip_scale=scale, param=e.key)
-                for e, precision, norm, threshold, scale in zip(lg.entries, lg.precisions, clip.norms,
-                                                               clip.thresholds, clip.scales)
+                                grad_norm=norm, clip_threshold=threshold, clip_scale=scale,
+                                update_scale=update_scale, param=e.key)
+                for e, precision, norm, threshold, scale, update_scale in zip(
+                    lg.entries, lg.precisions, norms, thresholds, scales, update_scales)
             )
         return report
 

@@ -86,7 +86,10 @@ class LaunchGroup:
     precisions: list[str] = field(default_factory=list)  # each entry's state precision (telemetry)
     clip_percentile: int = 100  # percentile clipping of the group (100: none)
     clip_scales: torch.Tensor | None = None  # the scales the launch reads (pagedopt.optim.launch_clipping)
-    last_clip: Any = None  # this step's ClipResult (telemetry rows)
+    last_clip: Any = None  # this step's clipping, StackedClip (telemetry rows)
+    prepare_launch: Any = None  # the prepare pass before the update (pagedopt.optim.launch_prepare)
+    prepare_buffers: Any = None  # what it writes for the update: PrepareBuffers
+    last_trust: torch.Tensor | None = None  # this step's trust-ratio update scales (telemetry rows)
 
     def freeze(self) -> None:
         """Record what the per-step checks compare against (after the entries are final)."""
