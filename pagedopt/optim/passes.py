@@ -9,7 +9,8 @@ while it is read.
 Example:
     >>> import torch, pagedopt
     >>> w = torch.nn.Parameter(torch.randn(4096))
-    >>> opt = pagedopt.AdamW8bit([w], percentile_clipping=90)   # clipping: per-item passes
+    >>> opt = pagedopt.AdamW8bit([w], percentile_clipping=90)
+    >>> opt.prepared_launches = False   # every parameter through the per-item passes
     >>> w.grad = torch.randn(4096); opt.step()
     >>> int(opt.state[w]["step"])
     1
