@@ -336,6 +336,41 @@ def test_update_kernels_count_nonfinite_gradient_elements(device, cuda_graph, pr
     assert not calls
 
 
+@pytest.mark.parametrize("cuda_graph", [True, False], ids=["graph", "eager"])
+@pytest.mark.parametrize("name,extra", [
+    ("LAMB8bit", dict(max_unorm=0.3)),  # tensor-wise state and a trust ratio
+    ("LARS8bit", dict(lr=1e-2, momentum=0.9, max_unorm=0.05)),
+    ("AdamW8bit", dict(block_wise=False)),
+], ids=["lamb", "lars", "adamw-tensorwise"])
+def test_prepare_pass_in_planned_launches_matches_per_item(device, name, extra, cuda_graph):
+    """Trust ratios and tensor-wise state in the prepared launches (the prepare pass a prepared
+    launch of its own, eager before the update's launch or graph replay): the same parameters
+    and states as the per-item passes, bit for bit (strict numerics: the same kernels either way)."""
+    import pagedopt
+
+    def go(prepared):
+        params = _model_params(device, torch.float32)
+        cls = pagedopt.optim.get_optimizer_class(name)
+        opt = cls(params, min_8bit_size=1000, numerics="strict", cuda_graph=cuda_graph, **extra)
+        opt.prepared_launches = prepared
+        for step in range(6):
+            g = torch.Generator(device=device).manual_seed(50 + step)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g, device=device) * (0.3 if step == 4 else 0.01)
+            opt.param_groups[0]["lr"] = extra.get("lr", 1e-3) / (step + 1)
+            opt.step()
+        torch.cuda.synchronize()
+        return params, opt
+
+    (pa, a), (pb, b) = go(True), go(False)
+    assert a._plan.launch_groups and not a._plan.per_item
+    for x, y in zip(pa, pb):
+        assert torch.equal(x, y)
+        for key in ("state1", "state2", "absmax1", "absmax2", "unorm_vec"):
+            if key in a.state[x]:
+                assert torch.equal(a.state[x][key], b.state[y][key]), key
+
+
 def test_kernels_run_on_the_current_stream(backend, device):
     """A launch queued behind a 1 s sleep on a side stream must not have run yet when the
     default stream reads the parameter."""

@@ -66,6 +66,44 @@ def test_prepared_cuda_launches_match_the_per_item_path(emulated, name):
     assert planned.plan_builds == 1 and not planned._plan.per_item
 
 
+@pytest.mark.parametrize("name,extra", [
+    ("LAMB8bit", dict(max_unorm=0.3)),  # tensor-wise (LAMB's default) and a trust ratio
+    ("LAMB8bit", dict(max_unorm=0.3, block_wise=True)),
+    ("LAMB32bit", dict(max_unorm=0.3)),
+    ("LARS8bit", dict(lr=1e-2, momentum=0.9, max_unorm=0.05, percentile_clipping=50)),
+    ("AdamW8bit", dict(block_wise=False)),  # tensor-wise alone: one moment, two states
+    ("AdEMAMix8bit", dict(block_wise=False)),  # two state1 moments
+])
+def test_prepare_pass_runs_in_prepared_cuda_launches(emulated, name, extra):
+    """Trust ratios and tensor-wise state in the prepared CUDA launches: the prepare pass is a
+    prepared launch of its own (CudaPrepareLaunch) whose maxima and norms fill the buffers the
+    update launch reads, and tensor-wise scales are copied into the state after the update
+    kernel. Bit-identical to the per-item path (exact tier), one plan, no per-item entries."""
+    def go(prepared):
+        ps = params()
+        opt = pagedopt.optim.get_optimizer_class(name)(ps, **({"min_8bit_size": 0} if "8bit" in name else {}), **extra)
+        opt.prepared_launches = prepared
+        for t in range(4):
+            g = torch.Generator().manual_seed(100 + t)
+            for p in ps:
+                p.grad = (torch.randn(p.shape, generator=g) * 0.01 * (30.0 if t == 2 else 1.0)).to(p.dtype)
+            opt.param_groups[0]["lr"] = 1e-3 / (t + 1)
+            opt.step()
+        return ps, opt
+
+    (pa, a), (pb, b) = go(True), go(False)
+    for x, y in zip(pa, pb):
+        assert torch.equal(x, y)
+        for key in ("state1", "state2", "absmax1", "absmax2", "unorm_vec", "gnorm_vec"):
+            if key in a.state[x]:
+                assert torch.equal(a.state[x][key], b.state[y][key]), key
+    plan = a._plan
+    assert a.plan_builds == 1 and not plan.per_item
+    assert all(lg.prepare_launch is not None for lg in plan.launch_groups)
+    prepares = [n for launcher in emulated for n, _, _ in launcher.launches if "prepare" in n]
+    assert prepares, "no prepare kernel ran"
+
+
 def test_descriptors_are_packed_once_per_plan(emulated, monkeypatch):
     packed = []
     real = cuda_plan.pack_update_descs
@@ -101,16 +139,19 @@ def test_misaligned_new_gradient_clears_the_vector_flag(emulated):
 
 class FakeGraph:
     """Replays exactly what was recorded at capture: the descriptor copies (same source and
-    destination buffers) and the kernel launches (same arguments) - no Python of the step."""
+    destination buffers), the kernel launches (same arguments) and the tensor-wise scale
+    copies that follow them (same tensors) - no Python of the step."""
 
-    def __init__(self, copies, launches):
-        self.copies, self.launches = copies, launches
+    def __init__(self, copies, launches, after=()):
+        self.copies, self.launches, self.after = copies, launches, list(after)
 
     def replay(self):
         for dst, src in self.copies:
             dst.copy_(src)
         for launcher, args in self.launches:
             launcher.launch(*args)
+        for dst, src in self.after:
+            torch._foreach_copy_(dst, src)
 
 
 class FakeGraphs:
@@ -131,16 +172,18 @@ class FakeGraphs:
         self.captures += 1
         groups = fn.__self__.groups
         launchers = {id(g.launcher): g.launcher for g in groups}.values()
-        launches = []
+        launches, after = [], []
         for launcher in launchers:  # record the launches instead of running them (a capture runs nothing)
             launcher.launch = lambda *args, _l=launcher: launches.append((_l, args))
+        real_foreach_copy = torch._foreach_copy_
+        torch._foreach_copy_ = lambda dst, src: after.append((dst, src))  # (recorded, like a kernel)
         try:
             fn()
         finally:
+            torch._foreach_copy_ = real_foreach_copy
             for launcher in launchers:
                 del launcher.launch
-        return FakeGraph([(g.device_buffer, g.pinned) for g in groups],
-                         launches)
+        return FakeGraph([(g.device_buffer, g.pinned) for g in groups], launches, after)
 
     def event(self, device):
         return None
@@ -178,6 +221,32 @@ def test_graph_replays_read_each_steps_scalars_and_pointers(emulated, graphs):
         assert torch.equal(a, b)
     launch = graphed._plan.launch_groups[0].launch
     assert graphs.captures == 1 and launch.replays == 6 - 2  # two warm-up runs, then replays
+
+
+@pytest.mark.parametrize("name", ["LAMB8bit", "AdamW8bit"])
+def test_graph_replays_with_the_prepare_pass_eager_before_them(emulated, graphs, name):
+    """Trust ratios and tensor-wise scales: the prepare pass runs eagerly each step into the
+    buffers a replayed update graph reads, and the graph's own tensor-wise scale copies land
+    after its kernels. Same parameters and states as without a graph."""
+    def go(cuda_graph):
+        ps = params()
+        extra = dict(max_unorm=0.3) if name == "LAMB8bit" else dict(block_wise=False)
+        opt = pagedopt.optim.get_optimizer_class(name)(ps, min_8bit_size=0, cuda_graph=cuda_graph, **extra)
+        for t in range(6):
+            g = torch.Generator().manual_seed(300 + t)
+            for p in ps:
+                p.grad = (torch.randn(p.shape, generator=g) * 0.01 * (30.0 if t == 4 else 1.0)).to(p.dtype)
+            opt.param_groups[0]["lr"] = 1e-3 / (t + 1)
+            opt.step()
+        return ps, opt
+
+    (pa, a), (pb, b) = go(True), go(False)
+    for x, y in zip(pa, pb):
+        assert torch.equal(x, y)
+        for key in ("state1", "state2", "absmax1", "absmax2"):
+            assert torch.equal(a.state[x][key], b.state[y][key]), key
+    launches = [lg.launch for lg in a._plan.launch_groups]
+    assert graphs.captures == len(launches) and all(launch.replays == 6 - 2 for launch in launches)
 
 
 def test_recaptured_after_a_plan_change(emulated, graphs):

@@ -10,8 +10,11 @@ and the launch itself, on the current stream. The kernels, arguments and results
 backend's.
 
 Only items the kernels take directly are planned (:func:`plannable`): fp32/fp16/bf16
-parameters with gradients of the same dtype, contiguous, block-wise 8-bit or 32-bit state,
-no clipping or trust-ratio scale.
+parameters with gradients of the same dtype, contiguous, and a gradient scale (percentile
+clipping), update scale (trust ratio) or new tensor-wise scales only in buffers the plan keeps
+and rewrites before each launch (:mod:`pagedopt.optim.launch_clipping`,
+:mod:`pagedopt.optim.launch_prepare`, whose prepare pass runs as a :class:`CudaPrepareLaunch`
+- eagerly, before the update's launch or graph replay).
 
 **CUDA graphs** (``cuda_graph=True``, the default): the descriptor bytes live in a persistent
 pinned host buffer and a persistent device buffer, so after :data:`WARMUP_RUNS` runs of a
@@ -23,8 +26,9 @@ the first thing of the previous step's launches). A new plan (anything that re-p
 a new launch and captures again. No graph is captured while the current stream is already
 capturing (inside a user's ``torch.cuda.graph``: the launches are recorded into the user's
 graph instead), and if a capture fails the launch warns once and stays eager. Percentile
-clipping, trust ratios, tensor-wise state and paged state run outside the graph, in the
-per-item passes (paging policies that move state never enter it). The kernels add their count
+clipping's scales and the prepare pass (trust ratios, tensor-wise scales) are computed outside
+the graph, eagerly, into the buffers it reads; paged state runs in the per-item passes
+(paging policies that move state never enter a graph). The kernels add their count
 of NaN/Inf gradient elements to the non-finite watch's running count on the device (its
 address is fixed when the launch is built), so counting needs no launch of its own, in a
 graph or not.
@@ -50,7 +54,7 @@ from ..functional.items import UpdateItem
 from ..functional.kinds import UpdateKind
 from ..functional.scalars import StepScalars
 from . import cuda_catalog, cuda_plan
-from .cuda_layout import FLAG_VECTOR_OK, STEP_SCALARS, TENSOR_DESC
+from .cuda_layout import FLAG_VECTOR_OK, PREPARE_PARTIAL, STEP_SCALARS, TENSOR_DESC
 
 
 def plannable(item: UpdateItem) -> bool:
@@ -59,14 +63,30 @@ def plannable(item: UpdateItem) -> bool:
     return (
         cuda_plan.kernel_handles(item)
         and item.fixed_gnorm_scale
-        and item.update_scale is None
-        and (item.block_wise or not item.quantized)
+        and _fixed_scalar(item.update_scale, item)
+        and (item.block_wise or not item.quantized or _fixed_new_absmax(item))
         and all(t is None or t.is_contiguous() for t in tensors)
     )
 
 
+def _fixed_scalar(t: torch.Tensor | None, item: UpdateItem) -> bool:
+    """None, or a one-element float32 tensor on the item's device (a launch keeps its pointer)."""
+    return t is None or (t.dtype == torch.float32 and t.numel() == 1 and t.device == item.param.device)
+
+
+def _fixed_new_absmax(item: UpdateItem) -> bool:
+    """Tensor-wise 8-bit state whose new scales come from buffers on the item's device that
+    :mod:`pagedopt.optim.launch_prepare` writes before each update."""
+    given = [item.new_absmax1, item.new_absmax2] if item.state2 is not None else [item.new_absmax1]
+    return all(t is not None and t.dtype == torch.float32 and t.is_contiguous() and t.device == item.param.device
+               for t in given)
+
+
 class _Group:
     """One kernel launch: the packed descriptor + prefix bytes and where the items sit."""
+
+    CHUNK_ELEMS = cuda_plan.CHUNK_ELEMS
+    COPIES_ABSMAX = True  # tensor-wise state: copy the new scales into the state after the kernel
 
     def __init__(self, launcher: Any, kind: UpdateKind, elem: str, mode: str, items: list[UpdateItem],
                  positions: list[int]) -> None:
@@ -78,7 +98,7 @@ class _Group:
         self.counter = counter  # (kept alive with the launch)
         self.counter_ptr = counter.data_ptr() if counter is not None else 0
         self.positions = np.asarray(positions, dtype=np.int64)  # index of each item in the launch's list
-        prefix = cuda_plan.chunk_prefix([it.param.numel() for it in items], cuda_plan.CHUNK_ELEMS)
+        prefix = cuda_plan.chunk_prefix([it.param.numel() for it in items], self.CHUNK_ELEMS)
         descs = cuda_plan.pack_update_descs(kind, items)
         self.host, self.offset = cuda_plan.launch_buffer(descs, prefix)
         self.descs = self.host[: descs.nbytes].view(TENSOR_DESC)  # writable view into the bytes
@@ -92,7 +112,18 @@ class _Group:
         self.work_units = int(prefix[-1])
         numerics = getattr(items[0], "numerics", cuda_catalog.DEFAULT_NUMERICS)
         self.program = cuda_catalog.optimizer_program(kind.algorithm, elem, numerics)
-        self.spec = cuda_catalog.update_kernel(kind.algorithm, elem, mode, numerics)
+        self.spec = self._kernel_spec(kind, elem, mode, numerics)
+        # Tensor-wise 8-bit state: every CTA reads the old scale during the launch, the new one
+        # (new_absmax*) is copied into the state after it (as CudaBackend.update does).
+        self.absmax_targets: list[torch.Tensor] = []
+        self.absmax_values: list[torch.Tensor] = []
+        if mode == "tensor8" and self.COPIES_ABSMAX:
+            for it in items:
+                self.absmax_targets.append(it.absmax1)
+                self.absmax_values.append(it.new_absmax1.reshape(it.absmax1.shape))
+                if kind.num_states == 2:
+                    self.absmax_targets.append(it.absmax2)
+                    self.absmax_values.append(it.new_absmax2.reshape(it.absmax2.shape))
         # Persistent buffers: the host bytes in pinned memory (the numpy views alias it), and
         # their device copy, reused every step (and read by a captured graph).
         with launcher.guard():
@@ -101,6 +132,10 @@ class _Group:
         self.pinned.numpy()[:] = self.host
         self.host = self.pinned.numpy()
         self.descs = self.host[: descs.nbytes].view(TENSOR_DESC)
+
+    @staticmethod
+    def _kernel_spec(kind: UpdateKind, elem: str, mode: str, numerics: str) -> Any:
+        return cuda_catalog.update_kernel(kind.algorithm, elem, mode, numerics)
 
     def write(self, grad_ptrs: np.ndarray | None, record: np.ndarray) -> None:
         """This step's gradient pointers (when they changed) and scalars, into the pinned bytes."""
@@ -122,6 +157,44 @@ class _Group:
             launcher.launch(kernel, self.work_units, None,
                             (base, base + self.offset, self.count, launcher.maps.data_ptr(), launcher.luts.data_ptr(),
                              self.counter_ptr))
+            if self.absmax_targets:
+                torch._foreach_copy_(self.absmax_targets, self.absmax_values)
+
+
+class _PrepareGroup(_Group):
+    """One prepare-kernel launch (trust-ratio norms, tensor-wise maxima) and its finalize
+    launch, into persistent per-group outputs: float64 ``norms [n, 2]``, float32 ``maxima``
+    in the kernels' layout (state1's moments, then state2)."""
+
+    CHUNK_ELEMS = cuda_plan.REDUCE_CHUNK_ELEMS
+    COPIES_ABSMAX = False  # (the update's business)
+
+    def __init__(self, launcher: Any, kind: UpdateKind, elem: str, mode: str, items: list[UpdateItem],
+                 positions: list[int], want_norms: bool) -> None:
+        super().__init__(launcher, kind, elem, mode, items, positions)
+        self.want_norms = int(want_norms)
+        with launcher.guard():
+            self.partials = torch.empty(self.work_units * PREPARE_PARTIAL.itemsize, dtype=torch.uint8,
+                                        device=launcher.device)
+            self.norms = torch.zeros((self.count, 2), dtype=torch.float64, device=launcher.device)
+            self.maxima = torch.zeros((self.count, 3), dtype=torch.float32, device=launcher.device)
+
+    @staticmethod
+    def _kernel_spec(kind: UpdateKind, elem: str, mode: str, numerics: str) -> Any:
+        return cuda_catalog.prepare_kernel(kind.algorithm, elem, mode, numerics)
+
+    def launch(self) -> None:
+        launcher = self.launcher
+        with launcher.guard():
+            self.device_buffer.copy_(self.pinned, non_blocking=True)
+            base = self.device_buffer.data_ptr()
+            if self.work_units:
+                launcher.launch(launcher.kernel(self.program, self.spec), self.work_units, None,
+                                (base, base + self.offset, self.count, launcher.maps.data_ptr(),
+                                 launcher.luts.data_ptr(), self.partials.data_ptr(), self.want_norms))
+            finalize = launcher.kernel(self.program, cuda_catalog.FINALIZE_PREPARE)
+            launcher.launch(finalize, self.count, self.count, (base + self.offset, self.count, self.partials.data_ptr(),
+                                                               self.norms.data_ptr(), self.maxima.data_ptr()))
 
 
 WARMUP_RUNS = 2  # eager runs before a capture (kernels loaded, allocator warm)
@@ -176,11 +249,12 @@ class CudaLaunch:
             if not live:
                 continue
             for p in live:
-                cuda_plan.check_item(kind, items[p], p)
+                cuda_plan.check_item(kind, items[p], p, need_new_absmax=self._need_new_absmax(items[p]))
             # one launch per numerics mode (fast/strict kernels are separate programs)
             for in_mode in cuda_catalog.split_by_numerics([items[p] for p in live]).values():
                 chosen = [live[i] for i in in_mode]
-                self.groups.append(_Group(backend._device(device), kind, elem, mode, [items[p] for p in chosen], chosen))
+                self.groups.append(self._group(backend._device(device), kind, elem, mode, [items[p] for p in chosen],
+                                               chosen))
         self.devices = sorted({g.launcher.device for g in self.groups}, key=str)
         self.use_graph = use_graph and len(self.devices) == 1
         self.graph: Any = None
@@ -190,6 +264,14 @@ class CudaLaunch:
         self._copied: list[Any] = []
         self._last_scalars: StepScalars | None = None
         self._record: np.ndarray | None = None
+
+    @staticmethod
+    def _need_new_absmax(item: UpdateItem) -> bool:
+        return item.quantized and not item.block_wise
+
+    def _group(self, launcher: Any, kind: UpdateKind, elem: str, mode: str, items: list[UpdateItem],
+               positions: list[int]) -> _Group:
+        return _Group(launcher, kind, elem, mode, items, positions)
 
     def run(self, grad_ptrs: Sequence[int] | None, scalars: StepScalars) -> None:
         if scalars is not self._last_scalars:
@@ -229,3 +311,42 @@ class CudaLaunch:
                 RuntimeWarning,
                 stacklevel=4,
             )
+
+
+class CudaPrepareLaunch(CudaLaunch):
+    """Prepared prepare-pass launches over a fixed list of items, eager (never a graph): the
+    pass before the update that trust ratios and tensor-wise 8-bit state need
+    (:mod:`pagedopt.optim.launch_prepare`). ``run(grad_ptrs, scalars)`` returns float32
+    maxima ``[n, 3]`` (state1's moments in columns 0-1, state2 in column 2: the layout of
+    :class:`~pagedopt.backends.cpu_plan.CpuPrepareLaunch`) and float64 squared norms ``[n, 2]``
+    (update, parameter) on the items' device, in item order; zero rows for empty items.
+    """
+
+    def __init__(self, backend: Any, kind: UpdateKind, items: Sequence[UpdateItem], want_norms: bool):
+        self.want_norms = want_norms
+        self.kind = kind
+        super().__init__(backend, kind, items, use_graph=False)
+        self.count = len(items)
+        device = items[0].param.device if items else torch.device("cpu")
+        self.maxima = torch.zeros((self.count, 3), dtype=torch.float32, device=device)
+        self.norms = torch.zeros((self.count, 2), dtype=torch.float64, device=device)
+        # The kernels put state2's maximum right after state1's moments: column 1 for the
+        # one-moment two-state kinds (Adam, LAMB), where ours has it in column 2.
+        self._swap = kind.state1_moments == 1 and kind.num_states == 2
+        self._rows = [torch.as_tensor(g.positions, device=device) for g in self.groups]
+
+    @staticmethod
+    def _need_new_absmax(item: UpdateItem) -> bool:
+        return False
+
+    def _group(self, launcher: Any, kind: UpdateKind, elem: str, mode: str, items: list[UpdateItem],
+               positions: list[int]) -> _Group:
+        return _PrepareGroup(launcher, kind, elem, mode, items, positions, self.want_norms)
+
+    def run(self, grad_ptrs: Sequence[int] | None, scalars: StepScalars) -> tuple[torch.Tensor, torch.Tensor]:
+        super().run(grad_ptrs, scalars)
+        for group, rows in zip(self.groups, self._rows):
+            maxima = group.maxima[:, [0, 2, 1]] if self._swap else group.maxima
+            self.maxima.index_copy_(0, rows, maxima)
+            self.norms.index_copy_(0, rows, group.norms)
+        return self.maxima, self.norms

@@ -80,7 +80,11 @@ def _planner(device: torch.device):
         def make_cuda(kind, items, use_graph=False):
             return cuda_prepared.CudaLaunch(backend, kind, items, use_graph=use_graph)
 
+        def make_cuda_prepare(kind, items, want_norms):
+            return cuda_prepared.CudaPrepareLaunch(backend, kind, items, want_norms)
+
         make_cuda.plannable = cuda_prepared.plannable
+        make_cuda.prepare = make_cuda_prepare
         make_cuda.graphs = True
         return make_cuda
     return None

@@ -4,7 +4,8 @@ LAMB/LARS (``max_unorm > 0``) scale each update by a trust ratio that needs the 
 whole update first, and tensor-wise 8-bit state needs the whole tensor's new maximum before
 any code can be written: a prepare pass runs before the update (:mod:`pagedopt.optim.passes`
 does it per item). For a launch group the plan builds that pass once as its own prepared
-launch (:class:`~pagedopt.backends.cpu_plan.CpuPrepareLaunch`, same items) and gives the group
+launch (:class:`~pagedopt.backends.cpu_plan.CpuPrepareLaunch`,
+:class:`~pagedopt.backends.cuda_prepared.CudaPrepareLaunch`; same items) and gives the group
 buffers the update launch points at: one float32 update scale per item, and for tensor-wise
 items their new scales (a row of ``[state1 moment 0, moment 1, state2]``). Each step, before
 the update, :func:`prepare_before_launch` runs the pass and writes the buffers from its
@@ -13,9 +14,9 @@ outputs - the same values as the per-item passes (the trust ratio by
 results are the same bit for bit - and records each parameter's update norm in its
 ``unorm_vec``, all without a Python loop over the parameters.
 
-Only the native CPU backend builds such launches today; CUDA keeps these parameters on the
-per-item passes, and so do DTensor (FSDP2) parameters, whose norms and maxima would need a
-reduction across ranks first.
+On CUDA the pass runs eagerly before the update's launch or graph replay (the buffers stay on
+the device: no host sync). DTensor (FSDP2) parameters keep the per-item passes: their norms
+and maxima need a reduction across ranks first.
 
 Example:
     >>> import torch

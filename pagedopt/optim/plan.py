@@ -10,13 +10,13 @@ settings and names (:class:`PlanEntry`), and splits them into
   reads its hyperparameters from the live param group (so a learning-rate schedule, new
   betas or the step count never rebuild anything) and computes the step scalars once;
   A group with percentile clipping computes its scales before the launch
-  (:mod:`pagedopt.optim.launch_clipping`); on CPU a group with trust ratios or tensor-wise
-  8-bit state runs its prepare pass as a launch before the update
+  (:mod:`pagedopt.optim.launch_clipping`); a group with trust ratios or tensor-wise 8-bit
+  state runs its prepare pass as a launch before the update
   (:mod:`pagedopt.optim.launch_prepare`); DTensor (FSDP2) parameters launch on their local
   shards;
-* **per-item entries**: everything else (paged state, on CUDA or for DTensors trust ratios
-  and tensor-wise 8-bit state, other devices), which runs through the batched per-item
-  passes of :mod:`pagedopt.optim.passes` every step.
+* **per-item entries**: everything else (paged state, DTensor parameters with trust ratios
+  or tensor-wise 8-bit state, other devices), which runs through the batched per-item passes
+  of :mod:`pagedopt.optim.passes` every step.
 
 The plan is rebuilt only when something that shapes it changes (:meth:`StepPlan.still_valid`):
 ``add_param_group``/``load_state_dict`` (the optimizer's plan generation), a
