@@ -121,17 +121,17 @@ def test_exact_tier(fsdp_results, run):
 
 
 def test_shards_without_clipping_are_launched(fsdp_results):
-    """DTensor parameters whose update is shard-local (block-wise or 32-bit state, no trust
-    ratio; percentile clipping on the global norms) join the prepared launches - every one
-    of the model's 6 - and still match one process exactly (test_exact_tier: the
-    ``adamw8bit_rows`` runs, with and without clipping); tensor-wise state and trust ratios
-    (sums and maxima over the shards) take the per-item passes."""
+    """DTensor parameters join the prepared launches - every one of the model's 6 - and
+    still match one process exactly (test_exact_tier): block-wise and 32-bit state, with and
+    without percentile clipping (global norms, ``adamw8bit_rows``), and tensor-wise state and
+    trust ratios, whose prepare pass runs on the shards and is reduced over them (sums and
+    maxima) before the update (``adamw8bit_tensorwise``, ``lars8bit``)."""
     for result in fsdp_results:
         assert result["adamw8bit_rows_launched"]["launched"] == 6
         assert result["adamw8bit"]["launched"] == 6
         assert result["adamw8bit_rows"]["launched"] == 6  # clipped in the launches
-        assert result["adamw8bit_tensorwise"]["launched"] == 4  # the two tensor-wise 8-bit weights: per item
-        assert result["lars8bit"]["launched"] == 0
+        assert result["adamw8bit_tensorwise"]["launched"] == 6  # tensor-wise: maxima over the shards
+        assert result["lars8bit"]["launched"] == 6  # trust ratio: norms over the shards
 
 
 def test_clipping_uses_global_norms(fsdp_results):

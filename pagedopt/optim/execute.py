@@ -209,8 +209,8 @@ class StepMixin:
                 work.gnorm_scale = torch.ones((), dtype=torch.float32, device=e.param.device)
             item = work.item(self.kind, step=e.state["step"] + 1) if make is not None else None
             prepare = item is not None and needs_prepare(item, max_unorm)
-            if prepare and (getattr(make, "prepare", None) is None or e.param is not e.key):
-                plan.per_item.append(e)  # (no prepared prepare pass here, or norms/maxima across ranks)
+            if prepare and getattr(make, "prepare", None) is None:
+                plan.per_item.append(e)  # (no prepared prepare pass on this backend)
                 continue
             if prepare:  # (stand-ins for the buffers the launch will point at)
                 item = with_prepare_buffers(self.kind, [item], e.param.device, max_unorm)[1][0]

@@ -15,8 +15,8 @@ results are the same bit for bit - and records each parameter's update norm in i
 ``unorm_vec``, all without a Python loop over the parameters.
 
 On CUDA the pass runs eagerly before the update's launch or graph replay (the buffers stay on
-the device: no host sync). DTensor (FSDP2) parameters keep the per-item passes: their norms
-and maxima need a reduction across ranks first.
+the device: no host sync). For DTensor (FSDP2) parameters the pass runs on the local shards
+and its norms and maxima are reduced over the shards first.
 
 Example:
     >>> import torch
@@ -42,6 +42,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..distributed import sharding
 from ..functional.clipping import trust_scale
 from ..functional.items import UpdateItem
 from ..functional.kinds import UpdateKind
@@ -89,6 +90,8 @@ def prepare_before_launch(lg: Any, grad_ptrs: Sequence[int] | None, scalars: Any
     for the update that follows; returns this step's update scales (None without trust ratio)."""
     bufs: PrepareBuffers = lg.prepare_buffers
     maxima, norms = lg.prepare_launch.run(grad_ptrs, scalars)
+    if lg.sharded:
+        maxima, norms = _over_shards(lg, maxima, norms)
     if bufs.new_max is not None:
         bufs.new_max.copy_(maxima)
     if bufs.trust_scales is None:
@@ -99,3 +102,14 @@ def prepare_before_launch(lg: Any, grad_ptrs: Sequence[int] | None, scalars: Any
     # Each parameter's update norm (squared, as the per-item passes keep it) in its unorm_vec.
     torch._foreach_copy_(bufs.unorm_vecs, list(unorm_sq.float().reshape(-1, 1).unbind(0)))
     return scale
+
+
+def _over_shards(lg: Any, maxima: torch.Tensor, norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DTensor (FSDP2) parameters: the prepare pass saw this rank's shards; the trust ratio
+    needs the global norms (sums over the shards) and tensor-wise state the global maxima, as
+    the per-item passes reduce them (one batched collective each; every rank has the same
+    launch groups, so the collectives line up)."""
+    keys = [e.key for e in lg.entries]
+    maxima = torch.stack(sharding.all_reduce_over_shards(keys, list(maxima.unbind(0)), "max"))
+    norms = torch.stack(sharding.all_reduce_over_shards(keys, list(norms.unbind(0)), "sum"))
+    return maxima, norms

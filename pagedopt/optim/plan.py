@@ -14,9 +14,8 @@ settings and names (:class:`PlanEntry`), and splits them into
   state runs its prepare pass as a launch before the update
   (:mod:`pagedopt.optim.launch_prepare`); DTensor (FSDP2) parameters launch on their local
   shards;
-* **per-item entries**: everything else (paged state, DTensor parameters with trust ratios
-  or tensor-wise 8-bit state, other devices), which runs through the batched per-item passes
-  of :mod:`pagedopt.optim.passes` every step.
+* **per-item entries**: everything else (paged state, other devices), which runs through
+  the batched per-item passes of :mod:`pagedopt.optim.passes` every step.
 
 The plan is rebuilt only when something that shapes it changes (:meth:`StepPlan.still_valid`):
 ``add_param_group``/``load_state_dict`` (the optimizer's plan generation), a
