@@ -63,23 +63,10 @@ def plannable(item: UpdateItem) -> bool:
     return (
         cuda_plan.kernel_handles(item)
         and item.fixed_gnorm_scale
-        and _fixed_scalar(item.update_scale, item)
-        and (item.block_wise or not item.quantized or _fixed_new_absmax(item))
+        and item.fixed_update_scale
+        and (item.block_wise or not item.quantized or item.fixed_new_absmax)
         and all(t is None or t.is_contiguous() for t in tensors)
     )
-
-
-def _fixed_scalar(t: torch.Tensor | None, item: UpdateItem) -> bool:
-    """None, or a one-element float32 tensor on the item's device (a launch keeps its pointer)."""
-    return t is None or (t.dtype == torch.float32 and t.numel() == 1 and t.device == item.param.device)
-
-
-def _fixed_new_absmax(item: UpdateItem) -> bool:
-    """Tensor-wise 8-bit state whose new scales come from buffers on the item's device that
-    :mod:`pagedopt.optim.launch_prepare` writes before each update."""
-    given = [item.new_absmax1, item.new_absmax2] if item.state2 is not None else [item.new_absmax1]
-    return all(t is not None and t.dtype == torch.float32 and t.is_contiguous() and t.device == item.param.device
-               for t in given)
 
 
 class _Group:

@@ -72,8 +72,24 @@ class UpdateItem:
     def fixed_gnorm_scale(self) -> bool:
         """No gradient scale, or a one-element float32 tensor on the parameter's device (what
         a prepared launch can point at: :mod:`pagedopt.optim.launch_clipping`)."""
-        s = self.gnorm_scale
-        return s is None or (s.dtype == torch.float32 and s.numel() == 1 and s.device == self.param.device)
+        return self._pointable_scalar(self.gnorm_scale)
+
+    @property
+    def fixed_update_scale(self) -> bool:
+        """The same for the update scale (trust ratio: :mod:`pagedopt.optim.launch_prepare`)."""
+        return self._pointable_scalar(self.update_scale)
+
+    @property
+    def fixed_new_absmax(self) -> bool:
+        """Tensor-wise 8-bit state whose new scales are float32 tensors on the parameter's
+        device that a prepared launch can point at (:mod:`pagedopt.optim.launch_prepare`
+        writes them before each update)."""
+        given = [self.new_absmax1, self.new_absmax2] if self.state2 is not None else [self.new_absmax1]
+        return all(t is not None and t.dtype == torch.float32 and t.is_contiguous() and t.device == self.param.device
+                   for t in given)
+
+    def _pointable_scalar(self, t: torch.Tensor | None) -> bool:
+        return t is None or (t.dtype == torch.float32 and t.numel() == 1 and t.device == self.param.device)
 
 
 @dataclass
