@@ -208,7 +208,7 @@ class StepMixin:
             if percentile < 100:  # (a stand-in for the scale the launch will point at)
                 work.gnorm_scale = torch.ones((), dtype=torch.float32, device=e.param.device)
             item = work.item(self.kind, step=e.state["step"] + 1) if make is not None else None
-            prepare = item is not None and needs_prepare(item, max_unorm)
+            prepare = item is not None and needs_prepare(item.quantized, item.block_wise, max_unorm)
             if prepare and getattr(make, "prepare", None) is None:
                 plan.per_item.append(e)  # (no prepared prepare pass on this backend)
                 continue

@@ -60,9 +60,10 @@ class PrepareBuffers:
     unorm_vecs: list[torch.Tensor] = dataclasses.field(default_factory=list)  # each state's unorm_vec
 
 
-def needs_prepare(item: UpdateItem, max_unorm: float) -> bool:
-    """Whether ``item``'s update needs the prepare pass first (trust ratio or tensor-wise)."""
-    return max_unorm > 0.0 or (item.quantized and not item.block_wise)
+def needs_prepare(quantized: bool, block_wise: bool, max_unorm: float) -> bool:
+    """Whether an update needs the prepare pass first: a trust ratio, or tensor-wise 8-bit
+    state (the per-item passes and the plan both ask this)."""
+    return max_unorm > 0.0 or (quantized and not block_wise)
 
 
 def with_prepare_buffers(kind: UpdateKind, items: Sequence[UpdateItem], device: torch.device,

@@ -31,6 +31,7 @@ from ..functional.items import UpdateItem
 from ..functional.kinds import UpdateKind
 from ..functional.scalars import step_scalars
 from ..telemetry.sink import ParamStepReport, StepReport
+from .launch_prepare import needs_prepare
 from .memory import precision_of
 
 
@@ -60,7 +61,7 @@ class Work:
 
     @property
     def needs_prepare(self) -> bool:
-        return self.cfg["max_unorm"] > 0.0 or (self.quantized and not self.cfg["block_wise"])
+        return needs_prepare(self.quantized, self.cfg["block_wise"], self.cfg["max_unorm"])
 
     def item(self, kind: UpdateKind, step: int | None = None) -> UpdateItem:
         """The backend's view; ``step`` replaces the state's step count (plan building)."""
