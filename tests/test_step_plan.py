@@ -168,18 +168,34 @@ def test_prepared_prepare_pass_reports_trust_ratios_to_sinks():
 
 
 @needs_native
-def test_non_contiguous_gradient_falls_back_for_that_step():
-    p = torch.nn.Parameter(torch.randn(64, 64))
-    q = torch.nn.Parameter(p.detach().clone())
-    a, b = pagedopt.AdamW8bit([p], min_8bit_size=0), pagedopt.AdamW8bit([q], min_8bit_size=0)
+@pytest.mark.parametrize("name", ["AdamW", "LAMB"])  # (LAMB: a prepare pass reads the gradients too)
+def test_non_contiguous_gradient_runs_in_the_launch_on_a_copy(name, monkeypatch):
+    """A non-contiguous gradient (step 2, from the first step on for the other parameter)
+    stays in the prepared launch, which reads a contiguous copy: never the per-item passes
+    (under FSDP, one rank falling back alone would run other collectives than the others)."""
+    cls = pagedopt.optim.get_optimizer_class(f"{name}8bit")
+    ps = [torch.nn.Parameter(torch.randn(64, 64)), torch.nn.Parameter(torch.randn(300))]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    a, b = cls(ps, min_8bit_size=0), cls(qs, min_8bit_size=0)
     b.prepared_launches = False
+    per_item_updates = []
+    original = a._update_chunk
+    monkeypatch.setattr(a, "_update_chunk", lambda works: (per_item_updates.append(len(works)), original(works)))
     for t in range(3):
-        g = torch.randn(64, 64).t() if t == 1 else torch.randn(64, 64)  # step 2: transposed view
-        p.grad, q.grad = g, g.clone() if t != 1 else g
+        g0 = torch.randn(64, 64).t() if t == 1 else torch.randn(64, 64)  # step 2: transposed view
+        g1 = torch.randn(600)[::2]  # every step: a strided view
+        ps[0].grad, ps[1].grad = g0, g1
+        qs[0].grad, qs[1].grad = g0.clone(), g1.clone()
+        before = [g0.clone(), g1.clone()]
         a.step()
         b.step()
-    assert torch.equal(p, q)
-    assert a.plan_builds == 1
+        assert torch.equal(ps[0].grad, before[0]) and torch.equal(ps[1].grad, before[1])  # read, not changed
+        assert not ps[1].grad.is_contiguous()
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+        for key in ("state1", "state2", "absmax1", "absmax2"):
+            assert torch.equal(a.state[p][key], b.state[q][key]), key
+    assert a.plan_builds == 1 and not a._plan.per_item and sum(per_item_updates) == 0
 
 
 def test_bad_gradient_raises_with_the_parameter_name():

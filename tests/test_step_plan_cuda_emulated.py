@@ -40,29 +40,39 @@ def params():
     return [torch.nn.Parameter((torch.randn(s, generator=g) * 0.1).to(d)) for s, d in specs]
 
 
-def run(name: str, prepared: bool, steps: int = 3):
+def run(name: str, prepared: bool = True, steps: int = 3, seed: int = 100, spike_at: int | None = None,
+        **kwargs):
+    """Train :func:`params` for ``steps`` steps under a learning-rate schedule; the gradients
+    of step ``spike_at`` are 30x larger (moves trust ratios and tensor-wise scales)."""
     ps = params()
-    opt = pagedopt.optim.get_optimizer_class(name)(ps, min_8bit_size=0) if name.endswith("8bit") else \
-        pagedopt.optim.get_optimizer_class(name)(ps)
+    small = {"min_8bit_size": 0} if name.endswith("8bit") else {}
+    opt = pagedopt.optim.get_optimizer_class(name)(ps, **small, **kwargs)
     opt.prepared_launches = prepared
     for t in range(steps):
-        g = torch.Generator().manual_seed(100 + t)
+        g = torch.Generator().manual_seed(seed + t)
         for p in ps:
-            p.grad = (torch.randn(p.shape, generator=g) * 0.01).to(p.dtype)
+            p.grad = (torch.randn(p.shape, generator=g) * 0.01 * (30.0 if t == spike_at else 1.0)).to(p.dtype)
         opt.param_groups[0]["lr"] = 1e-3 / (t + 1)
         opt.step()
     return ps, opt
 
 
+STATE_KEYS = ("state1", "state2", "absmax1", "absmax2", "unorm_vec", "gnorm_vec")
+
+
+def assert_same(a_params, a, b_params, b) -> None:
+    """Bit-identical parameters and states (the exact tier)."""
+    for x, y in zip(a_params, b_params):
+        assert torch.equal(x, y)
+        for key in STATE_KEYS:
+            if key in a.state[x]:
+                assert torch.equal(a.state[x][key], b.state[y][key]), key
+
+
 @pytest.mark.parametrize("name", ["AdamW8bit", "AdamW32bit", "Lion8bit", "AdEMAMix8bit"])
 def test_prepared_cuda_launches_match_the_per_item_path(emulated, name):
     planned_params, planned = run(name, True)
-    per_item_params, per_item = run(name, False)
-    for a, b in zip(planned_params, per_item_params):
-        assert torch.equal(a, b)
-        for key in ("state1", "state2", "absmax1", "absmax2"):
-            if key in planned.state[a]:
-                assert torch.equal(planned.state[a][key], per_item.state[b][key]), key
+    assert_same(planned_params, planned, *run(name, False))
     assert planned.plan_builds == 1 and not planned._plan.per_item
 
 
@@ -79,24 +89,8 @@ def test_prepare_pass_runs_in_prepared_cuda_launches(emulated, name, extra):
     prepared launch of its own (CudaPrepareLaunch) whose maxima and norms fill the buffers the
     update launch reads, and tensor-wise scales are copied into the state after the update
     kernel. Bit-identical to the per-item path (exact tier), one plan, no per-item entries."""
-    def go(prepared):
-        ps = params()
-        opt = pagedopt.optim.get_optimizer_class(name)(ps, **({"min_8bit_size": 0} if "8bit" in name else {}), **extra)
-        opt.prepared_launches = prepared
-        for t in range(4):
-            g = torch.Generator().manual_seed(100 + t)
-            for p in ps:
-                p.grad = (torch.randn(p.shape, generator=g) * 0.01 * (30.0 if t == 2 else 1.0)).to(p.dtype)
-            opt.param_groups[0]["lr"] = 1e-3 / (t + 1)
-            opt.step()
-        return ps, opt
-
-    (pa, a), (pb, b) = go(True), go(False)
-    for x, y in zip(pa, pb):
-        assert torch.equal(x, y)
-        for key in ("state1", "state2", "absmax1", "absmax2", "unorm_vec", "gnorm_vec"):
-            if key in a.state[x]:
-                assert torch.equal(a.state[x][key], b.state[y][key]), key
+    pa, a = run(name, True, steps=4, spike_at=2, **extra)
+    assert_same(pa, a, *run(name, False, steps=4, spike_at=2, **extra))
     plan = a._plan
     assert a.plan_builds == 1 and not plan.per_item
     assert all(lg.prepare_launch is not None for lg in plan.launch_groups)
@@ -228,23 +222,9 @@ def test_graph_replays_with_the_prepare_pass_eager_before_them(emulated, graphs,
     """Trust ratios and tensor-wise scales: the prepare pass runs eagerly each step into the
     buffers a replayed update graph reads, and the graph's own tensor-wise scale copies land
     after its kernels. Same parameters and states as without a graph."""
-    def go(cuda_graph):
-        ps = params()
-        extra = dict(max_unorm=0.3) if name == "LAMB8bit" else dict(block_wise=False)
-        opt = pagedopt.optim.get_optimizer_class(name)(ps, min_8bit_size=0, cuda_graph=cuda_graph, **extra)
-        for t in range(6):
-            g = torch.Generator().manual_seed(300 + t)
-            for p in ps:
-                p.grad = (torch.randn(p.shape, generator=g) * 0.01 * (30.0 if t == 4 else 1.0)).to(p.dtype)
-            opt.param_groups[0]["lr"] = 1e-3 / (t + 1)
-            opt.step()
-        return ps, opt
-
-    (pa, a), (pb, b) = go(True), go(False)
-    for x, y in zip(pa, pb):
-        assert torch.equal(x, y)
-        for key in ("state1", "state2", "absmax1", "absmax2"):
-            assert torch.equal(a.state[x][key], b.state[y][key]), key
+    extra = dict(max_unorm=0.3) if name == "LAMB8bit" else dict(block_wise=False)
+    pa, a = run(name, steps=6, seed=300, spike_at=4, cuda_graph=True, **extra)
+    assert_same(pa, a, *run(name, steps=6, seed=300, spike_at=4, cuda_graph=False, **extra))
     launches = [lg.launch for lg in a._plan.launch_groups]
     assert graphs.captures == len(launches) and all(launch.replays == 6 - 2 for launch in launches)
 

@@ -204,6 +204,9 @@ class StepMixin:
             cfg = self._settings(group, e.key)
             make = _planner(e.param.device)  # (DTensors: their local shards, e.param)
             work = self._work_for(e, grads[e.position], cfg, advance=False)
+            # The launch copies non-contiguous gradients at each step (_launchable_grads): the
+            # plan must not depend on this step's gradient strides, which may differ by rank.
+            work.grad = work.grad.contiguous()
             percentile, max_unorm = int(cfg["percentile_clipping"]), float(cfg["max_unorm"])
             if percentile < 100:  # (a stand-in for the scale the launch will point at)
                 work.gnorm_scale = torch.ones((), dtype=torch.float32, device=e.param.device)
@@ -257,13 +260,14 @@ class StepMixin:
         params = flat_params(self.param_groups)
         grads = [p.grad for p in params]
         plan = self._current_plan(params, grads)
-        fallback: list[PlanEntry] = []
-        for lg in plan.launch_groups:
-            if per_item_only or not self._run_launch(lg, grads):
-                fallback.extend(lg.entries)
-            elif launched is not None:
-                launched.append(lg)
-        entries = plan.per_item + fallback if fallback else plan.per_item
+        entries = plan.per_item
+        if per_item_only:
+            entries = entries + [e for lg in plan.launch_groups for e in lg.entries]
+        else:
+            for lg in plan.launch_groups:
+                self._run_launch(lg, grads)
+                if launched is not None:
+                    launched.append(lg)
         works = [self._work_for(e, grads[e.position], None, advance=True) for e in entries]
         self._run_per_item(works)
         return works
@@ -280,15 +284,13 @@ class StepMixin:
             hp=settings, cfg=settings, state=e.state, numerics=self.numerics,
         )
 
-    def _run_launch(self, lg: LaunchGroup, grads: list[Any]) -> bool:
-        """Run one prepared launch; False (nothing done) when this step's gradients do not
-        fit it (non-contiguous), so the caller runs those parameters per item."""
+    def _run_launch(self, lg: LaunchGroup, grads: list[Any]) -> None:
+        """Run one prepared launch over this step's gradients of its parameters."""
         positions = lg.positions
         gl = [grads[i] for i in positions]
         if lg.sharded:  # the launch reads this rank's shard of DTensor gradients
             gl = list(map(local_tensor, gl))
-        if not self._grads_fit(lg, gl):
-            return False
+        gl = self._launchable_grads(lg, gl)
         ptrs = list(map(_data_ptr, gl))
         if ptrs == lg.last_ptrs:
             ptrs_arg = None
@@ -304,22 +306,27 @@ class StepMixin:
         scalars = step_scalars(self.kind, hp, step, skip_zeros=lg.skip_zeros)
         lg.last_trust = prepare_before_launch(lg, ptrs_arg, scalars) if lg.prepare_launch is not None else None
         lg.launch.run(ptrs_arg, scalars)
-        return True
 
     @staticmethod
-    def _grads_fit(lg: LaunchGroup, gl: list[torch.Tensor]) -> bool:
-        """Bulk checks of a launch group's gradients: dense, contiguous, with the parameters'
-        shapes, dtypes and devices. Raises (naming the parameter) what the per-item
-        path would raise; False for gradients only the per-item path takes."""
+    def _launchable_grads(lg: LaunchGroup, gl: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Bulk checks of a launch group's gradients: dense, with the parameters' shapes,
+        dtypes and devices, or it raises (naming the parameter) what the per-item path would
+        raise. Non-contiguous gradients are replaced by contiguous copies (kept in
+        ``lg.grad_copies`` until the next step, for kernels still reading them), never
+        handed to the per-item path: under FSDP that would run other collectives (clipping
+        norms, trust ratios) on this rank than on the others."""
         if (list(map(_layout, gl)).count(torch.strided) == len(gl)
                 and list(map(_shape, gl)) == lg.shapes
                 and list(map(_dtype, gl)) == lg.dtypes
                 and list(map(_device, gl)) == lg.devices):
             if all(map(_is_contiguous, gl)):
-                return True
+                lg.grad_copies = None
+                return gl
+            lg.grad_copies = [g.contiguous() for g in gl]  # (contiguous ones are returned as they are)
+            return lg.grad_copies
         for e, g in zip(lg.entries, gl):
             validation.check_grad(e.param, g, e.name)  # (local shards for DTensors: gl is local)
-        return False
+        raise AssertionError("a launch group's gradients failed the bulk check but passed check_grad")
 
 
 def _always_moves(param: torch.Tensor) -> bool:

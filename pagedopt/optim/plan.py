@@ -84,6 +84,7 @@ class LaunchGroup:
     state_list: list[dict[str, Any]] = field(default_factory=list)
     sharded: bool = False  # DTensor (FSDP2) entries: gradients are read through their local shard
     last_ptrs: list[int] | None = None  # gradient pointers of the last run
+    grad_copies: list[torch.Tensor] | None = None  # contiguous copies the last run read (non-contiguous grads)
     precisions: list[str] = field(default_factory=list)  # each entry's state precision (telemetry)
     clip_percentile: int = 100  # percentile clipping of the group (100: none)
     clip_scales: torch.Tensor | None = None  # the scales the launch reads (pagedopt.optim.launch_clipping)
