@@ -36,7 +36,10 @@ for p in ps:
     p.grad = torch.randn(numel) * 0.01
 builders = {
     "AdamW8bit (launched)": lambda: pagedopt.AdamW8bit(ps),
-    "PagedAdamW8bit (all paged)": lambda: pagedopt.PagedAdamW8bit(ps, paging=PagingConfig(min_paged_numel=1)),
+    # (simulated device: state that moves takes the per-item visits; CPU training's host
+    # state never moves and is launched like AdamW8bit's)
+    "PagedAdamW8bit (all paged)": lambda: pagedopt.PagedAdamW8bit(
+        ps, paging=PagingConfig(min_paged_numel=1, backend="simulated")),
     "LAMB8bit": lambda: pagedopt.LAMB8bit(ps),
 }
 opt = builders[name]()

@@ -9,7 +9,7 @@ every step (``zero_grad(set_to_none=True)`` users) unless ``--keep-grads``.
 On CPU the time is host work plus the (small) kernels; "per tensor" divides by N.
 On a shared machine, compare ratios within one run, not absolute times.
 
-``--variants clipped,lamb,lars,paged,tensorwise`` adds pagedopt configurations that take other
+``--variants clipped,lamb,lars,paged,paged-host,tensorwise`` adds pagedopt configurations that take other
 paths (percentile clipping, trust ratios, tensor-wise state, paged state).
 
 Example:
@@ -66,10 +66,14 @@ def time_case(opt, params, grads, steps: int, keep_grads: bool, device: str) -> 
     return times
 
 
-def _all_paged(ps):
+def _all_paged(ps, host_state: bool = False):
+    """Every parameter's state paged: state that moves (the per-item visits; CPU parameters
+    page through the simulated device), or with ``host_state`` CPU training's plain host
+    memory (what ``auto`` picks for CPU parameters), which never moves."""
     from pagedopt.paging import PagingConfig
 
-    return pagedopt.PagedAdamW8bit(ps, paging=PagingConfig(min_paged_numel=1))
+    backend = "host" if host_state else "simulated" if ps[0].device.type == "cpu" else "auto"
+    return pagedopt.PagedAdamW8bit(ps, paging=PagingConfig(min_paged_numel=1, backend=backend))
 
 
 # --variants: pagedopt configurations whose step takes other paths than plain AdamW8bit
@@ -78,7 +82,8 @@ VARIANTS: dict[str, tuple[str, Callable]] = {
     "tensorwise": ("pagedopt AdamW8bit block_wise=False", lambda ps: pagedopt.AdamW8bit(ps, block_wise=False)),
     "lamb": ("pagedopt LAMB8bit", lambda ps: pagedopt.LAMB8bit(ps)),
     "lars": ("pagedopt LARS8bit", lambda ps: pagedopt.LARS8bit(ps, lr=0.1, momentum=0.9)),
-    "paged": ("pagedopt PagedAdamW8bit (all paged)", _all_paged),
+    "paged": ("pagedopt PagedAdamW8bit (all paged, simulated device)", _all_paged),
+    "paged-host": ("pagedopt PagedAdamW8bit (all paged, CPU host state)", lambda ps: _all_paged(ps, True)),
 }
 
 

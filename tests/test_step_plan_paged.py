@@ -126,3 +126,30 @@ def test_moves_follows_the_pagers_buffers():
     pager.forget(big)
     assert not pager.moves(big)
     assert not DeviceStateStore().moves(big)
+
+
+@needs_native
+@pytest.mark.parametrize("backend", ["auto", "host"])
+def test_host_state_of_cpu_training_never_moves_and_is_launched(backend):
+    """CPU parameters under ``backend="host"`` (what ``auto`` picks for them): the state is
+    plain host memory that no policy ever moves, so every parameter joins the launches - a
+    paged optimizer trains on the CPU at the speed of the unpaged one - while the pager still
+    accounts its bytes and reports it as host-resident."""
+    steps = 4
+    ref, ref_params = _reference("AdamW8bit", steps)
+    params = make_params(SHAPES)
+    opt = pagedopt.PagedAdamW8bit(params, min_8bit_size=16,
+                                  paging=PagingConfig(backend=backend, policy="offload", min_paged_numel=1))
+    for step in range(steps):
+        set_grads(params, step, skip=[2] if step == 1 else ())
+        opt.step()
+    assert_identical(ref, ref_params, opt, params)
+    assert _plan_split(opt, params) == ([], [0, 1, 2, 3, 4, 5])
+    assert not any(opt.pager.moves(p) for p in params)
+    opt.pager.verify_accounting()
+    stats = opt.pager.stats()
+    assert stats["backend"] == "host" and stats["paged_buffers"] == 2 * 5  # (not the empty parameter)
+    assert stats["page_in_bytes"] == 0 and stats["host_bytes"] == sum(
+        t.numel() * t.element_size() for p in params for k, t in opt.state[p].items() if k in ("state1", "state2"))
+    residency = [opt.pager.residency(p, opt.state[p]) for p in params]
+    assert residency == ["host"] * 4 + ["unpaged", "host"]  # (the empty parameter has nothing to page)

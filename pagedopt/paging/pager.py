@@ -226,9 +226,12 @@ class Pager(AllocationMixin, TransitionsMixin, BudgetMixin):
         return ",".join(f"{key}={where[key]}" for key in sorted(where))
 
     def moves(self, param: torch.Tensor) -> bool:
-        """Whether ``param`` has paged state (state below ``min_paged_numel``, or whose paged
-        allocation failed, stays where it was created: the step plan may launch it directly)."""
-        return param in self._buffers
+        """Whether ``param``'s state may move between steps. State below ``min_paged_numel``,
+        or whose paged allocation failed, stays where it was created, and state in plain host
+        memory for CPU training (``backend="host"``) never moves: the step plan may launch
+        those directly (the pager still accounts their bytes)."""
+        bufs = self._buffers.get(param)
+        return bufs is not None and any(b.mover.has_device for b in bufs.values())
 
     def forget(self, param: torch.Tensor) -> None:
         """Stop managing ``param``'s state (its tensors are freed when the optimizer drops them)."""
