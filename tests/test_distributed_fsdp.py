@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dist_helpers import STEPS, full_params, make_model, make_optimizer, single_thread, spawn, train_steps
+from pagedopt.telemetry.quant_error import QuantErrorSampler
 from pagedopt.telemetry.sink import RecordingSink
 
 pytestmark = pytest.mark.distributed
@@ -32,8 +33,12 @@ EXACT = {
     # must still run the same collectives (the launches take contiguous copies; falling back
     # to the per-item passes on one rank would reduce other tensors than on the other).
     "lars8bit_clipped_strided_rank1": ("LARS8bit", dict(lr=0.1, momentum=0.9, percentile_clipping=90)),
+    # The same with a sink that samples quantization error every 2nd step on rank 0 only (a
+    # rank-0-only metrics exporter): the sampling steps keep the launches on both ranks.
+    "lars8bit_clipped_sampled_rank0": ("LARS8bit", dict(lr=0.1, momentum=0.9, percentile_clipping=90)),
 }
 STRIDED_ON_RANK_1 = {"lars8bit_clipped_strided_rank1"}
+SAMPLED_ON_RANK_0 = {"lars8bit_clipped_sampled_rank0"}
 # Block-wise 8-bit on blocks that differ from the single-process ones (l2.weight).
 QUANTIZED = {
     "adamw8bit": ("AdamW8bit", "AdamW32bit", dict(lr=1e-2)),
@@ -77,9 +82,9 @@ def _strided_grads_before_step(opt) -> list[int]:
     return counts
 
 
-def _run(name: str, kwargs: dict, model: torch.nn.Module, strided: bool = False) -> dict:
+def _run(name: str, kwargs: dict, model: torch.nn.Module, strided: bool = False, sampled: bool = False) -> dict:
     opt = make_optimizer(name, model.parameters(), **kwargs)
-    opt.sink = RecordingSink()
+    opt.sink = RecordingSink(QuantErrorSampler(every=2)) if sampled else RecordingSink()
     strided_counts = _strided_grads_before_step(opt) if strided else []
     losses = train_steps(model, opt, 0, STEPS)
     norms = [[r.grad_norm for r in rep.params] for rep in opt.sink.reports]
@@ -94,6 +99,7 @@ def _run(name: str, kwargs: dict, model: torch.nn.Module, strided: bool = False)
         memory=opt.memory_report(),
         launched=sum(len(lg.entries) for lg in opt._plan.launch_groups),
         strided_counts=strided_counts,
+        quant_samples=[len(rep.quant_errors) for rep in opt.sink.reports],
     )
 
 
@@ -122,7 +128,8 @@ def _import_single_process_state(name: str, kwargs: dict) -> dict:
 def _fsdp_worker(rank: int, world_size: int, workdir: str) -> dict:
     out = {}
     for run, (name, kwargs) in EXACT.items():
-        out[run] = _run(name, kwargs, _shard(make_model()), strided=run in STRIDED_ON_RANK_1 and rank == 1)
+        out[run] = _run(name, kwargs, _shard(make_model()), strided=run in STRIDED_ON_RANK_1 and rank == 1,
+                        sampled=run in SAMPLED_ON_RANK_0 and rank == 0)
     for run, (name, _, kwargs) in QUANTIZED.items():
         out[run] = _run(name, kwargs, _shard(make_model()))
     for run, (name, kwargs) in IMPORTS.items():
@@ -167,6 +174,7 @@ def test_shards_without_clipping_are_launched(fsdp_results):
         assert result["adamw8bit_tensorwise"]["launched"] == 6  # tensor-wise: maxima over the shards
         assert result["lars8bit"]["launched"] == 6  # trust ratio: norms over the shards
         assert result["lars8bit_clipped_strided_rank1"]["launched"] == 6
+        assert result["lars8bit_clipped_sampled_rank0"]["launched"] == 6
 
 
 def test_non_contiguous_gradients_on_one_rank_stay_in_the_launches(fsdp_results):
@@ -263,3 +271,13 @@ def test_single_process_state_dict_resumes_sharded(fsdp_results, run):
         else:
             noise = _total_abs_diff(ref, _single(QUANTIZED[run][1], kwargs)["params"])
             assert _total_abs_diff(got, ref) <= 1.5 * noise
+
+
+def test_quantization_error_sampled_on_one_rank_only(fsdp_results):
+    """Rank 0 alone sampled quantization error (every 2nd step, 8-bit l1/l2 weights' state1
+    - LARS has one state) while both ranks kept their launches: the run equals one process
+    (test_exact_tier) and did not abort on a collective mismatch, as it did when a sampling
+    step sent rank 0 alone through the per-item passes."""
+    samples = [r["lars8bit_clipped_sampled_rank0"]["quant_samples"] for r in fsdp_results]
+    assert samples[1] == [0] * STEPS
+    assert samples[0] == [0, 2] * (STEPS // 2)

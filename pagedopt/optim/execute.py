@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from operator import attrgetter, methodcaller
 from typing import Any
 
@@ -124,8 +125,7 @@ class StepMixin:
             if self._uses_hook_path():
                 works = self._hook_step()
             else:
-                per_item_only = not self.prepared_launches or self._quant_probe is not None
-                works = self._planned_step(per_item_only, launched)
+                works = self._planned_step(not self.prepared_launches, launched)
         self.steps_taken += 1
         if sink is not NULL_SINK:
             sink.on_step(self, self._step_report(works, started, launched))
@@ -250,6 +250,7 @@ class StepMixin:
             lg.prepare_buffers = bufs
             lg.prepare_launch = make.prepare(self.kind, items, bufs.trust_scales is not None)
         lg.precisions = [precision_of(e.state, item.block_wise) for e, item in pairs]  # telemetry rows
+        lg.items = items  # (what the launch points at; quantization-error sampling reads them)
         return lg
 
     # -- execution ---------------------------------------------------------------------------
@@ -305,7 +306,17 @@ class StepMixin:
         hp = {**group, **lg.overrides} if lg.overrides else group
         scalars = step_scalars(self.kind, hp, step, skip_zeros=lg.skip_zeros)
         lg.last_trust = prepare_before_launch(lg, ptrs_arg, scalars) if lg.prepare_launch is not None else None
+        probe = self._quant_probe
+        if probe is None:
+            lg.launch.run(ptrs_arg, scalars)
+            return
+        # A quantization-error sampling step keeps the launch (a sink on one rank alone must
+        # not change which collectives this rank runs): the probe reads the launch's items,
+        # with this step's gradients and scalars, before and after it.
+        items = [replace(item, grad=g, scalars=scalars) for item, g in zip(lg.items, gl)]
+        probe.before(self.kind, [(e.name, e.gindex, e.key) for e in lg.entries], items)
         lg.launch.run(ptrs_arg, scalars)
+        probe.after()
 
     @staticmethod
     def _launchable_grads(lg: LaunchGroup, gl: list[torch.Tensor]) -> list[torch.Tensor]:
