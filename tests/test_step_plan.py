@@ -402,3 +402,35 @@ def test_percentile_clipping_runs_in_the_launches(name):
     assert not plan.per_item and sum(len(lg.entries) for lg in plan.launch_groups) == len(planned[0])
     assert planned[1].plan_builds == 1
     assert any(bool((s < 1).any()) for s in planned[2]), "clipping never engaged"
+
+
+@needs_native
+def test_parameter_dtype_changed_under_the_plan_runs_per_item_then_replans(monkeypatch):
+    """``p.data = p.data.view(torch.bfloat16)`` on an fp16 parameter between steps (with a
+    gradient to match) keeps the parameter object, its storage pointer, its shape and its
+    state, so the plan still looks valid: the launch's bulk check sees the other dtype, runs
+    that group per item for the step and re-plans for the next one - the same results as the
+    per-item path throughout."""
+    def go(prepared: bool):
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(300, 20, generator=gen).half()),
+              torch.nn.Parameter(torch.randn(4097, generator=gen).half())]
+        opt = pagedopt.AdamW8bit(ps, min_8bit_size=0)
+        opt.prepared_launches = prepared
+        original, opt.per_item_steps = opt._update_chunk, []
+        monkeypatch.setattr(opt, "_update_chunk", lambda works: (opt.per_item_steps.append(opt.steps_taken), original(works)))
+        for t in range(5):
+            if t == 2:
+                for p in ps:
+                    p.data = p.data.view(torch.bfloat16)
+            for p, g in zip(ps, grads_for(ps, t)):
+                p.grad = g
+            opt.step()
+        return ps, opt
+
+    planned, per_item = go(True), go(False)
+    assert_same(*planned, *per_item)
+    assert planned[1].per_item_steps == [2]  # (steps_taken counts completed steps: the third step)
+    assert planned[0][0].dtype == torch.bfloat16
+    opt = planned[1]
+    assert opt.plan_builds == 2 and not opt._plan.per_item and opt._plan.launch_groups[0].dtypes[0] == torch.bfloat16

@@ -265,10 +265,15 @@ class StepMixin:
         if per_item_only:
             entries = entries + [e for lg in plan.launch_groups for e in lg.entries]
         else:
+            stale: list[PlanEntry] = []
             for lg in plan.launch_groups:
-                self._run_launch(lg, grads)
-                if launched is not None:
+                if not self._run_launch(lg, grads):
+                    stale.extend(lg.entries)
+                elif launched is not None:
                     launched.append(lg)
+            if stale:  # parameters changed under the plan: per item now, a new plan next step
+                entries = entries + stale
+                self.invalidate_plan()
         works = [self._work_for(e, grads[e.position], None, advance=True) for e in entries]
         self._run_per_item(works)
         return works
@@ -285,13 +290,16 @@ class StepMixin:
             hp=settings, cfg=settings, state=e.state, numerics=self.numerics,
         )
 
-    def _run_launch(self, lg: LaunchGroup, grads: list[Any]) -> None:
-        """Run one prepared launch over this step's gradients of its parameters."""
+    def _run_launch(self, lg: LaunchGroup, grads: list[Any]) -> bool:
+        """Run one prepared launch over this step's gradients of its parameters; False (nothing
+        done) when its parameters changed under the plan (see :meth:`_launchable_grads`)."""
         positions = lg.positions
         gl = [grads[i] for i in positions]
         if lg.sharded:  # the launch reads this rank's shard of DTensor gradients
             gl = list(map(local_tensor, gl))
         gl = self._launchable_grads(lg, gl)
+        if gl is None:
+            return False
         ptrs = list(map(_data_ptr, gl))
         if ptrs == lg.last_ptrs:
             ptrs_arg = None
@@ -309,7 +317,7 @@ class StepMixin:
         probe = self._quant_probe
         if probe is None:
             lg.launch.run(ptrs_arg, scalars)
-            return
+            return True
         # A quantization-error sampling step keeps the launch (a sink on one rank alone must
         # not change which collectives this rank runs): the probe reads the launch's items,
         # with this step's gradients and scalars, before and after it.
@@ -317,15 +325,18 @@ class StepMixin:
         probe.before(self.kind, [(e.name, e.gindex, e.key) for e in lg.entries], items)
         lg.launch.run(ptrs_arg, scalars)
         probe.after()
+        return True
 
-    @staticmethod
-    def _launchable_grads(lg: LaunchGroup, gl: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Bulk checks of a launch group's gradients: dense, with the parameters' shapes,
-        dtypes and devices, or it raises (naming the parameter) what the per-item path would
-        raise. Non-contiguous gradients are replaced by contiguous copies (kept in
-        ``lg.grad_copies`` until the next step, for kernels still reading them), never
-        handed to the per-item path: under FSDP that would run other collectives (clipping
-        norms, trust ratios) on this rank than on the others."""
+    def _launchable_grads(self, lg: LaunchGroup, gl: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Bulk checks of a launch group's gradients: dense, with the shapes, dtypes and devices
+        the plan recorded for the parameters. Non-contiguous gradients are replaced by
+        contiguous copies (kept in ``lg.grad_copies`` until the next step, for kernels still
+        reading them), never handed to the per-item path: under FSDP that would run other
+        collectives (clipping norms, trust ratios) on this rank than on the others.
+
+        When the check fails it raises (naming the parameter) what the per-item path would
+        raise; None when nothing is wrong but the parameters changed under the plan (e.g.
+        ``p.data = p.data.half()`` with a gradient to match, the same on every rank)."""
         if (list(map(_layout, gl)).count(torch.strided) == len(gl)
                 and list(map(_shape, gl)) == lg.shapes
                 and list(map(_dtype, gl)) == lg.dtypes
@@ -335,9 +346,12 @@ class StepMixin:
                 return gl
             lg.grad_copies = [g.contiguous() for g in gl]  # (contiguous ones are returned as they are)
             return lg.grad_copies
+        moments = self.kind.state1_moments
         for e, g in zip(lg.entries, gl):
-            validation.check_grad(e.param, g, e.name)  # (local shards for DTensors: gl is local)
-        raise AssertionError("a launch group's gradients failed the bulk check but passed check_grad")
+            param = local_tensor(e.key)
+            validation.check_grad(param, g, e.name)  # (local shards for DTensors: gl is local)
+            validation.check_state_shape(param, e.state, moments, e.name)
+        return None
 
 
 def _always_moves(param: torch.Tensor) -> bool:

@@ -127,9 +127,11 @@ class StepGuard:
             chunk(works)
             done.update(id(w.key) for w in works)  # the chunk's update ran: never again
 
-        def journaled_launch(lg: Any, grads: list[Any]) -> None:
-            launch(lg, grads)
-            done.update(id(e.key) for e in lg.entries)  # the launch ran: never again
+        def journaled_launch(lg: Any, grads: list[Any]) -> bool:
+            ran = launch(lg, grads)
+            if ran:
+                done.update(id(e.key) for e in lg.entries)  # the launch ran: never again
+            return ran
 
         with _instance_override(opt, "_update_chunk", journaled_chunk), \
                 _instance_override(opt, "_run_launch", journaled_launch):
