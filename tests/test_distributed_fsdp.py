@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dist_helpers import STEPS, full_params, make_model, make_optimizer, single_thread, spawn, train_steps
+from pagedopt.paging import PagingConfig
 from pagedopt.telemetry.quant_error import QuantErrorSampler
 from pagedopt.telemetry.sink import RecordingSink
 
@@ -36,7 +37,13 @@ EXACT = {
     # The same with a sink that samples quantization error every 2nd step on rank 0 only (a
     # rank-0-only metrics exporter): the sampling steps keep the launches on both ranks.
     "lars8bit_clipped_sampled_rank0": ("LARS8bit", dict(lr=0.1, momentum=0.9, percentile_clipping=90)),
+    # Paged state (simulated device), clipped, where rank 1 alone cannot allocate l1.weight's
+    # paged state (it stays unpaged there): both ranks still page-visit it, same collectives.
+    "paged_clipped_alloc_fails_rank1": ("AdamW8bit", dict(lr=1e-2, min_8bit_size=8448, percentile_clipping=90,
+                                                           paging=dict(backend="simulated", policy="offload",
+                                                                       min_paged_numel=1))),
 }
+ALLOC_FAILS_ON_RANK_1 = {"paged_clipped_alloc_fails_rank1"}
 STRIDED_ON_RANK_1 = {"lars8bit_clipped_strided_rank1"}
 SAMPLED_ON_RANK_0 = {"lars8bit_clipped_sampled_rank0"}
 # Block-wise 8-bit on blocks that differ from the single-process ones (l2.weight).
@@ -82,8 +89,13 @@ def _strided_grads_before_step(opt) -> list[int]:
     return counts
 
 
-def _run(name: str, kwargs: dict, model: torch.nn.Module, strided: bool = False, sampled: bool = False) -> dict:
+def _run(name: str, kwargs: dict, model: torch.nn.Module, strided: bool = False, sampled: bool = False,
+         alloc_fails: bool = False) -> dict:
+    if "paging" in kwargs:
+        kwargs = {**kwargs, "paging": PagingConfig(**kwargs["paging"])}
     opt = make_optimizer(name, model.parameters(), **kwargs)
+    if alloc_fails:  # l1.weight's two paged states (the first allocations) stay unpaged
+        opt.pager.host_memory.fail_next_allocations(2)
     opt.sink = RecordingSink(QuantErrorSampler(every=2)) if sampled else RecordingSink()
     strided_counts = _strided_grads_before_step(opt) if strided else []
     losses = train_steps(model, opt, 0, STEPS)
@@ -100,6 +112,8 @@ def _run(name: str, kwargs: dict, model: torch.nn.Module, strided: bool = False,
         launched=sum(len(lg.entries) for lg in opt._plan.launch_groups),
         strided_counts=strided_counts,
         quant_samples=[len(rep.quant_errors) for rep in opt.sink.reports],
+        paging=opt.pager.stats() if "paging" in kwargs else None,
+        moves=[opt.pager.moves(p) for p in model.parameters()] if "paging" in kwargs else None,
     )
 
 
@@ -129,7 +143,8 @@ def _fsdp_worker(rank: int, world_size: int, workdir: str) -> dict:
     out = {}
     for run, (name, kwargs) in EXACT.items():
         out[run] = _run(name, kwargs, _shard(make_model()), strided=run in STRIDED_ON_RANK_1 and rank == 1,
-                        sampled=run in SAMPLED_ON_RANK_0 and rank == 0)
+                        sampled=run in SAMPLED_ON_RANK_0 and rank == 0,
+                        alloc_fails=run in ALLOC_FAILS_ON_RANK_1 and rank == 1)
     for run, (name, _, kwargs) in QUANTIZED.items():
         out[run] = _run(name, kwargs, _shard(make_model()))
     for run, (name, kwargs) in IMPORTS.items():
@@ -281,3 +296,14 @@ def test_quantization_error_sampled_on_one_rank_only(fsdp_results):
     samples = [r["lars8bit_clipped_sampled_rank0"]["quant_samples"] for r in fsdp_results]
     assert samples[1] == [0] * STEPS
     assert samples[0] == [0, 2] * (STEPS // 2)
+
+
+def test_paged_state_unpaged_on_one_rank_still_takes_the_visits(fsdp_results):
+    """Rank 1 could not allocate l1.weight's paged state (both states fell back to unpaged
+    tensors) while rank 0 did: whether a parameter takes the pager's visits follows the
+    configuration, not the allocation's outcome, so both ranks visit every parameter and run
+    the same clipping collective (test_exact_tier: equal to one process)."""
+    stats = [r["paged_clipped_alloc_fails_rank1"]["paging"] for r in fsdp_results]
+    assert [s["allocation_fallbacks_total"] for s in stats] == [0, 2]
+    assert [r["paged_clipped_alloc_fails_rank1"]["moves"] for r in fsdp_results] == [[True] * 6] * 2
+    assert [r["paged_clipped_alloc_fails_rank1"]["launched"] for r in fsdp_results] == [0, 0]

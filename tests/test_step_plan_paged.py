@@ -18,7 +18,7 @@ import torch
 import pagedopt
 from _paging_support import assert_identical, make_params, set_grads
 from pagedopt.functional.dispatch import backend_for
-from pagedopt.paging import Pager, PagingConfig
+from pagedopt.paging import Pager, PagingConfig, PagingFallbackWarning
 from pagedopt.paging.store import DeviceStateStore
 
 NATIVE = backend_for(torch.device("cpu")).name == "cpu"
@@ -153,3 +153,26 @@ def test_host_state_of_cpu_training_never_moves_and_is_launched(backend):
         t.numel() * t.element_size() for p in params for k, t in opt.state[p].items() if k in ("state1", "state2"))
     residency = [opt.pager.residency(p, opt.state[p]) for p in params]
     assert residency == ["host"] * 4 + ["unpaged", "host"]  # (the empty parameter has nothing to page)
+
+
+@needs_native
+def test_state_whose_paged_allocation_failed_still_takes_the_visits():
+    """Both of parameter 0's paged allocations fail (its state stays unpaged): it still takes
+    the pager's visits like the other paged parameters, because which path a parameter takes
+    follows the configuration (an allocation's outcome may differ between FSDP ranks; see
+    tests/test_distributed_fsdp.py), and the result equals the per-item reference."""
+    steps = 3
+    ref, ref_params = _reference("AdamW8bit", steps)
+    params = make_params(SHAPES)
+    opt = pagedopt.AdamW8bit(params, min_8bit_size=16,
+                             paging=PagingConfig(backend="simulated", policy="offload", min_paged_numel=MIN_PAGED))
+    opt.pager.host_memory.fail_next_allocations(2)
+    with pytest.warns(PagingFallbackWarning, match="keeping it unpaged"):
+        for step in range(steps):
+            set_grads(params, step, skip=[2] if step == 1 else ())
+            opt.step()
+    assert_identical(ref, ref_params, opt, params)
+    assert opt.pager.stats()["allocation_fallbacks_total"] == 2
+    assert opt.memory_report().rows[0].residency == "unpaged"
+    assert _plan_split(opt, params) == (PAGED, [2, 4, 5])
+    opt.pager.verify_accounting()

@@ -226,12 +226,16 @@ class Pager(AllocationMixin, TransitionsMixin, BudgetMixin):
         return ",".join(f"{key}={where[key]}" for key in sorted(where))
 
     def moves(self, param: torch.Tensor) -> bool:
-        """Whether ``param``'s state may move between steps. State below ``min_paged_numel``,
-        or whose paged allocation failed, stays where it was created, and state in plain host
-        memory for CPU training (``backend="host"``) never moves: the step plan may launch
-        those directly (the pager still accounts their bytes)."""
-        bufs = self._buffers.get(param)
-        return bufs is not None and any(b.mover.has_device for b in bufs.values())
+        """Whether ``param``'s state may move between steps, from the configuration alone:
+        state below ``min_paged_numel`` stays where it was created, and state in plain host
+        memory for CPU training (``backend="host"``) never moves, so the step plan may launch
+        those directly (the pager still accounts their bytes). State whose paged allocation
+        failed is unpaged but still counts as moving: the outcome may differ between FSDP
+        ranks, and which path a parameter takes must not (other paths, other collectives)."""
+        if param not in self._buffers and param not in self._unpaged:
+            return False  # (not created yet, or forgotten)
+        mover = self._mover_for(param)
+        return mover is not _UNPAGED and mover.has_device and self._pages(param, mover)
 
     def forget(self, param: torch.Tensor) -> None:
         """Stop managing ``param``'s state (its tensors are freed when the optimizer drops them)."""
