@@ -33,6 +33,13 @@ class StepGuard:
     again would apply the update twice. Each parameter's update in a retried
     ``optimizer.step`` runs once whether it ran per item or in a prepared multi-tensor launch.
 
+    In a job of several ranks (an initialized ``torch.distributed`` default group of more
+    than one process) nothing is retried: memory is recovered and the error propagates. One
+    rank running forward, backward or the optimizer's collectives again on its own would pair
+    its collectives with the wrong ones of the other ranks (FSDP's all-gathers, DDP's bucket
+    all-reduces, clipping norms), which hangs or aborts the job; stopping lets the launcher
+    restart every rank from the last checkpoint, with the adaptive budget keeping headroom.
+
     Example:
         >>> import torch, pagedopt
         >>> opt = pagedopt.AdamW8bit([torch.nn.Parameter(torch.ones(2))])
@@ -51,6 +58,7 @@ class StepGuard:
         self.stepped = False  # the guarded optimizer.step() has completed in this body
         self._saved_step: Any = None
         self._backward_updates_at_enter = 0
+        self.world_size = _world_size()  # > 1: never retry (see the class docstring)
 
     def __enter__(self) -> "StepGuard":
         opt = self.optimizer
@@ -73,10 +81,10 @@ class StepGuard:
             opt.step = self._saved_step
         if exc_type is None or not issubclass(exc_type, torch.OutOfMemoryError) or self.retries <= 0:
             return False
-        if self.stepped or self._updated_in_backward():
-            # (some update is applied: recover memory, but no retry - it would apply it twice)
+        no_retry = self._no_retry_reason()
+        if no_retry is not None:  # recover memory, but no retry
             del exc, tb
-            self.controller.recover("after optimizer.step" if self.stepped else "after an update in backward")
+            self.controller.recover(no_retry)
             self.recovered += 1
             return False
         del exc, tb
@@ -85,6 +93,16 @@ class StepGuard:
         self.recovered += 1
         self.retry = True
         return True
+
+    def _no_retry_reason(self) -> str | None:
+        """Why an OOM in the body must propagate (the phase the recovery logs), or None."""
+        if self.stepped:
+            return "after optimizer.step"  # (a retry would apply the update twice)
+        if self._updated_in_backward():
+            return "after an update in backward"
+        if self.world_size > 1:
+            return "multi-rank job (no retry)"  # (a metrics label: no rank count in it)
+        return None
 
     def _updated_in_backward(self) -> bool:
         """Whether update-in-backward updated a parameter during this body: a retry of the
@@ -107,8 +125,8 @@ class StepGuard:
                 return result
             except torch.OutOfMemoryError:
                 _restore(opt, snapshot, done)
-                if self.retries <= 0 or not self.controller.config.retry_oom:
-                    raise
+                if self.retries <= 0 or not self.controller.config.retry_oom or self.world_size > 1:
+                    raise  # (recovered by __exit__ when the body is guarded too)
             finally:
                 for p, g in hidden:
                     p.grad = g
@@ -218,3 +236,9 @@ class RngState:
         torch.random.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state_all(self.cuda)
+
+
+def _world_size() -> int:
+    """Processes in torch.distributed's default group (1 when there is none)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
