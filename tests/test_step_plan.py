@@ -434,3 +434,27 @@ def test_parameter_dtype_changed_under_the_plan_runs_per_item_then_replans(monke
     assert planned[0][0].dtype == torch.bfloat16
     opt = planned[1]
     assert opt.plan_builds == 2 and not opt._plan.per_item and opt._plan.launch_groups[0].dtypes[0] == torch.bfloat16
+
+
+@needs_native
+@pytest.mark.parametrize("name,extra", [("AdamW", {}), ("LAMB", {}), ("AdamW", dict(percentile_clipping=90))])
+def test_the_plan_keeps_no_gradient_alive(name, extra):
+    """``zero_grad(set_to_none=True)`` frees every gradient: the plan (its launches, their
+    items, prepare and clipping buffers) holds no reference to the gradients of the step that
+    built it or of any later step - a kept set would double gradient memory on the device."""
+    import gc
+    import weakref
+
+    params = make_params()
+    opt = pagedopt.optim.get_optimizer_class(f"{name}8bit")(params, min_8bit_size=0, **extra)
+    refs = []
+    for t in range(3):
+        for p, g in zip(params, grads_for(params, t)):
+            p.grad = g
+            refs.append(weakref.ref(g))
+        del g  # (the loop's own reference)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    gc.collect()
+    assert opt._plan.launch_groups and not opt._plan.per_item
+    assert [r() is None for r in refs] == [True] * len(refs)

@@ -98,6 +98,28 @@ def test_prepare_pass_runs_in_prepared_cuda_launches(emulated, name, extra):
     assert prepares, "no prepare kernel ran"
 
 
+@pytest.mark.parametrize("name,extra", [("AdamW8bit", {}), ("LAMB8bit", dict(max_unorm=0.3))])
+def test_prepared_cuda_launches_keep_no_gradient_alive(emulated, name, extra):
+    """Every step's gradients are freed once the user drops them: the prepared CUDA launches
+    (and the plan's items, prepare buffers, graph bookkeeping) hold only pointers."""
+    import gc
+    import weakref
+
+    ps = params()
+    opt = pagedopt.optim.get_optimizer_class(name)(ps, min_8bit_size=0, **extra)
+    refs = []
+    for t in range(4):
+        gen = torch.Generator().manual_seed(100 + t)
+        for p in ps:
+            p.grad = (torch.randn(p.shape, generator=gen) * 0.01).to(p.dtype)
+            refs.append(weakref.ref(p.grad))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    gc.collect()
+    assert opt._plan.launch_groups and not opt._plan.per_item
+    assert [r() is None for r in refs] == [True] * len(refs)
+
+
 def test_descriptors_are_packed_once_per_plan(emulated, monkeypatch):
     packed = []
     real = cuda_plan.pack_update_descs

@@ -250,7 +250,10 @@ class StepMixin:
             lg.prepare_buffers = bufs
             lg.prepare_launch = make.prepare(self.kind, items, bufs.trust_scales is not None)
         lg.precisions = [precision_of(e.state, item.block_wise) for e, item in pairs]  # telemetry rows
-        lg.items = items  # (what the launch points at; quantization-error sampling reads them)
+        # What the launch points at, for quantization-error sampling, without the gradients:
+        # the plan must not keep the first step's gradients alive (the probe puts each
+        # step's own in).
+        lg.items = [replace(item, grad=None) for item in items]
         return lg
 
     # -- execution ---------------------------------------------------------------------------

@@ -86,7 +86,7 @@ class LaunchGroup:
     last_ptrs: list[int] | None = None  # gradient pointers of the last run
     grad_copies: list[torch.Tensor] | None = None  # contiguous copies the last run read (non-contiguous grads)
     precisions: list[str] = field(default_factory=list)  # each entry's state precision (telemetry)
-    items: list[Any] = field(default_factory=list)  # the UpdateItems the launch was built from
+    items: list[Any] = field(default_factory=list)  # the UpdateItems the launch was built from (grad=None)
     clip_percentile: int = 100  # percentile clipping of the group (100: none)
     clip_scales: torch.Tensor | None = None  # the scales the launch reads (pagedopt.optim.launch_clipping)
     last_clip: Any = None  # this step's clipping, StackedClip (telemetry rows)
