@@ -7,7 +7,9 @@ promoted, and every so many steps CPython then scans *every* tracked object of t
 process that imported torch holds ~330,000), which takes ~100 ms. ``min`` and ``median`` step
 times hide these pauses; the ``mean`` - what a training run pays - includes them. Each candidate
 runs in a fresh interpreter (its own object population), optionally after ``gc.freeze()``
-(objects alive at that point are never scanned again).
+(objects alive at that point are never scanned again). Since the step pauses the collector
+while it runs (pagedopt/optim/execute.py ``_collection_paused``), no candidate should show
+full collections any more; the benchmark checks that.
 
 Example:
     python benchmarks/bench_gc_pauses.py --tensors 1000 --steps 40
