@@ -344,8 +344,9 @@ class StepMixin:
         collectives (clipping norms, trust ratios) on this rank than on the others.
 
         When the check fails it raises (naming the parameter) what the per-item path would
-        raise; None when nothing is wrong but the parameters changed under the plan (e.g.
-        ``p.data = p.data.half()`` with a gradient to match, the same on every rank)."""
+        raise; None when nothing is wrong but the parameters changed under the plan without a
+        new pointer (``p.data = p.data.view(torch.bfloat16)`` on an fp16 parameter, with a
+        gradient to match: the plan's validity check compares pointers, not dtypes)."""
         if (list(map(_layout, gl)).count(torch.strided) == len(gl)
                 and list(map(_shape, gl)) == lg.shapes
                 and list(map(_dtype, gl)) == lg.dtypes
