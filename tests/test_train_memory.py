@@ -14,9 +14,7 @@ from pagedopt.cli import main as cli_main
 from pagedopt.train import TrainConfig, TrainConfigError
 from pagedopt.train.config import MODEL_PRESETS
 from pagedopt.train.model import DecoderLM, ModelConfig
-
-TINY_FLAGS = ["--model-size", "tiny", "--seq-len", "64", "--batch-size", "8", "--max-corpus-bytes", "400000",
-              "--eval-batches", "2", "--threads", "1"]
+from train_helpers import TINY_FLAGS
 
 
 def test_memory_limit_prints_plan_and_peak(tmp_path, capsys):
