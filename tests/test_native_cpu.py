@@ -1,4 +1,8 @@
-"""The native CPU kernels against the pure-torch reference (pagedopt.functional.reference).
+"""The native CPU kernels against the pure-torch reference (pagedopt.functional.reference):
+the quantization and fp16/bf16 conversion primitives, the update kernels through the
+functional API, the norms of the prepare pass, and marshalling and errors. Loading and backend
+dispatch are tested in test_native_cpu_loading.py, the optimizer classes on the native path in
+test_native_cpu_optimizers.py; the helpers are in native_cpu_helpers.py.
 
 Tolerance tiers (DESIGN.md "Numerics contract"):
 
@@ -9,147 +13,46 @@ Tolerance tiers (DESIGN.md "Numerics contract"):
   the code through float32 decision thresholds in both places, so there are none: we assert 0.
 * **float64 order** - squared norms are float64 sums; the kernels add in a different order
   than torch, so they agree to float64 rounding (rtol 1e-12), and exactly between thread counts.
-* **fp32 rounding** - optimizer steps whose scales come from float64 norms (percentile clipping,
-  trust ratio) can see a scale one float32 ulp apart; those compare within a few ulps.
 
 The library is built by ``pip install -e .`` (``setup.py``); these tests skip only when it was
-not built at all, and fail when it exists but does not load.
+not built at all, and fail when it exists but does not load (the import of native_cpu_helpers
+does both).
 """
 
 from __future__ import annotations
 
 import ctypes
-import math
-import warnings
 
 import pytest
 import torch
 
-import pagedopt
 from pagedopt.backends import cpu
 from pagedopt.functional import dispatch, reference
 from pagedopt.functional.items import UpdateItem
 from pagedopt.functional.kinds import kind_for
 from pagedopt.functional.qmap import decision_thresholds, dynamic_map
-from pagedopt.functional.quantization import codes_for, dequantize, num_blocks
+from pagedopt.functional.quantization import codes_for, dequantize
 from pagedopt.functional.scalars import step_scalars
 
-LIB = cpu.library()
-if LIB is None and not cpu.default_library_path().exists():
-    pytest.skip(
-        f"native CPU library not built ({cpu.unavailable_reason()}); build it with `pip install -e .` "
-        "or `python setup.py build_ext --inplace`",
-        allow_module_level=True,
-    )
-if LIB is None:
-    raise RuntimeError(f"the native CPU library exists but does not load: {cpu.unavailable_reason()}")
+# test_native_cpu_isa.py uses these through this module (``import test_native_cpu as base``).
+from native_cpu_helpers import (
+    BACKEND,
+    DTYPES,
+    HYPER,
+    KINDS,
+    LIB,
+    MODES,
+    Slot,
+    assert_bitwise_equal,
+    assert_slots_equal,
+    gradient,
+    run_step,
+    torch_on_one_thread,
+)
 
-BACKEND = cpu.CpuBackend(LIB)
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-KINDS = ("adam", "adamw", "lamb", "ademamix", "momentum", "lars", "lion", "rmsprop", "adagrad")
-MODES = ("32bit", "8bit-blockwise", "8bit-tensorwise")
 SHAPES = ((4097,), (257, 3), (1,), (0,))
 
-HYPER = {
-    "adam": dict(lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1),
-    "adamw": dict(lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1),
-    "lamb": dict(lr=3e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01),
-    "ademamix": dict(lr=3e-3, betas=(0.9, 0.999, 0.9999), eps=1e-8, weight_decay=0.1, alpha=5.0, t_alpha=10,
-                     t_beta3=10),
-    "momentum": dict(lr=1e-2, betas=(0.9, 0.1), weight_decay=0.1, nesterov=True),
-    "lars": dict(lr=1e-2, betas=(0.9, 0.0), weight_decay=0.01),
-    "lion": dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
-    "rmsprop": dict(lr=1e-3, betas=(0.99, 0.0), eps=1e-8, weight_decay=0.1),
-    "adagrad": dict(lr=1e-2, eps=1e-10, weight_decay=0.1, lr_decay=0.01),
-}
-
-
-# ---- helpers ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Run on one intra-op thread unless a test sets more: the reference's small-tensor ops pay
-    milliseconds of OpenMP wake-up per op on a busy 2-core machine. The kernels' own threading
-    is exercised where a test sets the thread count (same results for any count)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-
-class Slot:
-    """One parameter's tensors for the functional API (one per backend under test)."""
-
-    def __init__(self, kind, shape, dtype, mode, seed):
-        gen = torch.Generator().manual_seed(seed)
-        self.kind, self.mode = kind, mode
-        numel = math.prod(shape)
-        self.param = (torch.randn(shape, generator=gen) * 0.1).to(dtype)
-        quantized = mode != "32bit"
-        self.block_wise = mode != "8bit-tensorwise"
-        state_dtype = torch.uint8 if quantized else torch.float32
-        moments = kind.state1_moments
-        self.state1 = torch.zeros((moments, *shape) if moments > 1 else shape, dtype=state_dtype)
-        self.state2 = torch.zeros(shape, dtype=state_dtype) if kind.num_states == 2 else None
-        blocks = num_blocks(numel, self.block_wise)
-        self.absmax1 = torch.zeros((moments, blocks) if moments > 1 else (blocks,)) if quantized else None
-        self.absmax2 = torch.zeros(blocks) if quantized and kind.num_states == 2 else None
-
-    def clone(self):
-        other = object.__new__(Slot)
-        other.__dict__ = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
-        return other
-
-    def item(self, grad, scalars, gnorm_scale=None, update_scale=None):
-        return UpdateItem(self.param, grad, self.state1, self.state2, self.absmax1, self.absmax2, scalars,
-                          block_wise=self.block_wise, gnorm_scale=gnorm_scale, update_scale=update_scale)
-
-    def tensors(self):
-        return {k: v for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)}
-
-
-def gradient(shape, dtype, step, seed, special=True):
-    """Gradients with NaN, +-Inf and exact zeros at fixed places (when the tensor is big enough)."""
-    gen = torch.Generator().manual_seed(seed * 1000 + step)
-    g = torch.randn(shape, generator=gen) * 0.01
-    flat = g.view(-1)
-    if special and flat.numel() > 20:
-        flat[3] = float("nan")
-        flat[11] = float("inf") if step % 2 else -float("inf")
-        flat[5:9] = 0.0
-    return g.to(dtype)
-
-
-def run_step(backend, kind, items):
-    """One optimizer step through ``backend``, as Optimizer8bit.step drives it."""
-    tensorwise = [it for it in items if it.quantized and not it.block_wise]
-    if tensorwise:
-        results = backend.prepare(kind, tensorwise, want_norms=False)
-        for it, r in zip(tensorwise, results):
-            it.new_absmax1, it.new_absmax2 = r.max1, r.max2
-    backend.update(kind, items)
-    return [(r.max1, r.max2) for r in results] if tensorwise else []
-
-
-def assert_bitwise_equal(a: torch.Tensor, b: torch.Tensor, what: str):
-    """Exact tier: identical bits (NaN payloads included)."""
-    assert a.shape == b.shape and a.dtype == b.dtype, what
-    if a.dtype == torch.uint8:
-        bad = int((a != b).sum())
-        assert bad == 0, f"{what}: {bad} of {a.numel()} codes differ (rounding ties must not exist)"
-        return
-    view = {4: torch.int32, 2: torch.int16}[a.element_size()]
-    bad = int((a.contiguous().view(view) != b.contiguous().view(view)).sum())
-    if bad:
-        diff = (a.double() - b.double()).abs().nan_to_num(0).max().item()
-        pytest.fail(f"{what}: {bad} of {a.numel()} elements differ (max abs diff {diff:.3g})")
-
-
-def assert_slots_equal(ref: Slot, nat: Slot, where: str):
-    for name, t in ref.tensors().items():
-        assert_bitwise_equal(t, nat.tensors()[name], f"{where}: {name}")
+one_torch_thread = pytest.fixture(autouse=True)(torch_on_one_thread)
 
 
 # ---- the fast code search --------------------------------------------------------------------
@@ -551,166 +454,3 @@ def test_native_errors_raise_with_the_library_message():
     status = LIB.po_update(0, ctypes.byref(item), 1, 1, None)
     with pytest.raises(cpu.NativeError, match="item 0: param is NULL"):
         LIB.check(status, "update")
-
-
-# ---- loading and dispatch --------------------------------------------------------------------
-
-
-@pytest.fixture
-def fresh_loader(monkeypatch):
-    """Forget the loaded library and the one-warning flag for one test, then restore them."""
-    saved = (cpu._library, cpu._failure, cpu._warned)
-    cpu._library, cpu._failure, cpu._warned = None, None, False
-    monkeypatch.delenv(dispatch.FORCE_ENV, raising=False)  # the suite may run with it set
-    dispatch.reset_backends()
-    yield
-    cpu._library, cpu._failure, cpu._warned = saved
-    dispatch.reset_backends()
-
-
-def test_missing_library_falls_back_with_one_warning(fresh_loader, monkeypatch, tmp_path):
-    monkeypatch.setenv(cpu.LIBRARY_ENV, str(tmp_path / "missing.so"))
-    with pytest.warns(RuntimeWarning, match=r"missing\.so does not exist.*pip install -e"):
-        assert dispatch.backend_for(torch.device("cpu")).name == "reference"
-    dispatch.reset_backends()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a second resolution must not warn again
-        assert cpu.load() is None
-    # and the optimizers still work, on the reference path
-    p = torch.nn.Parameter(torch.randn(5000))
-    p.grad = torch.randn(5000)
-    pagedopt.AdamW8bit([p]).step()
-
-
-def test_broken_library_file_falls_back(fresh_loader, monkeypatch, tmp_path):
-    bogus = tmp_path / "libpagedopt_cpu.so"
-    bogus.write_bytes(b"not an ELF file")
-    monkeypatch.setenv(cpu.LIBRARY_ENV, str(bogus))
-    with pytest.warns(RuntimeWarning, match="loading .* failed"):
-        assert cpu.load() is None
-
-
-def test_library_built_for_another_cpu_is_refused(fresh_loader, monkeypatch):
-    monkeypatch.setattr(cpu, "_cpu_flags", lambda: set())
-    if not LIB.required_cpu_flags:
-        pytest.skip("this build records no required CPU flags")
-    with pytest.warns(RuntimeWarning, match="built for a CPU with"):
-        assert cpu.load() is None
-
-
-def test_import_registers_the_native_backend_and_env_forces_reference(fresh_loader, monkeypatch):
-    assert dispatch.backend_for(torch.device("cpu")).name == "cpu"
-    monkeypatch.setenv(dispatch.FORCE_ENV, "reference")
-    dispatch.reset_backends()
-    assert dispatch.backend_for(torch.device("cpu")).name == "reference"
-
-
-def test_library_reports_its_build():
-    assert LIB.abi_version == cpu.ABI_VERSION
-    assert "levels=baseline" in LIB.build_info  # every build has the portable level
-    assert LIB.isa in LIB.compiled_isas()
-
-
-# ---- through the optimizer classes -----------------------------------------------------------
-
-
-def _model_params(dtype):
-    gen = torch.Generator().manual_seed(0)
-    shapes = [(129, 33), (4097,), (64, 16), (1,), (0,), (8, 8)]
-    params = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.1).to(dtype)) for s in shapes]
-    # a non-contiguous parameter (a transposed view)
-    params.append(torch.nn.Parameter((torch.randn(40, 70, generator=gen) * 0.1).to(dtype).t()))
-    return params
-
-
-def _run_optimizer(cls, kwargs, dtype, steps, backend_name, monkeypatch):
-    if backend_name == "reference":
-        monkeypatch.setenv(dispatch.FORCE_ENV, "reference")
-    else:
-        monkeypatch.delenv(dispatch.FORCE_ENV, raising=False)
-    dispatch.reset_backends()
-    assert dispatch.backend_for(torch.device("cpu")).name == backend_name
-    params = _model_params(dtype)
-    opt = cls(params, **kwargs)
-    for step in range(1, steps + 1):
-        gen = torch.Generator().manual_seed(step)
-        for i, p in enumerate(params):
-            if i == 2 and step % 3 == 0:
-                p.grad = None  # frozen this step
-                continue
-            g = (torch.randn(p.shape, generator=gen) * 0.01).to(dtype)
-            if g.numel() > 50:
-                g.view(-1)[7] = float("nan")
-                g.view(-1)[9] = 0.0
-            p.grad = g
-        opt.step()
-    monkeypatch.delenv(dispatch.FORCE_ENV, raising=False)
-    dispatch.reset_backends()
-    return params, opt
-
-
-def _assert_optimizers_equal(ref, nat, exact=True):
-    (rp, ro), (np_, no) = ref, nat
-    for a, b in zip(rp, np_):
-        if exact:
-            assert_bitwise_equal(a.detach(), b.detach(), "param")
-        else:
-            torch.testing.assert_close(b.detach(), a.detach(), rtol=4e-6, atol=1e-7)
-    for a, b in zip(rp, np_):
-        sa, sb = ro.state[a], no.state[b]
-        assert sa.keys() == sb.keys()
-        for key in sa:
-            if not isinstance(sa[key], torch.Tensor):
-                assert sa[key] == sb[key]
-                continue
-            if exact:
-                assert_bitwise_equal(sa[key], sb[key], key)
-            elif sa[key].dtype == torch.uint8:
-                frac = (sa[key].int() - sb[key].int()).abs().gt(0).float().mean().item() if sa[key].numel() else 0
-                assert frac <= 0.005 and (sa[key].int() - sb[key].int()).abs().max() <= 1, key
-            else:
-                torch.testing.assert_close(sb[key], sa[key], rtol=1e-5, atol=1e-9)
-
-
-OPTIMIZER_CASES = [
-    ("AdamW8bit", {"lr": 1e-2, "min_8bit_size": 64}),
-    ("Adam8bit", {"lr": 1e-2, "weight_decay": 0.1, "min_8bit_size": 64, "block_wise": False}),
-    ("AdEMAMix8bit", {"lr": 1e-2, "min_8bit_size": 64, "t_alpha": 5, "t_beta3": 5, "skip_zeros": True}),
-    ("Lion8bit", {"lr": 1e-3, "weight_decay": 0.1, "min_8bit_size": 64}),
-    ("SGD8bit", {"lr": 1e-2, "momentum": 0.9, "nesterov": True, "min_8bit_size": 64}),
-    ("RMSprop8bit", {"lr": 1e-3, "weight_decay": 0.1, "min_8bit_size": 64, "block_wise": False}),
-    ("Adagrad8bit", {"lr": 1e-2, "min_8bit_size": 64}),
-    ("AdamW32bit", {"lr": 1e-2}),
-    ("Lion32bit", {"lr": 1e-3}),
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("name,kwargs", OPTIMIZER_CASES, ids=[c[0] for c in OPTIMIZER_CASES])
-def test_optimizer_classes_native_equals_reference(name, kwargs, dtype, monkeypatch):
-    """The optimizer classes (odd shapes, a strided parameter, a frozen-some-steps parameter,
-    empty and one-element parameters, NaN and zero gradient elements) stepped 20 times on the
-    native and on the forced reference path. Exact tier."""
-    cls = pagedopt.optim.get_optimizer_class(name)
-    ref = _run_optimizer(cls, kwargs, dtype, 20, "reference", monkeypatch)
-    nat = _run_optimizer(cls, kwargs, dtype, 20, "cpu", monkeypatch)
-    _assert_optimizers_equal(ref, nat, exact=True)
-
-
-NORM_CASES = [
-    ("AdamW8bit", {"lr": 1e-2, "min_8bit_size": 64, "percentile_clipping": 5}),
-    ("LAMB8bit", {"lr": 1e-2, "min_8bit_size": 64}),
-    ("LARS8bit", {"lr": 1e-2, "momentum": 0.9, "min_8bit_size": 64, "block_wise": False}),
-    ("LAMB32bit", {"lr": 1e-2, "percentile_clipping": 10}),
-]
-
-
-@pytest.mark.parametrize("name,kwargs", NORM_CASES, ids=[c[0] for c in NORM_CASES])
-def test_optimizer_classes_with_norm_scales(name, kwargs, monkeypatch):
-    """Percentile clipping and trust ratios scale the step by float64 norms; the kernels sum in
-    another order, which may move a float32 scale by an ulp. fp32-rounding tier: parameters
-    within a few ulps, at most 0.5% of codes one step apart."""
-    cls = pagedopt.optim.get_optimizer_class(name)
-    ref = _run_optimizer(cls, kwargs, torch.float32, 15, "reference", monkeypatch)
-    nat = _run_optimizer(cls, kwargs, torch.float32, 15, "cpu", monkeypatch)
-    _assert_optimizers_equal(ref, nat, exact=False)

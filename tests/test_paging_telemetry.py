@@ -13,7 +13,7 @@ from pagedopt.paging import MemoryController, PagingConfig
 from pagedopt.telemetry.prometheus import PrometheusSink
 from pagedopt.telemetry.sink import attach
 
-from test_telemetry_exporter import scrape, single, values
+from telemetry_helpers import scrape, single, values
 
 
 def _params(n=6, numel=5000):

@@ -1,69 +1,37 @@
-"""The Prometheus exporter: exposition (names, types, labels), values against independent
-computations, bounded cardinality with thousands of parameters, pager and kernel sources,
-ports, multiprocess mode, and the asynchronous device-to-host plumbing."""
+"""The Prometheus exporter's exposition and values: names, types and labels against the metric
+catalogue (and promtool's lint), values against independent computations, the pager, kernel and
+budget sources, the asynchronous device-to-host plumbing the values travel through, and the
+telemetry modules' docstring examples. Bounded cardinality with thousands of parameters is tested
+in test_telemetry_exporter_cardinality.py; ports, multiprocess mode and the training callback in
+test_telemetry_exporter_serving.py; the helpers are in telemetry_helpers.py."""
 
 from __future__ import annotations
 
 import doctest
 import importlib
-import json
-import logging
 import math
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import types
-import urllib.error
 import urllib.request
-from collections import defaultdict
-from pathlib import Path
 
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 import pagedopt
 from pagedopt.paging.store import DeviceStateStore
 from pagedopt.paging.config import PagingConfig
 from pagedopt.telemetry import start_exporter
 from pagedopt.telemetry.host_copy import EventLatencies, HostCopies, StepTimer
-from pagedopt.telemetry.layout import OTHER, ParamTable, actual_state_bytes, expected_state_bytes
+from pagedopt.telemetry.layout import OTHER
 from pagedopt.telemetry.metrics import COMMON_LABELS, METRICS
 from pagedopt.telemetry.prometheus import PrometheusSink
 from pagedopt.telemetry.sink import NULL_SINK, RecordingSink, attach
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def scrape(exporter_or_sink) -> dict[str, list]:
-    """{family name: [samples]} from the exporter's HTTP endpoint (or a sink's registry)."""
-    if hasattr(exporter_or_sink, "url"):
-        text = urllib.request.urlopen(exporter_or_sink.url, timeout=10).read().decode()
-    else:
-        from prometheus_client import generate_latest
-
-        text = generate_latest(exporter_or_sink.registry).decode()
-    return {f.name: f for f in text_string_to_metric_families(text)}
-
-
-def values(families, name, **labels) -> dict[tuple, float]:
-    """Samples of ``name`` (exposed sample name) as {label tuple without run/rank: value}."""
-    out = {}
-    for family in families.values():
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                key = tuple(sorted((k, v) for k, v in s.labels.items() if k not in COMMON_LABELS))
-                out[key] = s.value
-    return out
-
-
-def single(families, name, **labels) -> float:
-    found = values(families, name, **labels)
-    assert len(found) == 1, (name, labels, found)
-    return next(iter(found.values()))
+# test_paging_telemetry.py imports scrape, single and values from this module.
+from telemetry_helpers import scrape, single, small_model, step, values
 
 
 class FakePager(DeviceStateStore):
@@ -103,17 +71,6 @@ def nested(flat):
     for (direction, reason), n in flat.items():
         out.setdefault(direction, {})[reason] = n
     return out
-
-
-def small_model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(96, 128), torch.nn.ReLU(), torch.nn.Linear(128, 8))
-
-
-def step(model, opt, scale=1.0):
-    (model(torch.randn(16, 96)).square().mean() * scale).backward()
-    opt.step()
-
 
 @pytest.fixture
 def trained():
@@ -380,311 +337,6 @@ def test_budget_from_paging_config_and_device_fallback():
     total = single(families, "pagedopt_device_memory_total_bytes")
     assert single(families, "pagedopt_device_budget_bytes") == total > 0
     assert 0 < single(families, "pagedopt_device_headroom_bytes") <= total
-
-
-# --- cardinality -------------------------------------------------------------------------------
-
-
-def many_params(n: int):
-    """``n`` parameters of assorted sizes (mostly small 32-bit ones, every 50th 8-bit) in two
-    named groups (small sizes keep the reference backend's step fast)."""
-    sizes = [4096 + i if i % 50 == 0 else (i * 37) % 200 + 1 for i in range(n)]
-    params = [torch.nn.Parameter(torch.randn(s)) for s in sizes]
-    half = n // 2
-    return params, [{"params": params[:half], "name": "a"},
-                    {"params": params[half:], "name": "b", "percentile_clipping": 100}]
-
-
-def series_by_metric(families) -> dict[str, int]:
-    counts = defaultdict(int)
-    for name, family in families.items():
-        if name.startswith("pagedopt_"):
-            counts[name] += sum(1 for s in family.samples if not s.name.endswith("_created"))
-    return counts
-
-
-@pytest.mark.parametrize("n", [300, 3000])
-def test_series_count_is_bounded_with_thousands_of_parameters(n):
-    params, groups = many_params(n)
-    opt = pagedopt.AdamW8bit(groups, percentile_clipping=90)
-    sink = attach(opt, PrometheusSink(opt, run="card", top_k=20, quant_error_every=1))
-    g = torch.Generator().manual_seed(0)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=g)
-    opt.step()
-    sink.finish()
-    families = scrape(sink)
-    counts = series_by_metric(families)
-    param_labels = {s.labels["param"] for f in families.values() for s in f.samples if "param" in s.labels}
-    assert len(param_labels) == 21 and OTHER in param_labels
-    # Series per metric do not depend on the number of parameters: exact bounds.
-    assert counts["pagedopt_param_grad_norm"] == 21
-    assert counts["pagedopt_param_clip_threshold"] <= 21
-    assert counts["pagedopt_param_state_bytes"] == 21  # one residency
-    # group x state key x precision x residency: 2 x (4 + 2) x 2 x 1 at most
-    assert counts["pagedopt_state_bytes"] <= 2 * 6 * 2
-    assert counts["pagedopt_quant_error_ratio"] <= 2 * 2
-    assert sum(counts.values()) <= series_bound(groups=2, top_k=20, residencies=1), counts
-
-
-def series_bound(groups: int, top_k: int, residencies: int) -> int:
-    """Most series the exporter can produce, whatever the number of parameters."""
-    single = 16  # info x3, budget, headroom, peak, memory used/total, stall, steps, last step,
-    #              active, global grad norm, kernel cache hits, telemetry errors
-    histograms = sum(len(m.buckets) + 3 for m in METRICS if m.type == "histogram")  # + Inf, sum, count
-    paging = 2 * 2 * 5 + 3  # transfers and bytes by direction x reason; dropped x3
-    per_group = groups * (5 + 2 + 6 * 2 * residencies)  # norms/clipping x5, quant x2 states, state bytes
-    per_param = (top_k + 1) * (2 + residencies)  # grad norm, threshold, state bytes per residency
-    return single + histograms + paging + per_group + per_param
-
-
-def test_top_k_membership_is_fixed_before_the_first_step():
-    """The largest parameters by *expected* state bytes get series from the start, even one
-    that gets its first gradient late; a parameter added later joins __other__."""
-    big_late = torch.nn.Parameter(torch.randn(20000))
-    mids = [torch.nn.Parameter(torch.randn(5000 + i)) for i in range(3)]
-    f32 = torch.nn.Parameter(torch.randn(4000))  # below min_8bit_size: 32-bit state, 4x the bytes per element
-    # Expected bytes: big_late 2 x 20000 + absmax, f32 8 x 4000, mid_i 2 x (5000 + i) + absmax.
-    opt = pagedopt.AdamW8bit([("big_late", big_late), ("f32", f32)] + [(f"mid{i}", p) for i, p in enumerate(mids)])
-    table = ParamTable(opt, top_k=3)
-    assert table.top_names == ["big_late", "f32", "mid2", OTHER]
-    for p in mids + [f32]:
-        p.grad = torch.randn(p.shape)
-    opt.step()
-    late = torch.nn.Parameter(torch.randn(10 ** 5))
-    opt.add_param_group({"params": [late], "param_names": ["late"], "name": "late"})
-    table.sync_groups()
-    assert table.entry(late).top_label == OTHER and table.group_labels == ["0", "late"]
-    assert table.top_names == ["big_late", "f32", "mid2", OTHER]
-
-
-@pytest.mark.parametrize(
-    "cls,kwargs",
-    [(pagedopt.AdamW8bit, {}), (pagedopt.AdamW8bit, {"percentile_clipping": 5, "block_wise": False}),
-     (pagedopt.AdEMAMix8bit, {}), (pagedopt.LAMB8bit, {"max_unorm": 1.0}), (pagedopt.Lion32bit, {}),
-     (pagedopt.SGD8bit, {"momentum": 0.9})],
-)
-def test_expected_state_bytes_equal_actual(cls, kwargs):
-    shapes = [(4097,), (1,), (0,), (64, 70), (4096,)]
-    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-    opt = cls(params, lr=0.1, **kwargs)
-    expected = [expected_state_bytes(opt, 0, i) for i in range(len(params))]
-    for p in params:
-        p.grad = torch.randn(p.shape)
-    opt.step()
-    assert expected == [actual_state_bytes(opt.state[p]) for p in params]
-
-
-def test_overrides_registered_after_the_exporter_still_apply():
-    """bitsandbytes' usage registers per-parameter overrides after creating the optimizer;
-    an exporter attached in between must not freeze the settings (bit-identical training)."""
-    def train(with_exporter: bool):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 64))
-        manager = pagedopt.GlobalOptimManager.get_instance()
-        manager.register_parameters(model.parameters())
-        opt = pagedopt.Adam8bit(model.parameters())
-        exporter = start_exporter(opt, model=model, port=0) if with_exporter else None
-        manager.override_config(model[0].weight, "optim_bits", 32)
-        for _ in range(2):
-            model(torch.randn(4, 64)).square().mean().backward()
-            opt.step()
-        if exporter is not None:
-            exporter.finish()
-            families = scrape(exporter)
-            exporter.close()
-            assert single(families, "pagedopt_state_bytes", state="state1", precision="32bit",
-                          residency="host") == 4 * (64 * 128 + 128 + 64)
-        manager.clear()
-        return model, opt
-
-    on_model, on_opt = train(True)
-    off_model, off_opt = train(False)
-    assert on_opt.state[on_model[0].weight]["state1"].dtype == torch.float32
-    for a, b in zip(on_model.parameters(), off_model.parameters()):
-        assert torch.equal(a, b)
-
-
-def test_names_come_from_optimizer_then_model_then_position():
-    model = small_model()
-    named = pagedopt.AdamW8bit(model.named_parameters())
-    assert ParamTable(named, top_k=1).top_names == ["0.weight", OTHER]
-    plain = pagedopt.AdamW8bit(model.parameters())
-    assert ParamTable(plain, model=model, top_k=1).top_names == ["0.weight", OTHER]
-    assert ParamTable(plain, top_k=1).top_names == ["group0.param0", OTHER]
-    with pytest.raises(ValueError, match="top_k=-1"):
-        ParamTable(plain, top_k=-1)
-
-
-# --- robustness, ports -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_busy_port_logs_warning_and_training_continues(caplog):
-    blocker = socket.socket()
-    blocker.bind(("127.0.0.1", 0))
-    blocker.listen()
-    port = blocker.getsockname()[1]
-    try:
-        w = torch.nn.Parameter(torch.randn(10))
-        opt = pagedopt.AdamW([w])
-        with caplog.at_level(logging.WARNING, logger="pagedopt.telemetry"):
-            exporter = start_exporter(opt, port=port, local_rank=0)
-        assert not exporter.enabled and exporter.url is None
-        assert opt.sink is NULL_SINK
-        assert any("metrics are disabled" in r.message and str(port) in r.message for r in caplog.records)
-        w.grad = torch.ones(10)
-        opt.step()  # training goes on
-        exporter.finish()
-        exporter.close()
-    finally:
-        blocker.close()
-
-
-def test_port_is_base_plus_local_rank_on_loopback(monkeypatch):
-    base = free_port()
-    while True:  # a base whose +3 is free too
-        if base > 2000:
-            try:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", base + 3))
-                break
-            except OSError:
-                pass
-        base = free_port()
-    monkeypatch.setenv("LOCAL_RANK", "3")
-    monkeypatch.setenv("RANK", "11")
-    opt = pagedopt.AdamW([torch.nn.Parameter(torch.randn(4))])
-    with start_exporter(opt, port=base) as exporter:
-        assert exporter.port == base + 3
-        assert exporter.url == f"http://127.0.0.1:{base + 3}/metrics"
-        families = scrape(exporter)
-        assert single(families, "pagedopt_run_info")  # serves
-        assert {s.labels["rank"] for s in families["pagedopt_build_info"].samples} == {"11"}
-        assert single(families, "pagedopt_device_info", local_rank="3") == 1
-    with pytest.raises(ValueError, match="port=70000"):
-        start_exporter(opt, port=70000)
-
-
-def test_errors_inside_the_sink_never_stop_training(caplog, monkeypatch):
-    w = torch.nn.Parameter(torch.randn(5000))
-    opt = pagedopt.AdamW8bit([w], percentile_clipping=90)
-    sink = attach(opt, PrometheusSink(opt, run="e"))
-
-    def broken(report):
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(sink.aggregator, "submit", broken)
-    with caplog.at_level(logging.ERROR, logger="pagedopt.telemetry"):
-        for _ in range(3):
-            w.grad = torch.randn(5000)
-            opt.step()
-    assert sink.errors == 3
-    assert sum("error in the metrics sink" in r.message for r in caplog.records) == 1  # logged once
-    assert single(scrape(sink), "pagedopt_telemetry_errors_total") == 3
-    # A failing quantization-error probe (it runs inside the update pass) is contained too.
-    from pagedopt.telemetry.quant_error import QuantErrorProbe
-
-    def broken_probe(self, kind, entries, items):
-        raise ValueError("bad shapes")
-
-    monkeypatch.setattr(QuantErrorProbe, "before", broken_probe)
-    sink.sampler.every = 1
-    before = w.detach().clone()
-    w.grad = torch.randn(5000)
-    opt.step()
-    assert sink.errors == 5 and not torch.equal(before, w)  # submit and the probe failed; the step ran
-
-
-@pytest.mark.slow
-def test_multiprocess_mode_serves_all_local_ranks_on_one_port(tmp_path):
-    """Two ranks of one node (LOCAL_RANK 0 and 1) with PROMETHEUS_MULTIPROC_DIR: local rank 0
-    serves both ranks' series on the base port; local rank 1 serves nothing."""
-    mp_dir = tmp_path / "metrics"
-    mp_dir.mkdir()
-    port = free_port()
-    procs = []
-    status = []
-    for rank, steps in ((0, 3), (1, 5)):
-        env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(mp_dir), LOCAL_RANK=str(rank), RANK=str(rank),
-                   WORLD_SIZE="2", PAGEDOPT_RUN="mp-run", PYTHONPATH=str(ROOT))
-        ready = tmp_path / f"ready{rank}.jsonl"
-        status.append(ready)
-        procs.append(subprocess.Popen(
-            [sys.executable, str(ROOT / "examples" / "train_with_metrics.py"), "--steps", str(steps),
-             "--metrics-port", str(port), "--linger", "120", "--hidden", "32", "--ready-file", str(ready)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            done = [p.read_text().count('"finished"') if p.exists() else 0 for p in status]
-            if all(done) or procs[0].poll() is not None:
-                break
-            time.sleep(0.5)
-        # Rank 0 serves (and lingers); rank 1 has no endpoint and may already have exited:
-        # its values stay in the multiprocess directory.
-        assert procs[0].poll() is None, procs[0].communicate()[0]
-        assert procs[1].wait(timeout=120) == 0, procs[1].communicate()[0]
-        first = [json.loads(line) for line in status[0].read_text().splitlines()]
-        second = [json.loads(line) for line in status[1].read_text().splitlines()]
-        assert first[0]["url"] == f"http://127.0.0.1:{port}/metrics"
-        assert second[0]["url"] is None and second[0]["enabled"]
-        text = urllib.request.urlopen(first[0]["url"], timeout=10).read().decode()
-        families = {f.name: f for f in text_string_to_metric_families(text)}
-        steps = {s.labels["rank"]: s.value for s in families["pagedopt_steps"].samples if s.name == "pagedopt_steps_total"}
-        assert steps == {"0": 3.0, "1": 5.0}
-        active = {s.labels["rank"]: s.value for s in families["pagedopt_training_active"].samples}
-        assert active == {"0": 0.0, "1": 0.0}
-        runs = {s.labels["run"] for f in families.values() for s in f.samples if "run" in s.labels}
-        assert runs == {"mp-run"}
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=60)
-
-
-def test_training_flags_and_callback_linger(capsys):
-    import argparse
-    import threading
-
-    from pagedopt.telemetry.training import add_metrics_arguments, metrics_callback
-
-    parser = argparse.ArgumentParser()
-    add_metrics_arguments(parser)
-    for bad, message in ((["--linger", "-1"], "--linger: must be >= 0"),
-                         (["--metrics-port", "70000"], "--metrics-port: must be a port number")):
-        with pytest.raises(SystemExit):
-            parser.parse_args(bad)
-        assert message in capsys.readouterr().err
-    assert metrics_callback(parser.parse_args([])) is None
-    callback = metrics_callback(parser.parse_args(["--metrics-port", "0", "--linger", "1.5", "--metrics-top-k", "1"]),
-                                run="cb")
-    model = small_model()
-    opt = pagedopt.AdamW8bit(model.parameters(), percentile_clipping=95)
-    run = types.SimpleNamespace(optimizer=opt, model=model)
-    callback.on_train_start(run)
-    url = callback.exporter.url
-    step(model, opt)
-    callback.on_step_end(run, None)
-    scraped = []
-    started = time.monotonic()
-    # While on_train_end lingers, the endpoint still serves the final values.
-    timer = threading.Timer(0.5, lambda: scraped.append(urllib.request.urlopen(url, timeout=10).read().decode()))
-    timer.start()
-    callback.on_train_end(run, None)
-    timer.join()
-    assert time.monotonic() - started >= 1.5
-    assert 'pagedopt_training_active{rank="0",run="cb"} 0.0' in scraped[0]
-    assert 'pagedopt_param_state_bytes{param="0.weight",rank="0",residency="host",run="cb"}' in scraped[0]
-    assert opt.sink is NULL_SINK
-    with pytest.raises(urllib.error.URLError):
-        urllib.request.urlopen(url, timeout=5)
 
 
 # --- asynchronous plumbing -------------------------------------------------------------------------
