@@ -249,10 +249,6 @@ def test_optimizer_on_cuda_matches_cpu(device, name, kwargs, exact, dtype):
 
     dispatch.reset_backends()
     cls = getattr(pagedopt, name)
-    try:
-        cls([torch.nn.Parameter(torch.zeros(2))], numerics="strict")
-    except TypeError:
-        pytest.skip("the optimizers take no numerics= option on this branch (added by the step-plan work)")
     kwargs = {**kwargs, "numerics": "strict"}
     cpu_params = _model_params("cpu", dtype)
     gpu_params = _model_params(device, dtype)
