@@ -88,7 +88,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("pagedopt_staging_pool_bytes", "gauge",
                "Device memory held by the staging pools of staged paging (offload, budgeted)"),
     MetricSpec("pagedopt_oom_recoveries_total", "counter",
-               "Out-of-memory errors a guarded step recovered from (state evicted, cache emptied, retried)",
+               "Out-of-memory errors a guarded step recovered from (state evicted, cache emptied, retried; "
+               "phase `multi-rank job (no retry)`: recovered, then the error propagated)",
                ("phase",)),
     MetricSpec("pagedopt_memory_free_bytes", "gauge",
                "Free device memory as the memory controller reads it (allocator cache counts as free)"),
