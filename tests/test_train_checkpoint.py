@@ -31,11 +31,11 @@ from pagedopt.cli import main as cli_main
 from pagedopt.fileio import TEMP_PREFIX, AtomicWriteError
 from pagedopt.train import Callback, TrainConfig, TrainConfigError, train
 from pagedopt.train import loop as train_loop
+from train_helpers import REPO_ROOT, read_until
 from pagedopt.train.checkpoint import (
     MARKER, CheckpointError, checkpoint_path, list_checkpoints, newest_checkpoint, resolve_resume,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(model_size="tiny", seq_len=32, batch_size=4, max_corpus_bytes=200_000, eval_batches=1,
             progress="off", threads=1)
 TINY_FLAGS = ["--model-size", "tiny", "--seq-len", "32", "--batch-size", "4", "--max-corpus-bytes", "200000",
@@ -236,17 +236,6 @@ def _cli(args: list[str], **kwargs) -> subprocess.Popen:
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}, **kwargs)
 
 
-def _wait_for(proc: subprocess.Popen, pattern: str, timeout: float = 180) -> str:
-    seen, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if re.search(pattern, line):
-            return "".join(seen)
-    proc.kill()
-    pytest.fail(f"no line matching {pattern!r}:\n{''.join(seen)}\n{proc.stderr.read()[-3000:]}")
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
@@ -286,7 +275,7 @@ def test_sigterm_at_random_times_then_resume_ends_like_the_uninterrupted_run(tmp
     rng = random.Random(trial)
     d = tmp_path / "ckpt"
     proc = _cli(["--steps", str(RANDOM_SIGNAL_STEPS), *TINY_FLAGS, "--checkpoint-dir", str(d), "--checkpoint-every", "3"])
-    _wait_for(proc, rf"^step {1 + trial}/")
+    read_until(proc, rf"^step {1 + trial}/", timeout=180)
     time.sleep(rng.uniform(0.0, 0.2))  # anywhere: inside a step, between steps, in a save
     proc.send_signal(signal.SIGTERM)
     rc, out, err = _finish(proc)
@@ -326,7 +315,7 @@ def test_kill_9_during_a_save_keeps_the_previous_checkpoint_and_resume_recovers(
                              "--checkpoint-dir", str(d), "--checkpoint-every", "2"], cwd=REPO_ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"})
-    _wait_for(proc, r"^SAVING ")
+    read_until(proc, r"^SAVING ", timeout=180)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert [c.step for c in list_checkpoints(d)] == [2]
@@ -422,7 +411,7 @@ def test_torchrun_fsdp_two_ranks_preempted_by_sigterm_resume_bit_exact(tmp_path)
     assert rc == 0, err[-3000:]
     d = tmp_path / "ckpt"
     proc = _torchrun(2, *flags, "--checkpoint-dir", str(d))
-    _wait_for(proc, r"^step 2/")
+    read_until(proc, r"^step 2/", timeout=180)
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert len(workers) == 2, workers
     os.kill(int(workers[-1]), signal.SIGUSR1)  # one rank only: the other learns it from the step's all-reduce

@@ -26,7 +26,7 @@ from pagedopt.train.model import DecoderLM, ModelConfig
 from pagedopt.train.optimizers import build_optimizer
 from pagedopt.train.progress import ConsoleReporter
 
-from train_helpers import REPO_ROOT, TINY_FLAGS, _read_until, free_port, scrape, tiny
+from train_helpers import REPO_ROOT, TINY_FLAGS, read_until, free_port, scrape, tiny
 
 
 # -- console output ---------------------------------------------------------------------------
@@ -292,14 +292,14 @@ def _start(args: list[str]) -> subprocess.Popen:
 def test_sigterm_stops_training_like_ctrl_c_and_ends_a_linger_cleanly():
     # During training: stop after the step, evaluate, report, exit 130.
     proc = _start(["--steps", "100000", *TINY_FLAGS, "--log-every", "1"])
-    _read_until(proc, r"^step 2/")
+    read_until(proc, r"^step 2/")
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
     assert re.search(r"^interrupted: \d+/100000 steps", out, re.M) and "fp32 states would take" in out
     # During the linger: training is done, so the exit code is 0.
     proc = _start(["--steps", "2", *TINY_FLAGS, "--metrics-port", str(free_port()), "--linger", "600"])
-    _read_until(proc, r"^serving the final metrics for 600 s")
+    read_until(proc, r"^serving the final metrics for 600 s")
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-3000:]

@@ -26,7 +26,7 @@ from pagedopt.train.data import eval_batches, load_corpus
 from pagedopt.train.model import DecoderLM, ModelConfig
 from pagedopt.train.optimizers import build_optimizer
 
-from train_helpers import REPO_ROOT, TINY_FLAGS, _read_until, free_port, scrape, tiny
+from train_helpers import REPO_ROOT, TINY_FLAGS, read_until, free_port, scrape, tiny
 
 
 @pytest.mark.distributed
@@ -101,7 +101,7 @@ def test_torchrun_fsdp_metrics_per_rank_and_a_resharding_checkpoint(tmp_path):
     proc = _torchrun(2, "--distributed", "fsdp", *TORCHRUN_FLAGS, "--metrics-port", str(port), "--linger", "8",
                      "--json", str(summary_path), "--save", str(ckpt))
     try:
-        lines = _read_until(proc, r"^serving the final metrics")
+        lines = read_until(proc, r"^serving the final metrics")
         ranks = {}
         for local_rank in (0, 1):
             deadline = time.monotonic() + 8

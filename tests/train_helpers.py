@@ -59,7 +59,9 @@ def scrape(port: int) -> dict[str, float]:
     return samples
 
 
-def _read_until(proc: subprocess.Popen, pattern: str, timeout: float = 120) -> list[str]:
+def read_until(proc: subprocess.Popen, pattern: str, timeout: float = 120) -> list[str]:
+    """The lines of ``proc``'s stdout up to the first matching ``pattern``; kills ``proc`` and
+    fails the test (with its output) when the output ends or ``timeout`` passes first."""
     lines, deadline = [], time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
