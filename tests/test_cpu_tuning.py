@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 from pagedopt.backends import cpu, cpu_tuning
-from test_native_cpu_isa import fresh_python
+from native_cpu_helpers import fresh_python
 
 LIB = cpu.library()
 needs_avx512 = pytest.mark.skipif(LIB is None or "avx512" not in LIB.supported_isas(),

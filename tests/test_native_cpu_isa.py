@@ -27,12 +27,28 @@ from pagedopt.functional import dispatch, nonfinite_tally
 from pagedopt.functional.kinds import kind_for
 from pagedopt.functional.scalars import step_scalars
 
-import test_native_cpu as base  # the shared helpers (Slot, gradient, run_step, assertions)
+from native_cpu_helpers import (
+    BACKEND,
+    DTYPES,
+    HYPER,
+    KINDS,
+    LIB,
+    MODES,
+    REPO,
+    Slot,
+    assert_bitwise_equal,
+    assert_slots_equal,
+    check_code_search_dense_sample_and_bad_range,
+    check_code_search_matches_python_reference_at_thresholds,
+    check_dequantize_every_code,
+    check_grad_norm_sq_matches_reference,
+    check_tiny_and_huge_states_use_the_dividing_normalization,
+    fresh_python,
+    gradient,
+    run_step,
+)
 
-LIB = base.LIB
-BACKEND = base.BACKEND
 SUPPORTED = LIB.supported_isas()
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
@@ -78,38 +94,38 @@ def one_torch_thread():
 
 
 @pytest.mark.parametrize("level", LEVELS, indirect=True)
-@pytest.mark.parametrize("mode", base.MODES)
-@pytest.mark.parametrize("name", base.KINDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", KINDS)
 def test_every_level_matches_reference(level, name, mode):
     """Every update kind x state precision x dtype on odd sizes (4097, 257x3, 1, 0), with
     NaN/Inf/zero gradient elements, skip_zeros and gradient / update scales, 8 steps without
     re-syncing. Exact tier."""
     kind = kind_for(name)
-    skip_zeros = base.KINDS.index(name) % 2 == 1
+    skip_zeros = KINDS.index(name) % 2 == 1
     scales = torch.tensor([0.25, 0.8, 1.0, 0.5])
-    for dtype in base.DTYPES:
+    for dtype in DTYPES:
         for shape in ((4097,), (257, 3), (1,), (0,)):
             seed = hash((name, mode, str(dtype), shape, "isa")) % 10_000
-            ref = base.Slot(kind, shape, dtype, mode, seed)
+            ref = Slot(kind, shape, dtype, mode, seed)
             nat = ref.clone()
             for step in range(1, 9):
-                g = base.gradient(shape, dtype, step, seed)
-                s = step_scalars(kind, base.HYPER[name], step, skip_zeros=skip_zeros)
+                g = gradient(shape, dtype, step, seed)
+                s = step_scalars(kind, HYPER[name], step, skip_zeros=skip_zeros)
                 gs, us = scales[step % 4], scales[(step + 1) % 4]
-                ref_max = base.run_step(dispatch.REFERENCE, kind, [ref.item(g, s, gs, us)])
-                nat_max = base.run_step(BACKEND, kind, [nat.item(g, s, gs, us)])
+                ref_max = run_step(dispatch.REFERENCE, kind, [ref.item(g, s, gs, us)])
+                nat_max = run_step(BACKEND, kind, [nat.item(g, s, gs, us)])
                 for (r1, r2), (n1, n2) in zip(ref_max, nat_max):
-                    base.assert_bitwise_equal(r1, n1, f"{level} step {step}: prepare max1")
+                    assert_bitwise_equal(r1, n1, f"{level} step {step}: prepare max1")
                     if r2 is not None:
-                        base.assert_bitwise_equal(r2, n2, f"{level} step {step}: prepare max2")
-            base.assert_slots_equal(ref, nat, f"{level} {dtype} {shape}")
+                        assert_bitwise_equal(r2, n2, f"{level} step {step}: prepare max2")
+            assert_slots_equal(ref, nat, f"{level} {dtype} {shape}")
 
 
 @pytest.mark.parametrize("level", LEVELS, indirect=True)
 @pytest.mark.parametrize("name", ["adamw", "ademamix", "rmsprop"])
 def test_every_level_handles_tiny_and_huge_block_scales(level, name):
     """The dividing normalization (subnormal and infinite block scales) at each level. Exact tier."""
-    base.test_tiny_and_huge_states_use_the_dividing_normalization(name)
+    check_tiny_and_huge_states_use_the_dividing_normalization(name)
 
 
 @pytest.mark.parametrize("level", LEVELS, indirect=True)
@@ -117,9 +133,9 @@ def test_every_level_handles_tiny_and_huge_block_scales(level, name):
 def test_every_level_code_search_and_dequantize(level, signed):
     """The level's code search on a dense sample of all floats and on the thresholds' neighbours,
     and its dequantization of every code. Exact tier."""
-    base.test_code_search_dense_sample_and_bad_range(signed)
-    base.test_code_search_matches_python_reference_at_thresholds(signed)
-    base.test_dequantize_every_code(signed)
+    check_code_search_dense_sample_and_bad_range(signed)
+    check_code_search_matches_python_reference_at_thresholds(signed)
+    check_dequantize_every_code(signed)
 
 
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
@@ -132,17 +148,17 @@ def test_avx512_dequantize_without_vbmi(signed):
     LIB.select_isa("avx512")
     LIB.check(LIB.po_set_dequantize_vbmi(0), "set_dequantize_vbmi")
     try:
-        base.test_dequantize_every_code(signed)
+        check_dequantize_every_code(signed)
         # and through a whole kernel, against the reference
         kind = kind_for("adamw")
-        ref = base.Slot(kind, (3000,), torch.bfloat16, "8bit-blockwise", 3)
+        ref = Slot(kind, (3000,), torch.bfloat16, "8bit-blockwise", 3)
         nat = ref.clone()
         for step in range(1, 6):
-            g = base.gradient((3000,), torch.bfloat16, step, 3)
-            s = step_scalars(kind, base.HYPER["adamw"], step)
-            base.run_step(dispatch.REFERENCE, kind, [ref.item(g, s)])
-            base.run_step(BACKEND, kind, [nat.item(g, s)])
-        base.assert_slots_equal(ref, nat, "avx512 without VBMI")
+            g = gradient((3000,), torch.bfloat16, step, 3)
+            s = step_scalars(kind, HYPER["adamw"], step)
+            run_step(dispatch.REFERENCE, kind, [ref.item(g, s)])
+            run_step(BACKEND, kind, [nat.item(g, s)])
+        assert_slots_equal(ref, nat, "avx512 without VBMI")
     finally:
         has_vbmi = "avx512vbmi" in (cpu._cpu_flags() or set())
         LIB.check(LIB.po_set_dequantize_vbmi(int(has_vbmi)), "set_dequantize_vbmi")
@@ -152,14 +168,14 @@ def test_avx512_dequantize_without_vbmi(signed):
 def _kernel_matches_reference(name, shape, dtype, steps, label):
     """steps of the native 8-bit kernel against the Python reference, state and parameters equal."""
     kind = kind_for(name)
-    ref = base.Slot(kind, shape, dtype, "8bit-blockwise", 3)
+    ref = Slot(kind, shape, dtype, "8bit-blockwise", 3)
     nat = ref.clone()
     for step in range(1, steps + 1):
-        g = base.gradient(shape, dtype, step, 3)
-        s = step_scalars(kind, base.HYPER[name], step)
-        base.run_step(dispatch.REFERENCE, kind, [ref.item(g, s)])
-        base.run_step(BACKEND, kind, [nat.item(g, s)])
-    base.assert_slots_equal(ref, nat, label)
+        g = gradient(shape, dtype, step, 3)
+        s = step_scalars(kind, HYPER[name], step)
+        run_step(dispatch.REFERENCE, kind, [ref.item(g, s)])
+        run_step(BACKEND, kind, [nat.item(g, s)])
+    assert_slots_equal(ref, nat, label)
 
 
 SEARCH_MODES = {"table": 0, "arithmetic": 1, "lattice": 2, "lattice_table": 3}
@@ -185,7 +201,7 @@ def test_avx512_code_searches_match_the_reference(search, name):
     try:
         assert cpu.native_info()["code_search"] == search
         for signed in (True, False):
-            base.test_code_search_dense_sample_and_bad_range(signed)
+            check_code_search_dense_sample_and_bad_range(signed)
         for shape in [(4097,), (1,), (3, 300)]:
             _kernel_matches_reference(name, shape, torch.float32, 4, f"{search} search")
         _kernel_matches_reference(name, (777,), torch.bfloat16, 3, f"{search} search, bf16")
@@ -216,7 +232,7 @@ def test_without_vbmi_the_avx512_level_defaults_to_the_lattice_with_the_table_fa
     try:
         assert cpu.native_info()["code_search"] == "lattice_table"
         for signed in (True, False):
-            base.test_code_search_dense_sample_and_bad_range(signed)
+            check_code_search_dense_sample_and_bad_range(signed)
     finally:
         LIB.check(LIB.po_set_dequantize_vbmi(int(has_vbmi)), "set_dequantize_vbmi")
         # The native default again (the gather-free search); then what this process chose.
@@ -281,7 +297,7 @@ def test_every_level_counts_nonfinite_gradient_elements(level, mode, gdtype):
     count): exactly, in every kernel, across units and threads, at the tails of chunks."""
     kind = kind_for("adamw")
     sizes = [(1,), (4097,), (40000,)]  # (40000: three units of the kernels' work split)
-    slots = [base.Slot(kind, shape, torch.float32, mode, 5) for shape in sizes]
+    slots = [Slot(kind, shape, torch.float32, mode, 5) for shape in sizes]
     grads, expected = [], 0
     for i, shape in enumerate(sizes):
         g = (torch.randn(shape, generator=torch.Generator().manual_seed(i)) * 0.01).to(gdtype)
@@ -291,10 +307,10 @@ def test_every_level_counts_nonfinite_gradient_elements(level, mode, gdtype):
             flat[k] = (float("nan"), float("inf"), -float("inf"))[j % 3]
         expected += len(bad)
         grads.append(g)
-    s = step_scalars(kind, base.HYPER["adamw"], 1)
+    s = step_scalars(kind, HYPER["adamw"], 1)
     torch.set_num_threads(2)
     with nonfinite_tally.counting() as tally:
-        base.run_step(BACKEND, kind, [slot.item(g, s) for slot, g in zip(slots, grads)])
+        run_step(BACKEND, kind, [slot.item(g, s) for slot, g in zip(slots, grads)])
     assert tally.count == expected
     # the prepared launches' path (one po_update over a fixed item list) counts the same
     if mode == "8bit-blockwise":
@@ -309,10 +325,10 @@ def test_every_level_counts_nonfinite_gradient_elements(level, mode, gdtype):
 def test_update_without_a_count_pointer():
     """po_update's count pointer may be NULL (nothing counted or written)."""
     kind = kind_for("adamw")
-    slot = base.Slot(kind, (300,), torch.float32, "8bit-blockwise", 1)
+    slot = Slot(kind, (300,), torch.float32, "8bit-blockwise", 1)
     g = torch.full((300,), float("nan"))
     staging = cpu._Staging()
-    c_item = cpu._c_item(kind, slot.item(g, step_scalars(kind, base.HYPER["adamw"], 1)), staging, updating=True)
+    c_item = cpu._c_item(kind, slot.item(g, step_scalars(kind, HYPER["adamw"], 1)), staging, updating=True)
     LIB.check(LIB.po_update(int(kind.algorithm), ctypes.byref(c_item), 1, 1, None), "update")
 
 
@@ -346,15 +362,15 @@ def test_levels_agree_bit_for_bit_on_multi_unit_calls(name):
 
     def run():
         torch.set_num_threads(2)
-        slots = [base.Slot(kind, shape, dtype, mode, 9 + i) for i, (shape, dtype, mode) in enumerate(specs)]
+        slots = [Slot(kind, shape, dtype, mode, 9 + i) for i, (shape, dtype, mode) in enumerate(specs)]
         norms = []
         for step in range(1, 5):
-            grads = [base.gradient(shape, dtype, step, 9 + i) for i, (shape, dtype, _) in enumerate(specs)]
-            s = step_scalars(kind, base.HYPER[name], step)
+            grads = [gradient(shape, dtype, step, 9 + i) for i, (shape, dtype, _) in enumerate(specs)]
+            s = step_scalars(kind, HYPER[name], step)
             items = [sl.item(g, s) for sl, g in zip(slots, grads)]
             norms += [(p.unorm_sq, p.pnorm_sq) for p in BACKEND.prepare(kind, items, want_norms=True)]
             norms.append(tuple(BACKEND.grad_norm_sq(grads)))
-            base.run_step(BACKEND, kind, items)
+            run_step(BACKEND, kind, items)
         torch.set_num_threads(1)
         return slots, norms
 
@@ -362,7 +378,7 @@ def test_levels_agree_bit_for_bit_on_multi_unit_calls(name):
     first_name, (first_slots, first_norms) = next(iter(results.items()))
     for other, (slots, norms) in results.items():
         for a, b in zip(first_slots, slots):
-            base.assert_slots_equal(a, b, f"{first_name} vs {other}")
+            assert_slots_equal(a, b, f"{first_name} vs {other}")
         for na, nb in zip(first_norms, norms):
             for x, y in zip(na, nb):
                 assert torch.equal(x, y), f"{first_name} vs {other}: norms differ"
@@ -371,7 +387,7 @@ def test_levels_agree_bit_for_bit_on_multi_unit_calls(name):
 @pytest.mark.parametrize("level", LEVELS, indirect=True)
 def test_every_level_grad_norm_matches_reference(level):
     """float64 sums of squares of finite gradient elements at each level. float64-order tier."""
-    base.test_grad_norm_sq_matches_reference()
+    check_grad_norm_sq_matches_reference()
 
 
 # ---- selection: API, environment variable, errors ---------------------------------------------
@@ -422,19 +438,6 @@ def test_the_library_itself_refuses_a_level_the_cpu_lacks():
     status = LIB.po_select_isa(cpu.ISA_LEVELS.index(missing[0]))
     with pytest.raises(cpu.NativeError, match="this CPU lacks"):
         LIB.check(status, "select_isa")
-
-
-def fresh_python(code: str, variable: str, value: str | None) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh interpreter importing this checkout, with the environment
-    ``variable`` set to ``value`` (None: unset) and the native tuning variables otherwise unset."""
-    from pagedopt.backends import cpu_tuning
-
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for name in (cpu.ISA_ENV, cpu_tuning.CODE_SEARCH_ENV):
-        env.pop(name, None)
-    if value is not None:
-        env[variable] = value
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 
 def _subprocess_info(env_value):
