@@ -144,3 +144,16 @@ def run_prepare_and_update(backend, kind, cpu_items, gpu_items, want_norms=True,
     oracle.update(kind, cpu_items)
     backend.update(kind, gpu_items)
     return cpu_items, gpu_items
+
+
+def _skip_reason() -> str | None:
+    """Why the GPU tests cannot run here (None: they can)."""
+    if not torch.cuda.is_available():
+        return "needs an NVIDIA GPU (torch.cuda.is_available() is False)"
+    from pagedopt.backends.cuda import _missing_piece
+
+    missing = _missing_piece()
+    return f"CUDA backend unavailable: {missing}" if missing else None
+
+
+SKIP_REASON = _skip_reason()

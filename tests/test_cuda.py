@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from cuda_helpers import (
-    DTYPES, HP, KINDS, MODES, SIZES, assert_bit_equal, assert_items_equal, make_item, run_prepare_and_update, to_device,
+    DTYPES, HP, KINDS, MODES, SIZES, SKIP_REASON, assert_bit_equal, assert_items_equal, make_item, run_prepare_and_update,
+    to_device,
 )
 from pagedopt.functional import dispatch, reference
 from pagedopt.functional.items import UpdateItem
@@ -34,16 +35,6 @@ from pagedopt.functional.quantization import codes_for, num_blocks
 from pagedopt.functional.scalars import step_scalars
 
 
-def _skip_reason() -> str | None:
-    if not torch.cuda.is_available():
-        return "needs an NVIDIA GPU (torch.cuda.is_available() is False)"
-    from pagedopt.backends.cuda import _missing_piece
-
-    missing = _missing_piece()
-    return f"CUDA backend unavailable: {missing}" if missing else None
-
-
-SKIP_REASON = _skip_reason()
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")]
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from cuda_helpers import DTYPES, HP, KINDS, MODES, SIZES, make_item, run_prepare
 from pagedopt.functional import reference
 from pagedopt.functional.kinds import kind_for
 from pagedopt.functional.scalars import step_scalars
-from test_cuda import SKIP_REASON
+from cuda_helpers import SKIP_REASON
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")]
 

@@ -12,7 +12,7 @@ import torch
 import pagedopt
 from oracle import Oracle
 from pagedopt.functional.scalars import ademamix_schedules
-from test_numerics import fp32_close, float32_states, quant_drift
+from numerics_helpers import float32_states, fp32_close, quant_drift
 
 
 def spiky_gradients(shape, steps, seed=0):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import pagedopt
+from numerics_helpers import float32_states, fp32_close, quant_drift
 from oracle import Oracle
-from pagedopt.functional.quantization import dequantize
 
 STEPS = 50
 
@@ -49,33 +49,6 @@ def run_pair(name: str, bits: int, dtype: torch.dtype, shape, steps: int = STEPS
     return p, opt, oracle, p0
 
 
-def float32_states(opt, p, kind_signed) -> list[torch.Tensor]:
-    """The optimizer's states in the oracle's order, dequantized to float32."""
-    st = opt.state[p]
-    out = []
-    for index in (1, 2):
-        t = st.get(f"state{index}")
-        if t is None:
-            continue
-        moments = t.shape[0] if (t.dim() == p.dim() + 1 and t.numel() == 2 * p.numel()) else 1
-        block_wise = st.get(f"absmax{index}") is None or st[f"absmax{index}"].shape[-1] != 1 or t.numel() <= 256 * moments
-        for m in range(moments):
-            codes = t[m] if moments > 1 else t
-            if t.dtype == torch.uint8:
-                absmax = st[f"absmax{index}"].reshape(moments, -1)[m]
-                out.append(dequantize(codes, absmax, signed=kind_signed[index - 1], block_wise=block_wise))
-            else:
-                out.append(codes.float())
-    return out
-
-
-def fp32_close(actual: torch.Tensor, expected: torch.Tensor, rtol=1e-5, atol=2e-6) -> None:
-    """Tier FP32."""
-    diff = (actual.double() - expected.double()).abs()
-    bad = diff > atol + rtol * expected.double().abs()
-    assert not torch.any(bad), f"{int(bad.sum())} elements outside FP32 tier, worst {diff.max():.3e}"
-
-
 def lowp_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, max_outliers: int = 3) -> None:
     """Tier LOWP: within 2 ulps of the 16-bit dtype except a handful of elements."""
     ulp = torch.finfo(dtype).eps * expected.double().abs().clamp_min(torch.finfo(dtype).tiny)
@@ -100,12 +73,6 @@ def test_32bit_state_matches_oracle(name, dtype, shape):
             fp32_close(ours.reshape(-1), ref.reshape(-1), rtol=1e-4, atol=1e-4 * scale)
     else:
         lowp_close(p.detach(), oracle.param, dtype)
-
-
-def quant_drift(actual: torch.Tensor, expected: torch.Tensor, start: torch.Tensor) -> float:
-    """Mean |error| relative to the mean distance the oracle moved from ``start``."""
-    moved = (expected.double() - start.double()).abs().mean()
-    return float((actual.double() - expected.double()).abs().mean() / moved.clamp_min(1e-12))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
