@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import pagedopt
+from pagedopt.distributed import settle_collective_threads
 
 STEPS = 20
 LOSS_SCALE = 1.0
@@ -41,6 +42,7 @@ def _entry(rank: int, fn: Callable, world_size: int, workdir: str, args: tuple) 
         dist.barrier()
     finally:
         dist.destroy_process_group()
+        settle_collective_threads()  # a torch/gloo exit race: docs/distributed.md, "Exiting"
     torch.save(result, os.path.join(workdir, f"result-rank{rank}.pt"))
 
 

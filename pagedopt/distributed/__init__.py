@@ -26,11 +26,11 @@ world of one)::
 """
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .runtime import MODES, DistributedRun, init_distributed, launched_by_torchrun
+from .runtime import MODES, DistributedRun, init_distributed, launched_by_torchrun, settle_collective_threads
 from .sharding import all_reduce_over_shards, is_sharded, requantization_bound
 
 __all__ = [
-    "MODES", "DistributedRun", "init_distributed", "launched_by_torchrun",
+    "MODES", "DistributedRun", "init_distributed", "launched_by_torchrun", "settle_collective_threads",
     "save_checkpoint", "load_checkpoint",
     "all_reduce_over_shards", "is_sharded", "requantization_bound",
 ]
