@@ -139,6 +139,34 @@ def test_teardown_lets_gloo_threads_settle_after_destroying_the_group(monkeypatc
     assert calls == [("settle", False)]  # once, after the group was destroyed
 
 
+@pytest.mark.distributed
+def test_an_optimizer_planning_in_a_process_group_settles_gloo_threads_at_exit(monkeypatch, tmp_path):
+    """A user's own script (no DistributedRun) is covered too: the first plan built while a
+    process group is initialized registers the settle for interpreter exit, once; planning
+    without a group registers nothing."""
+    import atexit
+
+    from pagedopt.distributed import exit_guard
+
+    registered: list = []
+    monkeypatch.setattr(exit_guard, "_registered", False)
+    monkeypatch.setattr(atexit, "register", registered.append)
+    p = torch.nn.Parameter(torch.ones(8))
+    p.grad = torch.ones(8)
+    pagedopt.AdamW8bit([p]).step()
+    assert registered == []
+    dist = torch.distributed
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        for _ in range(2):
+            opt = pagedopt.AdamW8bit([p])
+            opt.step()
+            opt.step()
+    finally:
+        dist.destroy_process_group()
+    assert registered == [exit_guard.settle_collective_threads]
+
+
 def test_bad_arguments_are_named(monkeypatch):
     with pytest.raises(ValueError, match="distributed mode 'zero'"):
         init_distributed("zero")

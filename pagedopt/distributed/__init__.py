@@ -26,7 +26,8 @@ world of one)::
 """
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .runtime import MODES, DistributedRun, init_distributed, launched_by_torchrun, settle_collective_threads
+from .exit_guard import settle_collective_threads
+from .runtime import MODES, DistributedRun, init_distributed, launched_by_torchrun
 from .sharding import all_reduce_over_shards, is_sharded, requantization_bound
 
 __all__ = [

@@ -27,12 +27,13 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable, Iterable
 
 import torch
+
+from .exit_guard import settle_collective_threads
 
 MODES = ("none", "ddp", "fsdp")
 # torchrun sets these for every worker.
@@ -255,30 +256,6 @@ class DistributedRun:
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
         self.close(wait_for_peers=exc_type is None)
-
-
-# Long enough for a worker thread that is waiting for the interpreter lock to get it, free one
-# finished collective and give the lock back; short against any job's exit.
-_SETTLE_SECONDS = 0.05
-
-
-def settle_collective_threads(seconds: float = _SETTLE_SECONDS) -> None:
-    """Let gloo's worker threads free their finished collectives before Python shuts down.
-
-    Why: a collective started inside ``backward()`` (FSDP2's reduce-scatter, DDP's bucket
-    all-reduce) keeps a Python object (the autograd context torch stashes for the backward
-    pass) in its thread-local snapshot. The gloo worker thread that ran it may drop the last
-    reference a little after the rank has moved on, and freeing it needs the interpreter
-    lock. If the interpreter is already finalizing then, the thread is ended mid-destructor
-    and the whole rank aborts with "terminate called without an active exception" after all
-    its work is done. ``destroy_process_group`` does not join those threads, so the only
-    remedy from Python is to release the lock for a moment before exiting (sleeping does).
-    See docs/distributed.md, "Exiting".
-
-    Example:
-        >>> settle_collective_threads(0.0)
-    """
-    time.sleep(seconds)
 
 
 def _modules_to_shard(

@@ -41,6 +41,7 @@ from typing import Any, Iterator
 
 import torch
 
+from ..distributed.exit_guard import settle_at_exit
 from ..functional.dispatch import backend_for
 from ..functional.scalars import step_scalars
 from ..telemetry.sink import NULL_SINK, StatsSink
@@ -164,6 +165,7 @@ class StepMixin:
         :mod:`pagedopt.optim.plan`)."""
         self._sync_overrides()
         self.plan_builds += 1
+        settle_at_exit()  # (in a process group: no abort at exit, see pagedopt.distributed.exit_guard)
         entries: list[PlanEntry] = []
         position = 0
         for gindex, group in enumerate(self.param_groups):
