@@ -53,6 +53,7 @@ def test_flag_parses_into_the_config():
         (dict(max_grad_norm=1.0), "max_grad_norm"),
         (dict(max_grad_norm=0.0, optimizer="torch-adamw"), "pagedopt optimizer"),
         (dict(max_grad_norm=0.0, distributed="fsdp"), "FSDP2"),
+        (dict(max_grad_norm=0.0, distributed="ddp"), "DDP averages"),
     ],
 )
 def test_incompatible_settings_are_refused(settings, words):

@@ -24,6 +24,12 @@ rest of backward runs.
   ratios (LAMB/LARS), which are per parameter.
 * DTensor (FSDP2) parameters are not supported in this mode (their norms need collectives
   across all parameters); enabling it with one raises ``ValueError``.
+* **One process only.** In a data-parallel job the hook would apply this rank's own gradient
+  before DDP averages it (DDP's all-reduce runs after the hook), so the ranks would silently
+  drift apart, and DDP would then hand ``step()`` the averaged gradient to apply a second
+  time. Enabling the mode while a process group of more than one rank is initialized raises
+  ``RuntimeError``, and so does the first hook of a backward that runs in one (before any
+  parameter is touched).
 
 Example:
     >>> import torch, pagedopt
@@ -66,6 +72,7 @@ class BackwardUpdateMixin:
                 handle.remove()
             self._backward_handles = None
             return
+        _check_one_process()
         handles = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -102,6 +109,7 @@ class BackwardUpdateMixin:
     def _backward_hook(self, p: torch.Tensor) -> None:
         if self._accumulating_depth or p.grad is None:
             return
+        _check_one_process()  # (a group created after the mode was turned on)
         where = self._position_of(p)
         if where is None:  # no longer in this optimizer's groups
             return
@@ -149,3 +157,15 @@ class BackwardUpdateMixin:
                     table[q] = (gi, pi, len(table))
             positions = self._positions = (key, table, flat)
         return positions
+
+
+def _check_one_process() -> None:
+    """Refuse a multi-rank job (see the module docstring: DDP averages after the hook)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError(
+            f"update_in_backward runs in one process only, and this one is rank {dist.get_rank()} of "
+            f"{dist.get_world_size()}: each rank would apply its own gradient before data-parallel "
+            "averaging (DDP all-reduces after the hook), so the ranks would drift apart. Use the "
+            "ordinary step (update_in_backward=False)"
+        )

@@ -134,7 +134,7 @@ class TrainConfig:
         compile: wrap the model with ``torch.compile``.
         update_in_backward: update each parameter inside ``loss.backward()`` as soon as its
             gradient is ready and free the gradient (:mod:`pagedopt.optim.backward_update`);
-            needs ``max_grad_norm=0`` and a pagedopt optimizer, not with FSDP2.
+            needs ``max_grad_norm=0`` and a pagedopt optimizer; one process only (not DDP, FSDP2).
         seed: seeds parameters, batch sampling and everything else random.
         data: a text file or directory (read recursively, ``data_glob``); ``None`` is the
             running interpreter's standard library source.
@@ -310,6 +310,10 @@ class TrainConfig:
                 "max_grad_norm to 0 (--max-grad-norm 0): percentile clipping still works per parameter")
         if self.distributed == "fsdp":
             raise TrainConfigError("update_in_backward", True, "is not supported with FSDP2 (DTensor) parameters")
+        if self.distributed == "ddp":
+            raise TrainConfigError(
+                "update_in_backward", True,
+                "is not supported with DDP: each rank would apply its own gradient before DDP averages them")
 
     def _check_checkpoint_settings(self) -> None:
         for name in ("checkpoint_dir", "resume"):
