@@ -24,6 +24,8 @@ rest of backward runs.
   ratios (LAMB/LARS), which are per parameter.
 * DTensor (FSDP2) parameters are not supported in this mode (their norms need collectives
   across all parameters); enabling it with one raises ``ValueError``.
+* **No loss scaling** (fp16 ``GradScaler``): the hooks would apply the scaled gradient
+  before ``scaler.unscale_()``; use bf16 autocast. (Not detectable from the gradient.)
 * **One process only.** In a data-parallel job the hook would apply this rank's own gradient
   before DDP averages it (DDP's all-reduce runs after the hook), so the ranks would silently
   drift apart, and DDP would then hand ``step()`` the averaged gradient to apply a second
