@@ -11,6 +11,7 @@ parser, so a flag that the job does not have fails here, not on the cluster.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -143,6 +144,75 @@ def test_launch_runs_a_real_torchrun_job():
     assert len(re.findall(r"^done: 3/3 steps", proc.stdout, re.M)) == 1, proc.stdout
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, parents before children. (By parent links, not by session:
+    torchrun starts each worker in a session of its own.)"""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # gone meanwhile
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])  # after "pid (comm) state"
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = sorted(children.get(todo.pop(0), []))
+        found += kids
+        todo += kids
+    return found
+
+
+class _Launch:
+    """launch.sh running in a session of its own, its output in files (nothing is lost when the test
+    gives up on it, and no pipe can fill up and stall the job while the test waits)."""
+
+    def __init__(self, tmp_path: Path, name: str, args: list[str], env: dict[str, str]) -> None:
+        self.out_path, self.err_path = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(["bash", str(LAUNCH), *args], cwd=ROOT, env=env, stdout=out, stderr=err,
+                                         start_new_session=True)
+
+    @property
+    def out(self) -> str:
+        return self.out_path.read_text()
+
+    @property
+    def err(self) -> str:
+        return self.err_path.read_text()
+
+    def wait_for_output(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.out and self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                self.fail(f"no {text!r} in the output within {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.fail(f"still running {timeout:.0f} s later")
+
+    def fail(self, why: str) -> None:
+        """Give up on a launch that hangs, with every Python thread's stack in the report:
+        PYTHONFAULTHANDLER makes each process print them on SIGABRT (workers before torchrun,
+        which would otherwise kill them first). Then nothing of it is left running."""
+        tree = _descendants(self.proc.pid)
+        for pid in reversed(tree):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGABRT)
+            time.sleep(0.2)
+        time.sleep(2.0)
+        for pid in [self.proc.pid, *tree]:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait()
+        pytest.fail(f"launch.sh {why}\n--- stdout (end) ---\n{self.out[-3000:]}\n--- stderr (end) ---\n"
+                    f"{self.err[-12000:]}")
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_launch_preemption_checkpoints_exits_0_and_the_same_command_resumes(tmp_path):
@@ -152,30 +222,24 @@ def test_launch_preemption_checkpoints_exits_0_and_the_same_command_resumes(tmp_
     args = ["--device", "cpu", "--steps", "200", "--log-every", "1", "--model-size", "tiny", "--seq-len", "32",
             "--batch-size", "4", "--max-corpus-bytes", "200000", "--eval-batches", "1", "--progress", "lines"]
     env = _clean_env(NPROC_PER_NODE="2", METRICS_PORT="", PYTHON=sys.executable, PYTHONPATH=str(ROOT),
-                     CHECKPOINT_DIR=str(tmp_path / "ckpt"))
-    proc = subprocess.Popen(["bash", str(LAUNCH), *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line or line.startswith("step 2/"):
-            break
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=240)
-    assert proc.returncode == 0, err[-3000:]
-    match = re.search(r"^pagedopt train: preempted at step (\d+), checkpoint at (\S+)$", out, re.M)
-    assert match, out
-    assert "launch.sh: preempted" in err
+                     CHECKPOINT_DIR=str(tmp_path / "ckpt"), PYTHONFAULTHANDLER="1")
+    first = _Launch(tmp_path, "first", args, env)
+    first.wait_for_output("step 2/", timeout=240)
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=240) == 0, first.err[-3000:]
+    match = re.search(r"^pagedopt train: preempted at step (\d+), checkpoint at (\S+)$", first.out, re.M)
+    assert match, first.out
+    assert "launch.sh: preempted" in first.err
     assert (Path(match.group(2)) / "pagedopt-checkpoint.json").is_file()
-    resumed = subprocess.run(["bash", str(LAUNCH), *[a if a != "200" else str(int(match.group(1)) + 2) for a in args]],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    teardown_abort = (re.search(r"^done: ", resumed.stdout, re.M)
-                      and "terminate called without an active exception" in resumed.stderr)
+    resumed = _Launch(tmp_path, "resumed", [a if a != "200" else str(int(match.group(1)) + 2) for a in args], env)
+    returncode = resumed.wait(timeout=240)
+    teardown_abort = (re.search(r"^done: ", resumed.out, re.M)
+                      and "terminate called without an active exception" in resumed.err)
     # (gloo aborting a rank at interpreter exit *after* the resumed job finished - the torch race
     # in docs/distributed.md, "Exiting", seen once in CI before DistributedRun.close() settled
     # gloo's threads; not the job, whose output is checked below either way)
-    assert resumed.returncode == 0 or teardown_abort, resumed.stderr[-3000:]
-    assert f"(resumed at step {match.group(1)})" in resumed.stdout, resumed.stdout
+    assert returncode == 0 or teardown_abort, resumed.err[-3000:]
+    assert f"(resumed at step {match.group(1)})" in resumed.out, resumed.out
 
 
 SBATCH_OPTIONS = {

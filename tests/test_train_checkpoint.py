@@ -31,6 +31,8 @@ from pagedopt.cli import main as cli_main
 from pagedopt.fileio import TEMP_PREFIX, AtomicWriteError
 from pagedopt.train import Callback, TrainConfig, TrainConfigError, train
 from pagedopt.train import loop as train_loop
+from pagedopt.train.preemption import PreemptionGuard
+from pagedopt.train.resume import Checkpointer
 from train_helpers import REPO_ROOT, read_until
 from pagedopt.train.checkpoint import (
     MARKER, CheckpointError, checkpoint_path, list_checkpoints, newest_checkpoint, resolve_resume,
@@ -119,6 +121,47 @@ def test_signal_inside_optimizer_step_never_saves_a_torn_step(tmp_path):
     assert saved["step"] == 4
     steps = {s["step"] for s in saved["optimizer"]["state"].values()}
     assert steps == {4}, steps  # every parameter's state has seen exactly the saved steps
+
+
+class _TwoRankStandIn:
+    """The all-reduce of a two-rank run, seen from one rank: ``sum`` adds the peer's flag, and
+    ``land_signal_during`` says in which call this rank's own preemption signal arrives, after
+    the flag was read and before the all-reduce returns (what a real signal does while the
+    rank waits in gloo)."""
+
+    world_size, mode = 2, "ddp"
+
+    def __init__(self, guard: PreemptionGuard, peer_flags: list[float], land_signal_during: int | None) -> None:
+        self.guard, self.peer_flags, self.land_signal_during = guard, list(peer_flags), land_signal_during
+        self.calls = 0
+
+    def sum(self, value: float) -> float:
+        self.calls += 1
+        if self.calls == self.land_signal_during:
+            self.guard._handle(signal.SIGUSR1, None)
+        return value + self.peer_flags.pop(0)
+
+
+def test_ranks_agree_to_stop_even_when_a_signal_lands_inside_the_all_reduce():
+    """The CI hang: rank 1's signal arrived while its stop flag was being all-reduced (sum 0);
+    it then re-read its own flag, left the loop, and waited in the post-loop all-reduce while
+    rank 0 went on into the next step's FSDP all-gather. Now the answer is the all-reduced
+    flag alone: both ranks go on, and both stop at the next check."""
+    with PreemptionGuard() as guard:
+        runtime = _TwoRankStandIn(guard, peer_flags=[0.0, 0.0], land_signal_during=1)
+        checkpoints = Checkpointer(TrainConfig(**TINY), runtime)
+        assert checkpoints.stop_requested(guard) is False  # what the peer also got: sum 0
+        assert guard.requested  # remembered, for the next check
+        assert checkpoints.stop_requested(guard) is True  # sum 1 on every rank
+        assert runtime.calls == 2
+
+
+def test_a_signal_on_the_peer_stops_this_rank_too():
+    with PreemptionGuard() as guard:
+        checkpoints = Checkpointer(TrainConfig(**TINY), _TwoRankStandIn(guard, [0.0, 1.0], None))
+        assert checkpoints.stop_requested(guard) is False and not guard.requested
+        assert checkpoints.stop_requested(guard) is True
+        assert guard.requested and guard.signal_name == "signal on another rank"
 
 
 def test_second_ctrl_c_outside_a_save_aborts_without_writing(tmp_path):

@@ -103,11 +103,20 @@ class Checkpointer:
         return elapsed
 
     def stop_requested(self, guard: Any) -> bool:
-        """True once a preemption signal reached this rank or (multi-process) any rank."""
-        if self.runtime.world_size > 1:
-            if self.runtime.sum(1.0 if guard.requested else 0.0) > 0:
-                guard.request("signal on another rank")
-        return guard.requested
+        """True once a preemption signal reached this rank or (multi-process) any rank.
+
+        In a multi-process run the answer is the all-reduced flag and nothing else, so every
+        rank gets the same one: a signal that lands on this rank while the all-reduce runs is
+        answered at the next call. (Re-reading the local flag after the all-reduce let that
+        rank leave the loop alone while its peers went on into the next step's collectives,
+        and the job hung; found in CI.)
+        """
+        if self.runtime.world_size == 1:
+            return guard.requested
+        agreed = self.runtime.sum(1.0 if guard.requested else 0.0) > 0
+        if agreed:
+            guard.request("signal on another rank")
+        return agreed
 
     def save(self, run: TrainRun, sampler: Any, history: RunHistory, guard: Any) -> Path:
         """Write the checkpoint of ``run.step`` (signals are held off meanwhile), remove old
