@@ -242,6 +242,44 @@ def test_launch_preemption_checkpoints_exits_0_and_the_same_command_resumes(tmp_
     assert f"(resumed at step {match.group(1)})" in resumed.out, resumed.out
 
 
+@pytest.mark.parametrize(("restarts", "expected"), [("", "unset"), ("0", "unset"), ("2", "1")])
+def test_launch_keeps_restarted_workers_off_torchruns_store(tmp_path, restarts, expected):
+    """With MAX_RESTARTS the workers get their own store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE):
+    a restarted group sharing torchrun's could read the previous attempt's addresses."""
+    python = _stub(tmp_path, "fake-python", 'echo "share-off=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE-unset}"\n')
+    env = _clean_env(PYTHON=str(python), **({"MAX_RESTARTS": restarts} if restarts else {}))
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
+    out = subprocess.run(["bash", str(LAUNCH)], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"share-off={expected}"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_launch_with_restarts_survives_a_killed_worker_and_resumes(tmp_path):
+    """A worker killed outright (an OOM kill, a crashed process): torchrun restarts the group
+    (MAX_RESTARTS=1), the new workers resume from the last periodic checkpoint and finish."""
+    args = ["--device", "cpu", "--steps", "30", "--log-every", "1", "--model-size", "tiny", "--seq-len", "32",
+            "--batch-size", "4", "--max-corpus-bytes", "200000", "--eval-batches", "1", "--progress", "lines",
+            "--checkpoint-every", "5"]
+    env = _clean_env(NPROC_PER_NODE="2", METRICS_PORT="", PYTHON=sys.executable, PYTHONPATH=str(ROOT),
+                     CHECKPOINT_DIR=str(tmp_path / "ckpt"), MAX_RESTARTS="1", PYTHONFAULTHANDLER="1")
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
+    job = _Launch(tmp_path, "job", args, env)
+    job.wait_for_output("step 12/", timeout=240)
+    torchrun = [pid for pid in _descendants(job.proc.pid)
+                if b"torch.distributed.run" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(torchrun) == 1, torchrun
+    workers = _descendants(torchrun[0])
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGKILL)
+    returncode = job.wait(timeout=240)
+    out = job.out
+    teardown_abort = re.search(r"^done: ", out, re.M) and "terminate called without an active exception" in job.err
+    # (the torch race at interpreter exit, docs/distributed.md "Exiting": after the job's output)
+    assert returncode == 0 or teardown_abort, job.err[-3000:]
+    assert re.search(r"^done: 30/30 steps .*\(resumed at step 10\)", out, re.M), out[-2000:]
+
+
 SBATCH_OPTIONS = {
     "job-name": r"\S+", "nodes": r"\d+", "ntasks-per-node": r"\d+", "gpus-per-node": r"\d+",
     "cpus-per-task": r"\d+", "time": r"(\d+-)?\d{1,2}:\d{2}:\d{2}", "output": r"\S+",

@@ -12,7 +12,8 @@
 #   MASTER_ADDR     rendezvous host: any node of the job, reachable from all (default 127.0.0.1)
 #   MASTER_PORT     rendezvous port (default 29500)
 #   RUN_ID          rendezvous id, the same on every node (default pagedopt)
-#   MAX_RESTARTS    torchrun restarts of the whole worker group on failure (default 0)
+#   MAX_RESTARTS    torchrun restarts of the whole worker group on failure (default 0); with
+#                   CHECKPOINT_DIR the restarted workers resume from the last checkpoint
 #   DISTRIBUTED     fsdp or ddp (default fsdp)
 #   METRICS_PORT    Prometheus base port; rank r on a node serves METRICS_PORT + LOCAL_RANK
 #                   (default 9460; empty: no metrics flags)
@@ -59,11 +60,20 @@ if [[ -n "${CHECKPOINT_DIR:-}" ]]; then
 fi
 # One OpenMP thread per worker unless told otherwise: N workers share the node's cores.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+restarts="${MAX_RESTARTS:-0}"
+# With restarts, the workers must not share torchrun's rendezvous store: since torch 2.4 a
+# restarted worker group sharing it can read the previous attempt's addresses, and its gloo or
+# NCCL init fails ("connection refused") or hangs (pytorch/pytorch#135712, #167288). Measured
+# with torch 2.13 and gloo, one of 2 workers killed (tests/test_deploy.py): with the shared store
+# 6 of 13 restarts failed or hung (a bare torch script: 4 of 5), without it 0 of 14 (bare: 0 of 6).
+if ((restarts > 0)); then
+  export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
+fi
 
 "${PYTHON:-python3}" -m torch.distributed.run \
   --nnodes="$nnodes" \
   --nproc-per-node="$NPROC_PER_NODE" \
-  --max-restarts="${MAX_RESTARTS:-0}" \
+  --max-restarts="$restarts" \
   "${rendezvous[@]}" \
   -m "${train_module[@]}" --distributed "$distributed" "${metrics[@]}" "${checkpoints[@]}" "$@" &
 torchrun_pid=$!
